@@ -1,0 +1,307 @@
+"""The fixed-structure clamp pytree (SPEC §4) and its human-friendly constructors.
+
+A *condition* is a dict of numeric arrays with the same keys and shapes for every
+condition, so conditions stack along a leading runs axis and share one compiled
+program. "No clamp" is the identity condition (all masks off, every head kept).
+
+Leaves (per run; L layers, H heads):
+  v_keep            [L, H] float  1 = head active, 0 = value-ablated
+  pt_on, pt_strength [L, H] bool/float  previous-token pattern clamp (all rows), strength s
+  ih_on, ih_strength [L, H] bool/float  induction ("perfect match") clamp on the query row
+  preserve_pattern  []  bool   all layers' patterns := those of a clean pass
+  preserve_value    []  bool   all layers' values   := those of a clean pass
+  copy_on           [H] bool   perfect copy from this last-layer head (at most one)
+  perfect_l1        []  bool   synthetic block-0 residual of SPEC §4.2f
+
+Head names. Specs accept paper numbering `L2H3` (layers 1-based as in the paper,
+heads 0-based) and code numbering `1:3` (both 0-based); they name the same head.
+Ranges `L2H0-3` and wildcards `L2H*` / `1:*` are allowed.
+
+Spec grammar (clauses joined by ';'):
+  none                          the identity condition
+  ablate:HEADS                  value-ablate these heads
+  keep_only:HEADS               value-ablate every other head of the layers named
+  pt:HEADS[@s]                  previous-token pattern clamp, strength s (default 1)
+  ih:HEADS[@s]   (alias match)  induction clamp on the query row, strength s (default 1)
+  copy:HEAD                     perfect copy from one last-layer head
+  perfect_l1                    perfect previous-token input into layer 1 (L >= 2)
+  preserve_pattern | preserve_value
+Example: "ih:L2H3;keep_only:L2H3" = perfect match on L2H3, the other L2 heads ablated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+Clamps = dict[str, Any]  # leaf name -> array (numpy on the host, jax inside jit)
+Head = tuple[int, int]   # (layer, head), 0-based code numbering
+
+CLAMP_KEYS = ("v_keep", "pt_on", "pt_strength", "ih_on", "ih_strength",
+              "preserve_pattern", "preserve_value", "copy_on", "perfect_l1")
+
+
+def identity(num_layers: int, num_heads: int) -> Clamps:
+  L, H = num_layers, num_heads
+  return dict(
+      v_keep=np.ones((L, H), np.float32),
+      pt_on=np.zeros((L, H), bool), pt_strength=np.ones((L, H), np.float32),
+      ih_on=np.zeros((L, H), bool), ih_strength=np.ones((L, H), np.float32),
+      preserve_pattern=np.zeros((), bool), preserve_value=np.zeros((), bool),
+      copy_on=np.zeros((H,), bool), perfect_l1=np.zeros((), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClampPlan:
+  """Static (compile-time) summary of which clamp machinery a program needs.
+
+  It is the union over all stacked conditions; sites no run uses cost nothing.
+  """
+  ablate: bool = False
+  pt: bool = False
+  ih: bool = False
+  preserve_pattern: bool = False
+  preserve_value: bool = False
+  copy: bool = False
+  perfect_l1: bool = False
+  # Perfect copy reads a clean pass's scores. When every copying run clamps nothing
+  # else, its main pass *is* a clean pass and the extra pass is skipped.
+  copy_needs_clean_pass: bool = False
+
+  @property
+  def needs_clean_pass(self) -> bool:
+    return self.preserve_pattern or self.preserve_value or self.copy_needs_clean_pass
+
+  @property
+  def num_passes(self) -> int:
+    return 1 + int(self.needs_clean_pass) + int(self.perfect_l1)
+
+
+NO_CLAMPS = ClampPlan()
+
+
+def _other_manipulations(c: Clamps) -> np.ndarray:
+  """Per run: does the condition clamp anything besides perfect copy? ([R] bool)."""
+  red = lambda a: a.reshape(a.shape[0], -1).any(axis=1)
+  return (red(np.asarray(c["v_keep"]) != 1) | red(np.asarray(c["pt_on"]))
+          | red(np.asarray(c["ih_on"])) | red(np.asarray(c["preserve_pattern"]))
+          | red(np.asarray(c["preserve_value"])) | red(np.asarray(c["perfect_l1"])))
+
+
+def plan_for(stacked: Clamps) -> ClampPlan:
+  """The static plan for a stack of conditions (leading runs axis, host arrays)."""
+  c = {k: np.asarray(v) for k, v in stacked.items()}
+  copy_runs = c["copy_on"].reshape(c["copy_on"].shape[0], -1).any(axis=1)
+  pl1 = c["perfect_l1"].reshape(-1)
+  others = _other_manipulations(c)
+  return ClampPlan(
+      ablate=bool((c["v_keep"] != 1).any()),
+      pt=bool(c["pt_on"].any()),
+      ih=bool(c["ih_on"].any()),
+      preserve_pattern=bool(c["preserve_pattern"].any()),
+      preserve_value=bool(c["preserve_value"].any()),
+      copy=bool(copy_runs.any()),
+      perfect_l1=bool(pl1.any()),
+      copy_needs_clean_pass=bool((copy_runs & ~pl1 & others).any()),
+  )
+
+
+def stack(conditions: Sequence[Clamps]) -> Clamps:
+  """Stacks per-run conditions on a leading runs axis, checking they share a structure."""
+  if not conditions:
+    raise ValueError("need at least one condition to stack")
+  ref = conditions[0]
+  for i, c in enumerate(conditions):
+    if set(c) != set(ref):
+      raise ValueError(f"condition {i} has clamp keys {sorted(c)}, expected {sorted(ref)}")
+    for k in ref:
+      if np.shape(c[k]) != np.shape(ref[k]):
+        raise ValueError(f"condition {i}: clamp leaf {k!r} has shape {np.shape(c[k])}, "
+                         f"expected {np.shape(ref[k])} (all conditions must use the same model)")
+  return {k: np.stack([np.asarray(c[k]) for c in conditions]) for k in ref}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_PAPER_HEAD = re.compile(r"^L(\d+)H(\*|\d+(?:-\d+)?)$", re.IGNORECASE)
+_CODE_HEAD = re.compile(r"^(\d+):(\*|\d+(?:-\d+)?)$")
+
+
+def _range_names(num_layers: int, num_heads: int) -> str:
+  return (f"the model has layers L1..L{num_layers} in paper numbering (0..{num_layers - 1} "
+          f"in code numbering 'l:h') and heads H0..H{num_heads - 1}")
+
+
+def parse_heads(text: str, num_layers: int, num_heads: int) -> list[Head]:
+  """'L2H3,L1H0-2,1:*' -> sorted unique [(layer, head)] in 0-based code numbering."""
+  heads: list[Head] = []
+  for token in (t.strip() for t in text.split(",")):
+    if not token:
+      continue
+    m = _PAPER_HEAD.match(token)
+    if m:
+      layer = int(m.group(1)) - 1
+      if layer < 0:
+        raise ValueError(f"head {token!r}: paper layers start at L1; {_range_names(num_layers, num_heads)}")
+    else:
+      m = _CODE_HEAD.match(token)
+      if not m:
+        raise ValueError(f"cannot parse head {token!r}: write heads as L<layer>H<head> "
+                         f"(paper numbering, e.g. L2H3, L2H0-7, L2H*) or <layer>:<head> "
+                         f"(code numbering, e.g. 1:3)")
+      layer = int(m.group(1))
+    hs = m.group(2)
+    if layer >= num_layers:
+      raise ValueError(f"unknown head {token!r}: {_range_names(num_layers, num_heads)}")
+    if hs == "*":
+      hrange = range(num_heads)
+    elif "-" in hs:
+      lo, hi = (int(v) for v in hs.split("-"))
+      if lo > hi:
+        raise ValueError(f"head range {token!r} is empty (start {lo} > end {hi})")
+      hrange = range(lo, hi + 1)
+    else:
+      hrange = range(int(hs), int(hs) + 1)
+    for h in hrange:
+      if h >= num_heads:
+        raise ValueError(f"unknown head {token!r}: {_range_names(num_layers, num_heads)}")
+      heads.append((layer, h))
+  if not heads:
+    raise ValueError(f"no heads named in {text!r}")
+  return sorted(set(heads))
+
+
+def head_name(head: Head) -> str:
+  """Paper-style name of a 0-based (layer, head): (1, 3) -> 'L2H3'."""
+  return f"L{head[0] + 1}H{head[1]}"
+
+
+def build(num_layers: int, num_heads: int, *,
+          ablate: Iterable[Head] = (), pt: Mapping[Head, float] | Iterable[Head] = (),
+          ih: Mapping[Head, float] | Iterable[Head] = (), copy: Head | None = None,
+          perfect_l1: bool = False, preserve_pattern: bool = False,
+          preserve_value: bool = False) -> Clamps:
+  """Builds and validates one condition from 0-based (layer, head) pairs."""
+  L, H = num_layers, num_heads
+  c = identity(L, H)
+
+  def check(head: Head, what: str) -> Head:
+    l, h = int(head[0]), int(head[1])
+    if not (0 <= l < L and 0 <= h < H):
+      raise ValueError(f"{what}: unknown head {l}:{h} ({head_name((l, h))}); "
+                       f"{_range_names(L, H)}")
+    return l, h
+
+  def strengths(spec: Any, what: str) -> dict[Head, float]:
+    items = spec.items() if isinstance(spec, Mapping) else ((hd, 1.0) for hd in spec)
+    out = {}
+    for hd, s in items:
+      if not 0.0 <= float(s) <= 1.0:
+        raise ValueError(f"{what} strength for {head_name(hd)} must be in [0, 1], got {s}")
+      out[check(hd, what)] = float(s)
+    return out
+
+  for hd in ablate:
+    c["v_keep"][check(hd, "ablate")] = 0.0
+  for hd, s in strengths(pt, "pt clamp").items():
+    c["pt_on"][hd], c["pt_strength"][hd] = True, s
+  for hd, s in strengths(ih, "ih clamp").items():
+    if hd[0] == 0:
+      raise ValueError(f"ih clamp on {head_name(hd)}: an induction (match) clamp needs a "
+                       "previous layer to compose with; use a head in layer L2 or later")
+    c["ih_on"][hd], c["ih_strength"][hd] = True, s
+  if copy is not None:
+    l, h = check(copy, "copy")
+    if l != L - 1:
+      raise ValueError(f"copy from {head_name((l, h))}: perfect copy reads a last-layer head; "
+                       f"use a head of L{L}")
+    c["copy_on"][h] = True
+  if perfect_l1:
+    if L < 2:
+      raise ValueError("perfect_l1 replaces layer L1's output and needs at least 2 layers")
+    if (c["v_keep"][0] != 1).any() or c["pt_on"][0].any():
+      raise ValueError("perfect_l1 removes layer L1, so clamps or ablations on L1 heads make "
+                       "no sense with it; name L2+ heads only")
+    if preserve_pattern or preserve_value:
+      raise ValueError("perfect_l1 cannot be combined with preserve_pattern/preserve_value")
+    c["perfect_l1"] = np.ones((), bool)
+  c["preserve_pattern"] = np.asarray(bool(preserve_pattern))
+  c["preserve_value"] = np.asarray(bool(preserve_value))
+  return c
+
+
+_STRENGTH = re.compile(r"^(.*)@([0-9.eE+-]+)$")
+_FLAG_KINDS = ("perfect_l1", "preserve_pattern", "preserve_value", "none")
+_HEAD_KINDS = ("ablate", "keep_only", "pt", "ih", "match", "copy")
+
+
+def parse(spec: str, num_layers: int, num_heads: int) -> Clamps:
+  """Parses a condition spec (see the module docstring) into a validated clamp dict."""
+  L, H = num_layers, num_heads
+  ablate: set[Head] = set()
+  pt: dict[Head, float] = {}
+  ih: dict[Head, float] = {}
+  copy: Head | None = None
+  flags = dict(perfect_l1=False, preserve_pattern=False, preserve_value=False)
+  clauses = [c.strip() for c in spec.split(";") if c.strip()]
+  if not clauses:
+    raise ValueError("empty clamp spec; use 'none' for the unclamped condition")
+  for clause in clauses:
+    kind, _, arg = clause.partition(":")
+    kind = kind.strip().lower()
+    if kind in _FLAG_KINDS:
+      if arg:
+        raise ValueError(f"clamp clause {clause!r}: {kind!r} takes no heads")
+      if kind != "none":
+        flags[kind] = True
+      continue
+    if kind not in _HEAD_KINDS:
+      raise ValueError(f"unknown clamp kind {kind!r} in {spec!r}; allowed: "
+                       f"{', '.join(_HEAD_KINDS + _FLAG_KINDS)}")
+    if not arg:
+      raise ValueError(f"clamp clause {clause!r} needs heads, e.g. '{kind}:L2H3'")
+    strength = 1.0
+    m = _STRENGTH.match(arg)
+    if m:
+      if kind not in ("pt", "ih", "match"):
+        raise ValueError(f"clamp clause {clause!r}: only pt and ih take a strength '@s'")
+      arg = m.group(1)
+      try:
+        strength = float(m.group(2))
+      except ValueError:
+        raise ValueError(f"clamp clause {clause!r}: bad strength {m.group(2)!r}") from None
+    heads = parse_heads(arg, L, H)
+    if kind == "ablate":
+      ablate.update(heads)
+    elif kind == "keep_only":
+      layers = {l for l, _ in heads}
+      ablate.update((l, h) for l in layers for h in range(H) if (l, h) not in heads)
+    elif kind == "pt":
+      pt.update({hd: strength for hd in heads})
+    elif kind in ("ih", "match"):
+      ih.update({hd: strength for hd in heads})
+    elif kind == "copy":
+      if len(heads) != 1 or copy is not None:
+        raise ValueError(f"perfect copy takes exactly one head, got {spec!r}")
+      copy = heads[0]
+  return build(L, H, ablate=sorted(ablate), pt=pt, ih=ih, copy=copy, **flags)
+
+
+def describe(c: Clamps) -> str:
+  """A canonical spec string for a (single-run) condition; parse(describe(c)) == c."""
+  parts = []
+  for key, kind in (("pt_on", "pt"), ("ih_on", "ih")):
+    for l, h in np.argwhere(np.asarray(c[key])):
+      s = float(np.asarray(c[key.replace("_on", "_strength")])[l, h])
+      parts.append(f"{kind}:{head_name((l, h))}" + ("" if s == 1.0 else f"@{s:g}"))
+  for l, h in np.argwhere(np.asarray(c["v_keep"]) != 1):
+    parts.append(f"ablate:{head_name((l, h))}")
+  for (h,) in np.argwhere(np.asarray(c["copy_on"])):
+    parts.append(f"copy:{head_name((np.asarray(c['v_keep']).shape[0] - 1, h))}")
+  for flag in ("perfect_l1", "preserve_pattern", "preserve_value"):
+    if bool(np.asarray(c[flag])):
+      parts.append(flag)
+  return ";".join(parts) or "none"

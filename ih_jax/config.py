@@ -1,0 +1,99 @@
+"""Typed experiment configuration.
+
+The library takes these frozen dataclasses. `ExperimentConfig.from_dict` accepts
+any nested mapping (e.g. `ml_collections.ConfigDict.to_dict()`), so only the
+launchers in `experiments/` depend on ml_collections. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
+from ih_jax.data.features import FeatureConfig
+from ih_jax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  num_context: int = 2                      # n context (exemplar, label) pairs; T = 2n + 1
+  class_split: tuple[int, ...] = (50, 1473, 100)
+  exemplar_split: tuple[int, ...] = (1, 4, 0)
+  pair_weights: tuple[float, ...] = (0.8, 0.2, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_seqs: int = 1_000_000      # training length in sequences seen (SPEC units)
+  batch_size: int = 32
+  learning_rate: float = 1e-5    # plain Adam, no weight decay
+  train_seed: int = 0            # batches depend only on this (shared by all runs)
+  eval_seed: int = 1
+  eval_every: int = 5000         # sequences between evaluations
+  eval_unclamped: bool = True    # also log each clamped run's metrics without its clamps
+  matmul_precision: str = "highest"
+  progress_every_s: float = 5.0  # seconds between progress lines (0 = every evaluation)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """The runs axis: every condition x every init seed, condition-major."""
+  conditions: tuple[str, ...] = ("none",)   # "spec" or "name=spec" (see ih_jax.clamps)
+  init_seeds: tuple[int, ...] = (5,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ModelConfig = ModelConfig()
+  data: FeatureConfig = FeatureConfig()
+  task: TaskConfig = TaskConfig()
+  train: TrainConfig = TrainConfig()
+  sweep: SweepConfig = SweepConfig()
+  evaluators: tuple[EvaluatorConfig, ...] = PAPER_EVALUATORS
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    return _build(cls, d, "config")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, Mapping):
+      raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+    return _build(tp, value, where)
+  if origin is tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+      value = (value,)
+    (elem, *_), = [typing.get_args(tp)]
+    return tuple(_coerce(elem, v, f"{where}[{i}]") for i, v in enumerate(value))
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ValueError(f"{where} must be true/false, got {value!r}")
+    return value
+  if tp in (int, float, str):
+    try:
+      out = tp(value)
+    except (TypeError, ValueError):
+      raise ValueError(f"{where} must be {tp.__name__}, got {value!r}") from None
+    if tp is int and isinstance(value, float) and value != out:
+      raise ValueError(f"{where} must be an integer, got {value!r}")
+    return out
+  return value
+
+
+def _build(cls: Any, d: Mapping[str, Any], where: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(names)}")
+  kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+  return cls(**kwargs)

@@ -1,0 +1,88 @@
+"""On-device few-shot sequence sampler (SPEC §1.4).
+
+A sequence has `n` context (exemplar, label) pairs followed by a query exemplar.
+The context holds the query's class once ("bursty"), one distractor class, and,
+when n > 2, further non-query classes ("other"). Labels come from a relabel pair
+(l1, l2) drawn per sequence: the bursty item and the query get l1, all other
+context items get l2, so the task is solvable only in context.
+
+Everything here is pure JAX and jit-able; shapes depend only on static sizes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Item type tags, per position of [context..., query].
+BURSTY, DISTRACTOR, OTHER, QUERY = 0, 1, 2, 3
+
+
+class SequenceIndices(NamedTuple):
+  """Index form of a batch: gather features with `gather_features`."""
+  classes: jax.Array    # [B, n+1] int32 class ids (last = query)
+  exemplars: jax.Array  # [B, n+1] int32 exemplar ids
+  labels: jax.Array     # [B, n+1] int32 labels in [0, C)
+  types: jax.Array      # [B, n+1] int32 item types
+
+
+class Batch(NamedTuple):
+  x: jax.Array  # [B, n+1, F] exemplar features
+  y: jax.Array  # [B, n+1] labels; y[:, -1] is the target and is never fed to the model
+
+
+class SamplerSpec(NamedTuple):
+  """Which classes, exemplars and relabel pairs a sampler draws from (device arrays)."""
+  classes: jax.Array    # [K] class ids, K >= 2
+  exemplars: jax.Array  # [E] exemplar ids, E >= 1
+  pairs: jax.Array      # [P, 2] label pairs
+
+
+def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
+                   num_context: int) -> SequenceIndices:
+  """Draws `batch_size` sequences with `num_context` context pairs."""
+  if num_context < 2:
+    raise ValueError(f"num_context must be >= 2 (query class + distractor), got {num_context}")
+  B, n = batch_size, num_context
+  K = spec.classes.shape[0]
+  class_key, exemplar_key, relabel_key = jax.random.split(key, 3)
+  substrate_key, _ = jax.random.split(class_key)  # second key kept for stream structure
+  query_key, distractor_key, rest_key, shuffle_key = jax.random.split(substrate_key, 4)
+
+  # Non-query classes: offset the query index by 1..K-1 (uniform over the others).
+  q_B = jax.random.randint(query_key, (B,), 0, K)
+  d_B = (q_B + 1 + jax.random.randint(distractor_key, (B,), 0, K - 1)) % K
+  rest_BR = (q_B[:, None] + 1 + jax.random.randint(rest_key, (B, n - 2), 0, K - 1)) % K
+  ctx_BN = jnp.concatenate([q_B[:, None], d_B[:, None], rest_BR], axis=1)
+  ctx_types_N = jnp.array([BURSTY, DISTRACTOR] + [OTHER] * (n - 2), jnp.int32)
+
+  # Random order of the context items (types permuted with them).
+  perm_BN = jnp.argsort(jax.random.uniform(shuffle_key, (B, n)), axis=1)
+  ctx_BN = jnp.take_along_axis(ctx_BN, perm_BN, axis=1)
+  types_BN = ctx_types_N[perm_BN]
+  class_idx = jnp.concatenate([ctx_BN, q_B[:, None]], axis=1)
+  types = jnp.concatenate([types_BN, jnp.full((B, 1), QUERY, jnp.int32)], axis=1)
+
+  ex_idx = jax.random.randint(exemplar_key, (B, n + 1), 0, spec.exemplars.shape[0])
+
+  choice_key, order_key = jax.random.split(relabel_key)
+  pair_B2 = spec.pairs[jax.random.randint(choice_key, (B,), 0, spec.pairs.shape[0])]
+  swap_B = jax.random.bernoulli(order_key, 0.5, (B,))
+  l1_B = jnp.where(swap_B, pair_B2[:, 1], pair_B2[:, 0])
+  l2_B = jnp.where(swap_B, pair_B2[:, 0], pair_B2[:, 1])
+  gets_l1 = (types == BURSTY) | (types == QUERY)
+  labels = jnp.where(gets_l1, l1_B[:, None], l2_B[:, None]).astype(jnp.int32)
+
+  return SequenceIndices(spec.classes[class_idx].astype(jnp.int32),
+                         spec.exemplars[ex_idx].astype(jnp.int32), labels, types)
+
+
+def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:
+  return Batch(x=features_CEF[idx.classes, idx.exemplars], y=idx.labels)
+
+
+def sample_batch(key: jax.Array, features_CEF: jax.Array, spec: SamplerSpec,
+                 batch_size: int, num_context: int) -> Batch:
+  return gather_features(features_CEF, sample_indices(key, spec, batch_size, num_context))
