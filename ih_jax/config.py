@@ -78,10 +78,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if not isinstance(value, bool):
       raise ValueError(f"{where} must be true/false, got {value!r}")
     return value
-  if tp in (int, float, str):
+  if tp is str:
+    if not isinstance(value, str):
+      raise ValueError(f"{where} must be a string, got {value!r}")
+    return value
+  if tp in (int, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+      raise ValueError(f"{where} must be {tp.__name__}, got {value!r}")
     try:
       out = tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
       raise ValueError(f"{where} must be {tp.__name__}, got {value!r}") from None
     if tp is int and isinstance(value, float) and value != out:
       raise ValueError(f"{where} must be an integer, got {value!r}")

@@ -14,11 +14,13 @@ is dead code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax.data.sampler import Batch
@@ -52,16 +54,74 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
 
+# Layout note. With T = 5 tokens and 8-wide heads, XLA:CPU runs per-head batched
+# matmuls ([B, H, T, K] x [B, H, K, T]) very slowly. Internally the model keeps the
+# heads packed in the feature axis ([B, T, D], D = H*K) and the attention pattern
+# as [B, Tq, Tk, H]; the per-head contraction over K is a plain matmul with a
+# constant 0/1 matrix. Recorded sites are converted to the [B, H, T, ...] layout
+# of SPEC §3.7 only when requested (jit drops the transposes otherwise).
+
+
+def head_sum_matrix(num_heads: int, head_dim: int) -> np.ndarray:
+  """[H*K, H] with 1 where feature d belongs to head h (d // K == h)."""
+  return np.repeat(np.eye(num_heads, dtype=np.float32), head_dim, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_tables(T: int, num_heads: int, head_dim: int, base: float):
+  """cos, sin [T, H*K] for GPT-J interleaved pairs, repeated for every head.
+
+  Host constants on purpose: computed in-graph, XLA fuses cos/sin into every
+  consumer and recomputes them per element.
+  """
+  theta_J = base ** (-2.0 * np.arange(head_dim // 2) / head_dim)
+  angle_TJ = np.arange(T)[:, None] * theta_J[None, :]
+  angle_TD = np.tile(np.repeat(angle_TJ, 2, axis=1), (1, num_heads))  # pair j: dims 2j, 2j+1
+  return np.cos(angle_TD).astype(np.float32), np.sin(angle_TD).astype(np.float32)
+
+
+def rope_packed(x_BTD: jax.Array, num_heads: int, head_dim: int, base: float) -> jax.Array:
+  """GPT-J rotary embedding of heads packed in D: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c)."""
+  T, D = x_BTD.shape[-2:]
+  cos, sin = rope_tables(T, num_heads, head_dim, base)
+  # Partner of each dim with the sign of the rotation: (-x_{2j+1}, x_{2j}).
+  pairs = x_BTD.reshape(*x_BTD.shape[:-1], D // 2, 2)
+  swapped = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_BTD.shape)
+  return x_BTD * cos + swapped * sin
+
+
 def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
-  """GPT-J (interleaved-pair) rotary embedding over the full head width."""
+  """Reference GPT-J rotary embedding on [..., T, K] (used by tests)."""
   T, K = x_BHTK.shape[-2:]
   theta_J = base ** (-2.0 * jnp.arange(K // 2) / K)
   angle_TJ = jnp.arange(T)[:, None] * theta_J[None, :]
   cos, sin = jnp.cos(angle_TJ), jnp.sin(angle_TJ)
   x_even, x_odd = x_BHTK[..., 0::2], x_BHTK[..., 1::2]
-  rot_even = x_even * cos - x_odd * sin
-  rot_odd = x_even * sin + x_odd * cos
-  return jnp.stack([rot_even, rot_odd], axis=-1).reshape(x_BHTK.shape)
+  return jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos],
+                   axis=-1).reshape(x_BHTK.shape)
+
+
+def causal_scores(q_BTD: jax.Array, k_BTD: jax.Array, num_heads: int) -> jax.Array:
+  """Scaled, causally masked scores [B, Tq, Tk, H] from packed q, k."""
+  T, D = q_BTD.shape[-2:]
+  K = D // num_heads
+  # Unrolled over the (few) keys: XLA:CPU is slow at reducing a middle axis.
+  prod_BTTD = jnp.stack([q_BTD * k_BTD[:, j:j + 1] for j in range(T)], axis=2)
+  s = prod_BTTD @ (head_sum_matrix(num_heads, K) / np.sqrt(K))
+  causal_TT = np.tril(np.ones((T, T), bool))
+  return jnp.where(causal_TT[None, :, :, None], s, MASK_FILL)
+
+
+def attend(pattern_BTTH: jax.Array, v_BTD: jax.Array) -> jax.Array:
+  """Heads' outputs concatenated in head order, [B, T, H*K]."""
+  T, H, D = pattern_BTTH.shape[1], pattern_BTTH.shape[-1], v_BTD.shape[-1]
+  weights_BTTD = pattern_BTTH @ head_sum_matrix(H, D // H).T
+  return sum(weights_BTTD[:, :, j] * v_BTD[:, j:j + 1] for j in range(T))
+
+
+def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
+  B, T, D = x_BTD.shape
+  return x_BTD.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
 
 
 class Block(nn.Module):
@@ -75,31 +135,20 @@ class Block(nn.Module):
     self.out = nn.Dense(cfg.d_model, use_bias=cfg.attn_bias)
 
   def project(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k (post-RoPE), v, each [B, H, T, K]; fused layout Q | K | V, head h at 8h:8h+8."""
-    B, T, _ = h_BTD.shape
-    qkv = self.qkv(self.ln(h_BTD)).reshape(B, T, 3, self.cfg.num_heads, self.cfg.head_dim)
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    return rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base), v
+    """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K."""
+    cfg, D = self.cfg, self.cfg.d_model
+    qkv = self.qkv(self.ln(h_BTD))
+    q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    r = lambda x: rope_packed(x, cfg.num_heads, cfg.head_dim, cfg.rope_base)
+    return r(q), r(k), v
 
-  def output(self, head_out_BTZ: jax.Array) -> jax.Array:
-    return self.out(head_out_BTZ)
+  def output(self, head_out_BTD: jax.Array) -> jax.Array:
+    return self.out(head_out_BTD)
 
   def __call__(self, h_BTD):  # used only by init
     q, k, v = self.project(h_BTD)
-    return self.output(attend(causal_scores(q, k), v)[1])
-
-
-def causal_scores(q_BHTK: jax.Array, k_BHTK: jax.Array) -> jax.Array:
-  T, K = q_BHTK.shape[-2:]
-  s = jnp.einsum("bhik,bhjk->bhij", q_BHTK, k_BHTK) / jnp.sqrt(jnp.float32(K))
-  return jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, MASK_FILL)
-
-
-def attend(pattern_BHTT: jax.Array, v_BHTK: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns (per-head outputs [B,H,T,K], heads concatenated in head order [B,T,H*K])."""
-  o_BHTK = jnp.einsum("bhij,bhjk->bhik", pattern_BHTT, v_BHTK)
-  B, H, T, K = o_BHTK.shape
-  return o_BHTK, o_BHTK.transpose(0, 2, 1, 3).reshape(B, T, H * K)
+    pattern = jax.nn.softmax(causal_scores(q, k, self.cfg.num_heads), axis=2)
+    return self.output(attend(pattern, v))
 
 
 class Transformer(nn.Module):
@@ -182,16 +231,16 @@ def shifted_embedding(E_BTD: jax.Array) -> jax.Array:
   return jnp.concatenate([E_BTD[:, :1], E_BTD[:, :-2], E_BTD[:, -1:]], axis=1)
 
 
-def copy_logits(scores_BHTT: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
+def copy_logits(scores_BTTH: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
                 num_labels: int) -> jax.Array:
   """Perfect copy: the query's logit for label y_c is the copying head's score on label token c.
 
   Labels absent from the context get COPY_FILL; if a label appears twice the
   larger score wins.
   """
-  T = scores_BHTT.shape[-1]
-  ell_BHn = scores_BHTT[:, :, T - 1, 1::2]
-  ell_Bn = jnp.einsum("bhn,h->bn", ell_BHn, copy_on_H.astype(ell_BHn.dtype))
+  T = scores_BTTH.shape[1]
+  ell_BnH = scores_BTTH[:, T - 1, 1::2, :]
+  ell_Bn = jnp.einsum("bnh,h->bn", ell_BnH, copy_on_H.astype(ell_BnH.dtype))
   onehot_BnC = jax.nn.one_hot(y_BN[:, :-1], num_labels, dtype=bool)
   return jnp.max(jnp.where(onehot_BnC, ell_Bn[:, :, None], COPY_FILL), axis=1)
 
@@ -218,16 +267,16 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
 
   def layer(l, h_BTD, *, pattern_edit=None, value_edit=None, record=None):
     q, k, v = model.project(l, h_BTD)
-    scores = causal_scores(q, k)
-    pattern = jax.nn.softmax(scores, axis=-1)
+    scores = causal_scores(q, k, cfg.num_heads)
+    pattern = jax.nn.softmax(scores, axis=2)
     if pattern_edit is not None:
       pattern = pattern_edit(pattern)
     if value_edit is not None:
       v = value_edit(v)
-    _, head_out = attend(pattern, v)
+    head_out = attend(pattern, v)
     attn_out = model.output(l, head_out)
     out = h_BTD + attn_out
-    if record is not None:
+    if record is not None:  # internal layouts; see _public_site for the SPEC layouts
       record.update({f"blocks.{l}.{n}": a for n, a in dict(
           resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
           head_out=head_out, attn_out=attn_out, resid_post=out).items()})
@@ -250,26 +299,28 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
       h = layer(l, h, record=ppass)
 
   def pattern_edit(l):
-    def edit(A):  # precedence: computed < preserved < perfect L1 < PT < IH (query row)
+    def edit(A_BTTH):  # precedence: computed < preserved < perfect L1 < PT < IH (query row)
+      A = A_BTTH
       if plan.preserve_pattern:
         A = jnp.where(c["preserve_pattern"], clean[f"blocks.{l}.pattern"], A)
       if plan.perfect_l1 and l >= 1:
         A = jnp.where(c["perfect_l1"], ppass[f"blocks.{l}.pattern"], A)
       if plan.pt:
-        P_HTT = prev_token_pattern(T, c["pt_strength"][l])
-        A = jnp.where(c["pt_on"][l][None, :, None, None], P_HTT[None], A)
+        P_TTH = prev_token_pattern(T, c["pt_strength"][l]).transpose(1, 2, 0)
+        A = jnp.where(c["pt_on"][l], P_TTH[None], A)
       if plan.ih:
-        row = induction_row(y_BN, c["ih_strength"][l])
-        A = A.at[:, :, T - 1].set(jnp.where(c["ih_on"][l][None, :, None], row, A[:, :, T - 1]))
+        row_BTH = induction_row(y_BN, c["ih_strength"][l]).transpose(0, 2, 1)
+        A = A.at[:, T - 1].set(jnp.where(c["ih_on"][l], row_BTH, A[:, T - 1]))
       return A
     return edit
 
   def value_edit(l):
-    def edit(v):  # precedence: computed < preserved < ablation
+    def edit(v_BTD):  # precedence: computed < preserved < ablation
+      v = v_BTD
       if plan.preserve_value:
         v = jnp.where(c["preserve_value"], clean[f"blocks.{l}.v"], v)
       if plan.ablate:
-        v = v * c["v_keep"][l][None, :, None, None]
+        v = v * jnp.repeat(c["v_keep"][l], cfg.head_dim)
       return v
     return edit
 
@@ -288,7 +339,17 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
     copied = copy_logits(src, y_BN, c["copy_on"], cfg.num_labels)
     logits = logits.at[:, -1].set(jnp.where(c["copy_on"].any(), copied, logits[:, -1]))
   rec["logits"] = logits
-  return logits, {s: rec[s] for s in sites}
+  return logits, {s: _public_site(s, rec[s], cfg.num_heads) for s in sites}
+
+
+def _public_site(name: str, a: jax.Array, num_heads: int) -> jax.Array:
+  """Internal layout -> SPEC §3.7 layout ([B, H, T, K] or [B, H, T, T])."""
+  kind = name.rsplit(".", 1)[-1]
+  if kind in ("q", "k", "v"):
+    return to_heads(a, num_heads)
+  if kind in ("scores", "pattern"):
+    return a.transpose(0, 3, 1, 2)
+  return a
 
 
 def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: ModelConfig,

@@ -77,7 +77,7 @@ def load_feature_file(path: str, h5_dataset: str = AUTHORS_H5_DATASET) -> np.nda
     except OSError as e:
       raise ValueError(f"could not open {path!r} as HDF5 ({e}); pass a .npy or HDF5 file") from e
     with f:
-      if h5_dataset not in f:
+      if h5_dataset not in f or not isinstance(f[h5_dataset], h5py.Dataset):
         found: list[str] = []
         f.visit(lambda name: found.append(name) if isinstance(f[name], h5py.Dataset) else None)
         raise KeyError(f"HDF5 file {path!r} has no dataset {h5_dataset!r}; datasets found: "

@@ -40,36 +40,47 @@ class SamplerSpec(NamedTuple):
   pairs: jax.Array      # [P, 2] label pairs
 
 
+def _uniform_int(bits_u32: jax.Array, n: int | jax.Array) -> jax.Array:
+  """Uniform integers in [0, n) from 32 random bits (24 used; bias < n / 2^24)."""
+  u = (bits_u32 >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+  return jnp.minimum((u * n).astype(jnp.int32), n - 1)
+
+
 def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
                    num_context: int) -> SequenceIndices:
-  """Draws `batch_size` sequences with `num_context` context pairs."""
+  """Draws `batch_size` sequences with `num_context` context pairs.
+
+  All randomness of a batch comes from ONE `jax.random.bits` draw of 3n + 3
+  words per sequence (threefry is a rolled loop on CPU, so one draw instead of
+  ~10 separate ones matters inside the training loop). Word layout per sequence:
+  [query class | distractor offset | n-2 other offsets | n shuffle keys |
+   n+1 exemplars | relabel pair | pair order].
+  """
   if num_context < 2:
     raise ValueError(f"num_context must be >= 2 (query class + distractor), got {num_context}")
   B, n = batch_size, num_context
-  K = spec.classes.shape[0]
-  class_key, exemplar_key, relabel_key = jax.random.split(key, 3)
-  substrate_key, _ = jax.random.split(class_key)  # second key kept for stream structure
-  query_key, distractor_key, rest_key, shuffle_key = jax.random.split(substrate_key, 4)
+  K, E, P = spec.classes.shape[0], spec.exemplars.shape[0], spec.pairs.shape[0]
+  bits = jax.random.bits(key, (B, 3 * n + 3), jnp.uint32)
+  col = iter(range(3 * n + 3))
+  take = lambda width: bits[:, [next(col) for _ in range(width)]]
 
   # Non-query classes: offset the query index by 1..K-1 (uniform over the others).
-  q_B = jax.random.randint(query_key, (B,), 0, K)
-  d_B = (q_B + 1 + jax.random.randint(distractor_key, (B,), 0, K - 1)) % K
-  rest_BR = (q_B[:, None] + 1 + jax.random.randint(rest_key, (B, n - 2), 0, K - 1)) % K
-  ctx_BN = jnp.concatenate([q_B[:, None], d_B[:, None], rest_BR], axis=1)
+  q_B = _uniform_int(take(1)[:, 0], K)
+  others_B = (q_B[:, None] + 1 + _uniform_int(take(n - 1), K - 1)) % K  # distractor, rest
+  ctx_BN = jnp.concatenate([q_B[:, None], others_B], axis=1)
   ctx_types_N = jnp.array([BURSTY, DISTRACTOR] + [OTHER] * (n - 2), jnp.int32)
 
   # Random order of the context items (types permuted with them).
-  perm_BN = jnp.argsort(jax.random.uniform(shuffle_key, (B, n)), axis=1)
+  perm_BN = jnp.argsort(take(n), axis=1)
   ctx_BN = jnp.take_along_axis(ctx_BN, perm_BN, axis=1)
   types_BN = ctx_types_N[perm_BN]
   class_idx = jnp.concatenate([ctx_BN, q_B[:, None]], axis=1)
   types = jnp.concatenate([types_BN, jnp.full((B, 1), QUERY, jnp.int32)], axis=1)
 
-  ex_idx = jax.random.randint(exemplar_key, (B, n + 1), 0, spec.exemplars.shape[0])
+  ex_idx = _uniform_int(take(n + 1), E)
 
-  choice_key, order_key = jax.random.split(relabel_key)
-  pair_B2 = spec.pairs[jax.random.randint(choice_key, (B,), 0, spec.pairs.shape[0])]
-  swap_B = jax.random.bernoulli(order_key, 0.5, (B,))
+  pair_B2 = spec.pairs[_uniform_int(take(1)[:, 0], P)]
+  swap_B = (take(1)[:, 0] >> 31) == 1
   l1_B = jnp.where(swap_B, pair_B2[:, 1], pair_B2[:, 0])
   l2_B = jnp.where(swap_B, pair_B2[:, 0], pair_B2[:, 1])
   gets_l1 = (types == BURSTY) | (types == QUERY)

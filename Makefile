@@ -1,0 +1,36 @@
+# make demo / make test create .venv on first use and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo_workdir
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ih_jax needs Python >= 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The paper's main run (1e6 sequences) on the embedded default features.
+demo: install
+	$(PY) -m experiments.train --config=experiments/configs/main.py \
+	    --workdir=$(DEMO_DIR) --overwrite
+
+test: install
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# Everything but the (still CI-run) scientific integration checks.
+test-fast: install
+	$(PY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

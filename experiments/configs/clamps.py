@@ -1,0 +1,35 @@
+"""Fig. 5b-style clamp conditions, all trained in one vmapped program.
+
+Every condition except "copy" ablates the other layer-2 heads (REST), so only the
+chosen head HEAD (paper numbering L2H<head>) and layer 1 can learn. The paper picks
+the strongest induction head of the seed's main run; pass it as `head=`.
+
+  python -m experiments.train --config=experiments/configs/clamps.py:head=3 \
+      --workdir=/tmp/ih_clamps
+  python -m experiments.train --config=experiments/configs/clamps.py:head=3,pt=0 \
+      --config.sweep.init_seeds="(5,6)" --workdir=/tmp/ih_clamps_2seeds
+"""
+
+from experiments.configs import common
+
+
+def conditions(head: int, pt_head: int) -> tuple[str, ...]:
+  h = f"L2H{head}"
+  return (
+      f"none=keep_only:{h}",
+      f"pt=pt:L1H{pt_head};keep_only:{h}",
+      f"perfect_l1=perfect_l1;keep_only:{h}",
+      f"match=ih:{h};keep_only:{h}",
+      f"copy=copy:{h}",
+      f"l1_copy=perfect_l1;copy:{h}",
+  )
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg)
+  cfg = common.base_config()
+  cfg.train.num_seqs = int(float(args.get("num_seqs", 600_000)))
+  cfg.train.eval_every = 1000
+  cfg.sweep.conditions = conditions(int(args.get("head", 0)), int(args.get("pt", 0)))
+  cfg.sweep.init_seeds = (5,)
+  return cfg

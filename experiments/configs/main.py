@@ -1,0 +1,18 @@
+"""The paper's main run: 1e6 sequences, eval every 5000, init seed 5, no clamps.
+
+  python -m experiments.train --config=experiments/configs/main.py --workdir=/tmp/ih_main
+  python -m experiments.train --config=experiments/configs/main.py \
+      --config.sweep.init_seeds="(5,6,7,8,9)" --workdir=/tmp/ih_main_seeds
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+  del arg
+  cfg = common.base_config()
+  cfg.train.num_seqs = 1_000_000
+  cfg.train.eval_every = 5000
+  cfg.sweep.conditions = ("none",)
+  cfg.sweep.init_seeds = (5,)
+  return cfg
