@@ -270,7 +270,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
       log_loss.append(losses)
       log_gnorm.append(gnorms)
       seqs = B * (step_from + n_steps)
-      rows = _eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals))
+      rows = _eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals),
+                        [e.name for e in cfg.evaluators])
       metrics_rows.extend(rows)
       if writer is not None:
         writer.append(rows, seqs_k, losses, gnorms)
@@ -301,10 +302,14 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
   return result
 
 
-def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict) -> list[dict[str, Any]]:
+def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
+               order: list[str]) -> list[dict[str, Any]]:
   rows = []
-  for set_name, by_mode in evals.items():
-    for mode, metrics in by_mode.items():
+  for set_name in order:
+    for mode in ("clamped", "unclamped"):
+      if mode not in evals[set_name]:
+        continue
+      metrics = evals[set_name][mode]
       for r in runs:
         row = dict(run=r.index, condition=r.condition, seed=r.init_seed, seqs=seqs, step=step,
                    eval_set=set_name, clamped=int(mode == "clamped"))

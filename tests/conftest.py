@@ -1,0 +1,42 @@
+"""Shared fixtures: a paper-sized model, its params and small batches."""
+import ih_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
+import jax
+import numpy as np
+import pytest
+
+from ih_jax import model as model_lib
+from ih_jax.data import evalsets, features, sampler, splits as splits_lib
+
+
+@pytest.fixture(scope="session")
+def feature_table():
+  return features.synthetic_features()
+
+
+@pytest.fixture(scope="session")
+def paper_splits():
+  return splits_lib.make_splits(1623, 5, 5)
+
+
+@pytest.fixture(scope="session")
+def cfg():
+  return model_lib.ModelConfig()
+
+
+@pytest.fixture(scope="session")
+def params(cfg):
+  return model_lib.init_params(jax.random.key(5), cfg, 512)
+
+
+def make_batch(feature_table, splits, n=2, batch_size=16, seed=3):
+  return sampler.sample_batch(jax.random.key(seed), feature_table, evalsets.train_spec(splits),
+                              batch_size, n)
+
+
+@pytest.fixture(scope="session")
+def batch(feature_table, paper_splits):
+  return make_batch(feature_table, paper_splits)
+
+
+def as_np(tree):
+  return jax.tree.map(np.asarray, tree)
