@@ -179,7 +179,7 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
   def run_step(params, opt_state, batch, clamps):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, clamps)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
   def chunk(state: TrainState, n_steps, clamps_R, feats, batches):
     def body(i, carry):

@@ -1,0 +1,155 @@
+"""The scanned, vmapped trainer: outputs, vmap equivalence, determinism, freezing, errors."""
+import csv
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ih_jax import model as model_lib
+from ih_jax import train
+from ih_jax import workdir as workdir_lib
+from ih_jax.config import ExperimentConfig
+
+
+def tiny(conditions=("none",), seeds=(5,), num_seqs=640, **train_kw):
+  return ExperimentConfig.from_dict({
+      "train": dict(num_seqs=num_seqs, eval_every=320, progress_every_s=0, **train_kw),
+      "sweep": {"conditions": list(conditions), "init_seeds": list(seeds)},
+      "evaluators": [{"name": "fsl_train", "size": 64},
+                     {"name": "fsl_test_class", "classes": "test", "size": 64}],
+  })
+
+
+SWEEP = ("none", "match=ih:L2H0;keep_only:L2H0", "l1copy=perfect_l1;copy:L2H1", "pt=pt:L1H2")
+
+
+@pytest.fixture(scope="module")
+def sweep_result(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("sweep"))
+  return wd, train.train_and_evaluate(tiny(SWEEP, (5, 6)), wd, verbose=False)
+
+
+def test_workdir_outputs(sweep_result):
+  wd, res = sweep_result
+  for f in ("config.json", "metrics.csv", "train_log.csv", "final_params.msgpack"):
+    assert os.path.exists(os.path.join(wd, f)), f
+  rows = workdir_lib.read_metrics(wd)
+  # 8 runs x 3 eval points (0, 320, 640) x 2 sets x (clamped + unclamped).
+  assert len(rows) == 8 * 3 * 2 * 2
+  assert {"run", "condition", "seed", "seqs", "eval_set", "loss", "acc"} <= set(rows[0])
+  assert sorted({r["seqs"] for r in rows}) == [0, 320, 640]
+  assert [(r.condition, r.init_seed) for r in res.runs] == [
+      (c.split("=")[0], s) for c in SWEEP for s in (5, 6)]
+  with open(os.path.join(wd, "train_log.csv")) as f:
+    log = list(csv.DictReader(f))
+  assert len(log) == 8 * 20  # 640 / 32 steps per run
+  assert [int(r["seqs"]) for r in log if r["run"] == "0"] == list(range(32, 641, 32))
+  np.testing.assert_array_equal(res.train_seqs, np.arange(32, 641, 32))
+
+
+def test_unclamped_eval_differs_only_for_clamped_runs(sweep_result):
+  _, res = sweep_result
+  def final(cond, clamped):
+    return [r["loss"] for r in res.metrics if r["condition"] == cond and r["seqs"] == 640
+            and r["clamped"] == clamped]
+  assert final("none", 1) == final("none", 0)
+  assert final("match", 1) != final("match", 0)
+
+
+def test_vmap_equals_separate_runs(sweep_result):
+  _, res = sweep_result
+  for run in (res.runs[1], res.runs[2], res.runs[5], res.runs[6]):
+    spec = f"{run.condition}={SWEEP[[c.split('=')[0] for c in SWEEP].index(run.condition)].split('=', 1)[-1]}"
+    alone = train.train_and_evaluate(tiny((spec,), (run.init_seed,)), None, verbose=False)
+    for leaf_sweep, leaf_alone in zip(jax.tree.leaves(res.params), jax.tree.leaves(alone.params)):
+      np.testing.assert_allclose(leaf_sweep[run.index], leaf_alone[0], atol=2e-6, rtol=1e-5)
+    a = [r["loss"] for r in alone.metrics if r["clamped"]]
+    s = [r["loss"] for r in res.metrics if r["run"] == run.index and r["clamped"]]
+    np.testing.assert_allclose(s, a, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic():
+  a = train.train_and_evaluate(tiny(), None, verbose=False)
+  b = train.train_and_evaluate(tiny(), None, verbose=False)
+  assert a.metrics == b.metrics
+  np.testing.assert_array_equal(a.train_loss, b.train_loss)
+
+
+def test_init_seed_changes_params_not_data():
+  a = train.train_and_evaluate(tiny(seeds=(5, 6)), None, verbose=False)
+  p5, p6 = (jax.tree.map(lambda x: x[i], a.params) for i in (0, 1))
+  assert not np.allclose(p5["embed_x"]["kernel"], p6["embed_x"]["kernel"])
+
+
+def test_clamped_parameters_stay_frozen_under_adam():
+  res = train.train_and_evaluate(tiny(("pt=pt:L1H2;ablate:L2H7",), num_seqs=320), None,
+                                 verbose=False)
+  init = model_lib.init_params(jax.random.key(5), model_lib.ModelConfig(), 512)
+  final = jax.tree.map(lambda x: x[0], res.params)
+  q2 = slice(16, 24)
+  k2 = slice(64 + 16, 64 + 24)
+  for sl in (q2, k2):  # the PT-clamped head's Q/K never move
+    np.testing.assert_array_equal(final["blocks_0"]["qkv"]["kernel"][:, sl],
+                                  init["blocks_0"]["qkv"]["kernel"][:, sl])
+  np.testing.assert_array_equal(final["blocks_1"]["out"]["kernel"][56:64],
+                                init["blocks_1"]["out"]["kernel"][56:64])  # ablated W_O rows
+  assert not np.array_equal(final["blocks_0"]["qkv"]["kernel"][:, 128 + 16:128 + 24],
+                            init["blocks_0"]["qkv"]["kernel"][:, 128 + 16:128 + 24])
+
+
+def test_refuses_to_overwrite(tmp_path):
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
+  with pytest.raises(FileExistsError, match="already holds results"):
+    train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
+  train.train_and_evaluate(tiny(num_seqs=64), wd, overwrite=True, verbose=False)
+  assert max(r["seqs"] for r in workdir_lib.read_metrics(wd)) == 64
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(train_seed=1), "train_seed and eval_seed must differ"),
+    (dict(train_seed=5), "init seed 5 equals"),
+])
+def test_seed_errors(change, match):
+  with pytest.raises(ValueError, match=match):
+    train.setup_experiment(tiny(**change))
+
+
+def test_condition_errors_name_the_condition():
+  with pytest.raises(ValueError, match="condition 'bad=ablate:L3H9'.*unknown head"):
+    train.setup_experiment(tiny(("bad=ablate:L3H9",)))
+  with pytest.raises(ValueError, match="duplicate condition name"):
+    train.setup_experiment(tiny(("a=none", "a=ablate:L2H1")))
+
+
+def test_learning_time_is_censored_not_zero():
+  assert math.isnan(train.learning_time([0, 100, 200], [0.7, 0.6, 0.5]))
+  assert train.learning_time([0, 100, 200], [0.7, 0.2, 0.1]) == 100
+
+
+def test_progress_output(capsys):
+  train.train_and_evaluate(tiny(num_seqs=320), None, verbose=True)
+  out = capsys.readouterr().out
+  assert "320/320 seqs (100.0%)" in out and "seq/s per run" in out
+
+
+def test_launcher_end_to_end(tmp_path):
+  from absl.testing import flagsaver  # noqa: F401  (absl is a dependency)
+  import subprocess
+  import sys
+  wd = str(tmp_path / "cli")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+       f"--workdir={wd}", "--config.train.num_seqs=640"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.path.exists(os.path.join(wd, "loss_curves.png"))
+  assert "learning time" in proc.stdout
+  bad = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+       f"--workdir={wd}2", "--config.train.num_seqz=1"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "num_seqz" in bad.stderr
