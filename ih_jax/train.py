@@ -216,15 +216,15 @@ class TrainResult:
 
 def _progress_line(seqs: int, total: int, rate: float, rows: list[dict], runs: list[Run],
                    elapsed: float) -> str:
+  set_name = rows[0]["eval_set"]  # the first evaluator (fsl_train in the paper configs)
   losses = {r["run"]: r["loss"] for r in rows
-            if r["eval_set"] == "fsl_train" and r["clamped"] == 1}
+            if r["eval_set"] == set_name and r["clamped"] == 1}
   shown = ", ".join(f"{runs[i].condition}/s{runs[i].init_seed}={l:.3f}"
                     for i, l in list(losses.items())[:4])
   more = f" (+{len(losses) - 4} runs)" if len(losses) > 4 else ""
-  eta = (total - seqs) / rate if rate > 0 else float("nan")
+  speed = f"{rate:,.0f} seq/s per run, ETA {(total - seqs) / rate:.0f}s" if rate > 0 else "starting"
   return (f"[ih_jax] {seqs:>10,d}/{total:,d} seqs ({100 * seqs / total:5.1f}%) | "
-          f"{rate:,.0f} seq/s per run | fsl_train loss {shown}{more} | "
-          f"{elapsed:.1f}s elapsed, ETA {eta:.0f}s")
+          f"{set_name} loss {shown}{more} | {speed} | {elapsed:.1f}s elapsed")
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
