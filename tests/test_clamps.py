@@ -1,4 +1,5 @@
 """Clamp pytree (SPEC §4): parsing, validation, patterns, plans and gradient oracles (§4.4)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,8 +73,8 @@ def test_all_conditions_share_one_structure():
   specs = ["none", "ablate:L2H1", "pt:L1H0", "ih:L2H2@0.3", "copy:L2H5", "perfect_l1",
            "preserve_value;ablate:L1H3"]
   stacked = cl.stack([cl.parse(s, L, H) for s in specs])
-  assert jax.tree.structure(stacked) == jax.tree.structure(
-      cl.stack([cl.identity(L, H)] * len(specs)))
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      stacked, cl.stack([cl.identity(L, H)] * len(specs)))
   assert stacked["v_keep"].shape == (len(specs), L, H)
   with pytest.raises(ValueError, match="same model"):
     cl.stack([cl.identity(2, 8), cl.identity(3, 8)])
