@@ -1,0 +1,179 @@
+"""Training throughput of ih_jax vs a naive per-step baseline, side by side in one process.
+
+  .venv/bin/python benchmarks/throughput.py                 # full table + JSON
+  .venv/bin/python benchmarks/throughput.py --quick         # skip the 1e6-sequence main run
+  .venv/bin/python benchmarks/throughput.py --runs=1,8,32 --out=bench.json
+
+Measures (after compilation, best of --repeats timings):
+  * naive baseline: the same model and Adam step, jitted per step, driven by a Python
+    loop that samples each batch on the host with numpy and transfers it;
+  * ih_jax: the scanned, vmapped training chunk for R = 1, 8, ... runs, and for one run
+    under each clamp kind (their extra passes cost time);
+  * evaluation cost, compile time, the full main run (1e6 seqs with its evaluations),
+    and peak host memory (RSS; on CPU that is where the arrays live).
+Checkpointing is not implemented yet (issue #3), so there is no with/without row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import ih_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ih_jax import model as model_lib
+from ih_jax import train
+from ih_jax.config import ExperimentConfig
+from ih_jax.data import sampler
+
+CLAMP_KINDS = {
+    "ablate REST": "keep_only:L2H0",
+    "PT clamp": "pt:L1H0;keep_only:L2H0",
+    "perfect match": "ih:L2H0;keep_only:L2H0",
+    "perfect copy": "copy:L2H0",
+    "perfect L1": "perfect_l1;keep_only:L2H0",
+    "perfect L1 + copy": "perfect_l1;copy:L2H0",
+    "pattern-preserving ablation": "preserve_pattern;ablate:L1H0",
+}
+
+
+def _best(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def naive_baseline(steps: int, repeats: int) -> dict:
+  """One jitted step per batch; batches sampled on the host (numpy) and transferred."""
+  cfg = ExperimentConfig()
+  exp = train.setup_experiment(cfg)
+  feats = np.asarray(exp.features)
+  classes = np.asarray(exp.splits.train_classes)
+  pairs = np.asarray(exp.splits.train_pairs)
+  rng = np.random.default_rng(0)
+  B = cfg.train.batch_size
+
+  def host_batch():
+    q = rng.integers(len(classes), size=B)
+    d = (q + 1 + rng.integers(len(classes) - 1, size=B)) % len(classes)
+    swap = rng.random(B) < 0.5
+    ctx = np.where(swap[:, None], np.stack([d, q], 1), np.stack([q, d], 1))
+    cls = classes[np.concatenate([ctx, q[:, None]], 1)]
+    pr = pairs[rng.integers(len(pairs), size=B)]
+    l1, l2 = pr[:, 0], pr[:, 1]
+    y = np.where(swap[:, None], np.stack([l2, l1, l1], 1), np.stack([l1, l2, l1], 1))
+    return sampler.Batch(jnp.asarray(feats[cls, 0]), jnp.asarray(y, jnp.int32))
+
+  tx = optax.adam(cfg.train.learning_rate)
+  params = model_lib.init_params(jax.random.key(5), cfg.model, feats.shape[-1])
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss_fn = lambda p: model_lib.query_loss(model_lib.apply(p, batch, None, cfg.model)[0], batch.y)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  t = time.perf_counter()
+  params, opt_state, loss = step(params, opt_state, host_batch())
+  loss.block_until_ready()
+  compile_s = time.perf_counter() - t
+
+  def run():
+    nonlocal params, opt_state
+    for _ in range(steps):
+      params, opt_state, loss = step(params, opt_state, host_batch())
+      float(loss)  # the per-step host sync of a logging loop
+  dt = _best(run, repeats)
+  return dict(name="naive baseline (1 run)", runs=1, ms_per_step=1e3 * dt / steps,
+              seqs_per_s_per_run=B * steps / dt, seqs_per_s_total=B * steps / dt,
+              compile_s=compile_s)
+
+
+def ih_jax_chunk(name: str, conditions: list[str], seeds: list[int], steps: int,
+                 repeats: int) -> dict:
+  cfg = ExperimentConfig.from_dict({"sweep": {"conditions": conditions, "init_seeds": seeds}})
+  exp = train.setup_experiment(cfg)
+  state = train.init_state(exp)
+  chunk = train.make_train_chunk(exp, steps)
+  clamps = jax.tree.map(jnp.asarray, exp.clamps)
+  t = time.perf_counter()
+  compiled = chunk.lower(state, 0, clamps, exp.features, exp.eval_batches).compile()
+  compile_s = time.perf_counter() - t
+  holder = {"state": state}
+
+  def run(n):
+    st, log, ev = compiled(holder["state"], n, clamps, exp.features, exp.eval_batches)
+    jax.block_until_ready((st, log, ev))
+    holder["state"] = st
+
+  run(steps)  # warm-up
+  eval_s = _best(lambda: run(0), repeats)
+  dt = _best(lambda: run(steps), repeats) - eval_s  # the chunk always ends with an eval
+  R, B = len(exp.runs), cfg.train.batch_size
+  return dict(name=name, runs=R, passes=exp.plan.num_passes, ms_per_step=1e3 * dt / steps,
+              seqs_per_s_per_run=B * steps / dt, seqs_per_s_total=R * B * steps / dt,
+              compile_s=compile_s, eval_s=eval_s)
+
+
+def main_run() -> dict:
+  cfg = ExperimentConfig.from_dict({"train": {"progress_every_s": 1e9}})
+  res = train.train_and_evaluate(cfg, None, verbose=False)
+  return dict(name="main run 1e6 seqs (1 run, 201 evals)", wall_s=res.wall_s,
+              compile_s=res.compile_s, wall_after_compile_s=res.wall_s - res.compile_s)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--runs", default="1,8,32", help="runs per program for the 'none' condition")
+  ap.add_argument("--steps", type=int, default=500, help="optimizer steps per timing")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--quick", action="store_true", help="skip the 1e6-sequence main run")
+  ap.add_argument("--out", default="benchmarks/throughput.json")
+  args = ap.parse_args()
+
+  rows = [naive_baseline(args.steps, args.repeats)]
+  print(f"baseline: {rows[0]['ms_per_step']:.3f} ms/step", flush=True)
+  for R in [int(r) for r in args.runs.split(",")]:
+    rows.append(ih_jax_chunk(f"ih_jax, {R} run(s), no clamps", ["none"],
+                             list(range(10, 10 + R)), args.steps, args.repeats))
+    print(f"{rows[-1]['name']}: {rows[-1]['ms_per_step']:.3f} ms/step", flush=True)
+  for kind, spec in CLAMP_KINDS.items():
+    rows.append(ih_jax_chunk(f"ih_jax, 1 run, {kind}", [spec], [5], args.steps, args.repeats))
+    print(f"{rows[-1]['name']}: {rows[-1]['ms_per_step']:.3f} ms/step", flush=True)
+  main_row = None if args.quick else main_run()
+
+  base = rows[0]["seqs_per_s_per_run"]
+  print(f"\n{'configuration':44s} {'runs':>4s} {'ms/step':>8s} {'seq/s/run':>10s} "
+        f"{'seq/s total':>11s} {'speedup':>8s} {'compile s':>9s} {'eval ms':>8s}")
+  for r in rows:
+    print(f"{r['name']:44s} {r['runs']:4d} {r['ms_per_step']:8.3f} {r['seqs_per_s_per_run']:10,.0f} "
+          f"{r['seqs_per_s_total']:11,.0f} {r['seqs_per_s_total'] / base:7.1f}x "
+          f"{r['compile_s']:9.1f} {1e3 * r.get('eval_s', float('nan')):8.1f}")
+  if main_row:
+    print(f"\n{main_row['name']}: {main_row['wall_s']:.1f} s wall, "
+          f"{main_row['wall_after_compile_s']:.1f} s after compile")
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f"peak host RSS: {peak_mb:,.0f} MB")
+  out = dict(rows=rows, main_run=main_row, peak_rss_mb=peak_mb,
+             device=str(jax.devices()[0]), backend=jax.default_backend(),
+             jax=jax.__version__, python=platform.python_version(),
+             speedup_1run_vs_naive=rows[1]["seqs_per_s_per_run"] / base)
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
