@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
 from ih_jax.config import ExperimentConfig
@@ -31,5 +29,3 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 def to_experiment(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
   return ExperimentConfig.from_dict(cfg.to_dict())
 
-
-_ = dataclasses  # keep import for readers following to_dict
