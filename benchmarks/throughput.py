@@ -64,6 +64,8 @@ def naive_baseline(steps: int, repeats: int) -> dict:
   B = cfg.train.batch_size
 
   def host_batch():
+    # A deliberately plain numpy twin of the on-device sampler (n = 2, exemplar 0 only):
+    # the host-side batching the baseline stands for.
     q = rng.integers(len(classes), size=B)
     d = (q + 1 + rng.integers(len(classes) - 1, size=B)) % len(classes)
     swap = rng.random(B) < 0.5

@@ -145,11 +145,6 @@ class Block(nn.Module):
   def output(self, head_out_BTD: jax.Array) -> jax.Array:
     return self.out(head_out_BTD)
 
-  def __call__(self, h_BTD):  # used only by init
-    q, k, v = self.project(h_BTD)
-    pattern = jax.nn.softmax(causal_scores(q, k, self.cfg.num_heads), axis=2)
-    return self.output(attend(pattern, v))
-
 
 class Transformer(nn.Module):
   cfg: ModelConfig
@@ -180,17 +175,12 @@ class Transformer(nn.Module):
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     return self.unembed(self.ln_f(h_BTD))[:, 0::2]  # exemplar positions 0, 2, ..., 2n
 
-  def __call__(self, x_BNF, y_BN):  # used only by init
-    h = self.embed(x_BNF, y_BN)
-    for block in self.blocks:
-      h = h + block(h)
-    return self.logits(h)
-
 
 def init_params(key: jax.Array, cfg: ModelConfig, feature_dim: int, num_context: int = 2) -> Any:
   x = jnp.zeros((1, num_context + 1, feature_dim), jnp.float32)
   y = jnp.zeros((1, num_context + 1), jnp.int32)
-  return Transformer(cfg).init(key, x, y)["params"]
+  # Flax derives each parameter's key from its module path, not from call order.
+  return Transformer(cfg).init(key, x, y, None, clamps_lib.NO_CLAMPS, (), method=_run)["params"]
 
 
 def param_count(params: Any) -> int:
@@ -247,16 +237,14 @@ def copy_logits(scores_BTTH: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
 
 # ----------------------------------------------------------------------------- forward
 
-SITES = ("embed", "logits") + tuple(
-    f"blocks.{{l}}.{s}" for s in ("resid_pre", "resid_post", "q", "k", "v", "scores", "pattern",
-                                  "head_out", "attn_out"))
+_LAYER_SITES = ("resid_pre", "q", "k", "v", "scores", "pattern", "head_out", "attn_out",
+                "resid_post")
 
 
 def site_names(num_layers: int) -> tuple[str, ...]:
-  names = ["embed", "logits"]
-  for l in range(num_layers):
-    names += [s.format(l=l) for s in SITES[2:]]
-  return tuple(names)
+  """Every recordable activation site (SPEC §3.7)."""
+  return ("embed", "logits") + tuple(
+      f"blocks.{l}.{s}" for l in range(num_layers) for s in _LAYER_SITES)
 
 
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,

@@ -136,7 +136,6 @@ def test_progress_output(capsys):
 
 
 def test_launcher_end_to_end(tmp_path):
-  from absl.testing import flagsaver  # noqa: F401  (absl is a dependency)
   import subprocess
   import sys
   wd = str(tmp_path / "cli")
