@@ -1,21 +1,26 @@
-"""Train a sweep of runs (clamp conditions x init seeds) in one compiled program.
+"""Train a sweep of runs (clamp conditions x init seeds x data grid) in compiled programs.
 
   python -m experiments.train --config=experiments/configs/main.py --workdir=/tmp/ih_main
   python -m experiments.train --config=experiments/configs/main.py \
       --config.train.num_seqs=300000 --workdir=/tmp/ih_short
   python -m experiments.train --config=experiments/configs/clamps.py:head=3 --workdir=/tmp/ih_cl
 
-Writes config.json, metrics.csv, train_log.csv, final_params.msgpack and
-loss_curves.{png,pdf} into --workdir.
+Writes config.json, metrics.csv, train_log.csv, checkpoints/ (Orbax) and
+loss_curves.{png,pdf} into --workdir (into --workdir/program_<k>/ when the sweep
+needs several programs). Interrupt with Ctrl-C (or SIGTERM) and rerun the same
+command to resume from the latest checkpoint.
 """
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --workdir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --workdir "
+                               "(by default a workdir with the same config is resumed).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write loss_curves.png/pdf at the end.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -23,22 +28,40 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   # Imported here so `--help` is fast and flags parse before JAX starts.
   from ih_jax import plots, train  # pylint: disable=g-import-not-at-top
   from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  print(f"[ih_jax] process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local device(s): {jax.devices()[0].platform}", flush=True)
   cfg = common.to_experiment(_CONFIG.value)
-  result = train.train_and_evaluate(cfg, _WORKDIR.value, overwrite=_OVERWRITE.value)
-  if _PLOT.value:
-    for path in plots.plot_training_curves(_WORKDIR.value):
-      print(f"[ih_jax] wrote {path}")
+  try:
+    results = train.train_and_evaluate(cfg, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except train.TrainingInterrupted as e:
+    print(f"[ih_jax] {e}", flush=True)
+    sys.exit(130)
+  for result in results if isinstance(results, list) else [results]:
+    if _PLOT.value:
+      for path in plots.plot_training_curves(result.workdir):
+        print(f"[ih_jax] wrote {path}")
+    summarise(result)
+
+
+def summarise(result) -> None:
+  from ih_jax import train  # pylint: disable=g-import-not-at-top
   for run in result.runs:
     rows = [r for r in result.metrics if r["run"] == run.index
             and r["eval_set"] == "fsl_train" and r["clamped"] == 1]
+    if not rows:
+      continue
     lt = train.learning_time([r["seqs"] for r in rows], [r["loss"] for r in rows])
     final = rows[-1]
     lt_text = "never (censored)" if lt != lt else f"{lt:,.0f} seqs"
-    print(f"[ih_jax] run {run.index} {run.condition} seed {run.init_seed}: final fsl_train "
-          f"loss {final['loss']:.3f} acc {final['acc']:.3f}; learning time {lt_text}")
+    variant = f" [{run.variant}]" if run.variant else ""
+    print(f"[ih_jax] run {run.index} {run.condition} seed {run.init_seed}{variant}: final "
+          f"fsl_train loss {final['loss']:.3f} acc {final['acc']:.3f}; learning time {lt_text}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,36 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When to write Orbax checkpoints, in sequences seen (SPEC §5.2).
+
+  The saved points are the union of the schedules below plus the final point
+  (always saved: it holds the final params). Points fire at the first step
+  boundary at or past them, like evaluation points. Separately, a transient
+  `resume/` checkpoint is written every `resume_every_s` seconds of wall time so
+  an interrupted run loses little; it is deleted when the run finishes.
+  """
+  every: int = 0                    # period N: points 0, N, 2N, ... < num_seqs (0 = off)
+  at: tuple[int, ...] = ()          # explicit points
+  log_num: int = 0                  # log-spaced points between log_start and num_seqs
+  log_start: int = 1000
+  windows: tuple[tuple[int, ...], ...] = ()   # (start, stop, every): dense, stop inclusive
+  resume_every_s: float = 60.0      # 0 = no resume checkpoints (resume from the schedule)
+
+
+@dataclasses.dataclass(frozen=True)
 class SweepConfig:
-  """The runs axis: every condition x every init seed, condition-major."""
+  """The runs axis: every data variant x condition x init seed.
+
+  `grid` adds axes over other config fields, each "dotted.field=v1,v2,...", e.g.
+  ("data.rho=0.7,0.8", "model.num_labels=5,15"). Variants that differ only in
+  per-run data settings (`ih_jax.sweep.PER_RUN_FIELDS`: train_seed and the
+  synthetic feature settings) share one compiled program; others get their own.
+  """
   conditions: tuple[str, ...] = ("none",)   # "spec" or "name=spec" (see ih_jax.clamps)
   init_seeds: tuple[int, ...] = (5,)
+  grid: tuple[str, ...] = ()
+  max_runs_per_program: int = 0     # 0 = automatic (as many as fit in device memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +77,7 @@ class ExperimentConfig:
   task: TaskConfig = TaskConfig()
   train: TrainConfig = TrainConfig()
   sweep: SweepConfig = SweepConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
   evaluators: tuple[EvaluatorConfig, ...] = PAPER_EVALUATORS
 
   @classmethod

@@ -33,9 +33,11 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
     raise ValueError(f"no {'clamped' if clamped else 'unclamped'} metrics in {workdir!r}")
   sets = list(eval_sets or dict.fromkeys(r["eval_set"] for r in rows))
   curves: dict[tuple[str, str, int], list[tuple[int, float]]] = defaultdict(list)
+  # A data variant (sweep.grid) counts as part of the condition for colouring.
+  cond_of = lambda r: f"{r['condition']} [{r['variant']}]" if r.get("variant") else r["condition"]
   for r in rows:
-    curves[(r["eval_set"], r["condition"], r["seed"])].append((r["seqs"], r["loss"]))
-  conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    curves[(r["eval_set"], cond_of(r), r["seed"])].append((r["seqs"], r["loss"]))
+  conditions = list(dict.fromkeys(cond_of(r) for r in rows))
   seeds = list(dict.fromkeys(r["seed"] for r in rows))
   colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conditions)}
   styles = ["-", "--", "-.", ":"]

@@ -8,6 +8,12 @@ fires after the last update.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+  from ih_jax.config import CheckpointConfig
 
 
 def num_steps(num_seqs: int, batch_size: int) -> int:
@@ -33,3 +39,38 @@ def steps_for_points(points: list[int], num_seqs: int, batch_size: int) -> list[
 
 def eval_steps(every: int, num_seqs: int, batch_size: int) -> list[int]:
   return steps_for_points(periodic_points(every, num_seqs), num_seqs, batch_size)
+
+
+def log_points(num: int, start: int, num_seqs: int) -> list[int]:
+  """`num` log-spaced integer points from `start` to `num_seqs` (duplicates merged)."""
+  if num <= 0:
+    return []
+  if not 0 < start <= num_seqs:
+    raise ValueError(f"log-spaced checkpoints need 0 < log_start <= num_seqs, got "
+                     f"log_start={start}, num_seqs={num_seqs}")
+  return sorted({int(round(p)) for p in np.geomspace(start, num_seqs, num)})
+
+
+def window_points(window: tuple[int, ...]) -> list[int]:
+  """(start, stop, every) -> start, start + every, ... <= stop."""
+  if len(window) != 3:
+    raise ValueError(f"checkpoint window must be (start, stop, every), got {window!r}")
+  start, stop, every = window
+  if every <= 0 or start < 0 or stop < start:
+    raise ValueError(f"checkpoint window {window!r} needs 0 <= start <= stop and every > 0")
+  return list(range(start, stop + 1, every))
+
+
+def checkpoint_steps(ckpt: "CheckpointConfig", num_seqs: int, batch_size: int) -> list[int]:
+  """Steps (updates done) of the checkpoint schedule: the union of every schedule + final."""
+  points: list[int] = []
+  if ckpt.every:
+    points += periodic_points(ckpt.every, num_seqs)
+  for p in ckpt.at:
+    if p < 0:
+      raise ValueError(f"checkpoint point {p} is negative")
+  points += list(ckpt.at)
+  points += log_points(ckpt.log_num, ckpt.log_start, num_seqs)
+  for w in ckpt.windows:
+    points += window_points(tuple(w))
+  return steps_for_points(points, num_seqs, batch_size)

@@ -1,205 +1,47 @@
-"""Scanned, vmapped training of a stack of runs (conditions x init seeds).
+"""Training driver: programs of stacked runs, checkpoints, interruption and resume.
 
-One compiled program trains every run of a sweep side by side: the leading axis
-of params / optimizer state / clamps is the runs axis R. Between two evaluation
-points the program runs a device-side loop of optimizer steps (data sampled
-in-graph, no host sync), then evaluates every run on the fixed eval sets, under
-its own clamps and (optionally) clamp-free. The host only dispatches one call per
-evaluation point and writes the previous point's metrics while the next runs.
+`train_and_evaluate(cfg, workdir)` plans the sweep into programs
+(ih_jax.sweep), and trains each program's runs side by side in one compiled
+program (ih_jax.program). The host only dispatches one call per schedule
+boundary (an evaluation or checkpoint point) and writes the previous chunk's
+metrics while the next one runs.
 
-Entry point: `train_and_evaluate(cfg, workdir)`.
+Resume: rerunning with the same config and workdir continues from the newest
+readable checkpoint; the data stream lives in the checkpoint, so the resumed run
+is step-for-step the uninterrupted one. SIGINT / SIGTERM stop at the next
+boundary after writing a resume checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import signal
+import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ih_jax import clamps as clamps_lib
-from ih_jax import model as model_lib
+from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
+from ih_jax import sweep as sweep_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
-from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
-from ih_jax.metrics import METRIC_NAMES, query_metrics
+from ih_jax.metrics import METRIC_NAMES
+# The compiled-program pieces, re-exported for notebooks and benchmarks.
+from ih_jax.program import (Experiment, Run, TrainState, check_seeds,  # noqa: F401
+                            init_state, make_evaluate, make_optimizer, make_train_chunk,
+                            parse_conditions, place_inputs, place_state, setup_experiment)
 
 # pylint: disable=invalid-name
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  index: int
-  condition: str   # condition name
-  spec: str        # canonical clamp spec (ih_jax.clamps.describe)
-  init_seed: int
-
-
-class TrainState(NamedTuple):
-  params: Any        # runs-stacked params
-  opt_state: Any     # runs-stacked Adam state
-  data_key: jax.Array  # the shared training stream (split once per step)
-  step: jax.Array      # updates done (int32 scalar)
-
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything derived from a config that training and evaluation need."""
-  cfg: ExperimentConfig
-  features: jax.Array                    # [classes, exemplars, F]
-  splits: splits_lib.Splits
-  train_spec: sampler.SamplerSpec
-  eval_batches: dict[str, sampler.Batch]
-  runs: list[Run]
-  clamps: clamps_lib.Clamps              # runs-stacked, host numpy
-  plan: clamps_lib.ClampPlan
-
-
-def parse_conditions(entries: tuple[str, ...], num_layers: int,
-                     num_heads: int) -> list[tuple[str, clamps_lib.Clamps]]:
-  """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names."""
-  out, seen = [], set()
-  for entry in entries:
-    name, sep, spec = entry.partition("=")
-    if not sep:
-      name, spec = entry.strip(), entry
-    name = name.strip()
-    try:
-      c = clamps_lib.parse(spec, num_layers, num_heads)
-    except ValueError as e:
-      raise ValueError(f"condition {entry!r}: {e}") from None
-    if name in seen:
-      raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
-    seen.add(name)
-    out.append((name, c))
-  if not out:
-    raise ValueError("sweep.conditions is empty; use ('none',) for a plain run")
-  return out
-
-
-def check_seeds(cfg: ExperimentConfig) -> None:
-  t = cfg.train
-  if not cfg.sweep.init_seeds:
-    raise ValueError("sweep.init_seeds is empty")
-  if t.train_seed == t.eval_seed:
-    raise ValueError(f"train_seed and eval_seed must differ (both {t.train_seed})")
-  for s in cfg.sweep.init_seeds:
-    if s in (t.train_seed, t.eval_seed):
-      raise ValueError(f"init seed {s} equals train_seed ({t.train_seed}) or eval_seed "
-                       f"({t.eval_seed}); the three seeds must be pairwise distinct")
-  if len(set(cfg.sweep.init_seeds)) != len(cfg.sweep.init_seeds):
-    raise ValueError(f"duplicate init seeds in {cfg.sweep.init_seeds}")
-
-
-def setup_experiment(cfg: ExperimentConfig) -> Experiment:
-  """Validates the config and builds features, splits, eval sets and the runs axis."""
-  check_seeds(cfg)
-  if cfg.train.batch_size < 1:
-    raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-  feats = features_lib.load_features(cfg.data)
-  C, E, _ = feats.shape
-  splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
-                                  cfg.task.exemplar_split, cfg.task.pair_weights)
-  eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
-                                        cfg.task.num_context)
-  eval_batches = {k: sampler.gather_features(feats, v) for k, v in eval_idx.items()}
-  conds = parse_conditions(cfg.sweep.conditions, cfg.model.num_layers, cfg.model.num_heads)
-  runs, per_run = [], []
-  for name, c in conds:
-    for seed in cfg.sweep.init_seeds:
-      runs.append(Run(len(runs), name, clamps_lib.describe(c), int(seed)))
-      per_run.append(c)
-  stacked = clamps_lib.stack(per_run)
-  return Experiment(cfg, feats, splits, evalsets.train_spec(splits), eval_batches, runs,
-                    stacked, clamps_lib.plan_for(stacked))
-
-
-def init_state(exp: Experiment) -> TrainState:
-  cfg = exp.cfg
-  seeds = jnp.asarray([r.init_seed for r in exp.runs], jnp.uint32)
-  init = lambda key: model_lib.init_params(key, cfg.model, exp.features.shape[-1],
-                                           cfg.task.num_context)
-  params = jax.jit(jax.vmap(lambda s: init(jax.random.key(s))))(seeds)
-  opt_state = jax.vmap(make_optimizer(cfg).init)(params)
-  data_key, _model_key = jax.random.split(jax.random.key(cfg.train.train_seed))
-  return TrainState(params, opt_state, data_key, jnp.zeros((), jnp.int32))
-
-
-def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
-  # Plain Adam: a zero gradient leaves a parameter unchanged, which the frozen
-  # parts of clamped runs rely on (AdamW's decay would shrink them).
-  return optax.adam(cfg.train.learning_rate)
-
-
-def make_evaluate(exp: Experiment) -> Callable:
-  """(params_R, clamps_R, eval_batches) -> {set: {'clamped'|'unclamped': {metric: [R]}}}."""
-  cfg = exp.cfg
-
-  def one_run(params, clamps, batch, clamped: bool):
-    if clamped:
-      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
-    else:
-      logits, _ = model_lib.apply(params, batch, None, cfg.model)
-    return {k: v.mean() for k, v in query_metrics(logits, batch.y).items()}
-
-  def evaluate(params_R, clamps_R, batches):
-    out = {}
-    for name, batch in batches.items():
-      res = {"clamped": jax.vmap(lambda p, c: one_run(p, c, batch, True))(params_R, clamps_R)}
-      if cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS:
-        res["unclamped"] = jax.vmap(lambda p: one_run(p, None, batch, False))(params_R)
-      out[name] = res
-    return out
-
-  return evaluate
-
-
-def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
-  """Jitted (state, n_steps, clamps_R, features, eval_batches) -> (state, log, evals).
-
-  Runs n_steps (dynamic, <= max_steps) optimizer steps in a device loop, then
-  evaluates. Per-step train loss and gradient norm land in [R, max_steps] buffers.
-  """
-  cfg = exp.cfg
-  B, n = cfg.train.batch_size, cfg.task.num_context
-  tx = make_optimizer(cfg)
-  evaluate = make_evaluate(exp)
-  R = len(exp.runs)
-
-  def loss_fn(params, batch, clamps):
-    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
-    return model_lib.query_loss(logits, batch.y)
-
-  def run_step(params, opt_state, batch, clamps):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, clamps)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
-
-  def chunk(state: TrainState, n_steps, clamps_R, feats, batches):
-    def body(i, carry):
-      params, opt_state, data_key, losses, gnorms = carry
-      data_key, batch_key = jax.random.split(data_key)
-      # One batch shared by every run (it depends only on train_seed).
-      batch = sampler.sample_batch(batch_key, feats, exp.train_spec, B, n)
-      params, opt_state, loss_R, gnorm_R = jax.vmap(run_step, in_axes=(0, 0, None, 0))(
-          params, opt_state, batch, clamps_R)
-      losses = losses.at[:, i].set(loss_R)
-      gnorms = gnorms.at[:, i].set(gnorm_R)
-      return params, opt_state, data_key, losses, gnorms
-
-    buf = jnp.full((R, max_steps), jnp.nan, jnp.float32)
-    params, opt_state, data_key, losses, gnorms = jax.lax.fori_loop(
-        0, n_steps, body, (state.params, state.opt_state, state.data_key, buf, buf))
-    new_state = TrainState(params, opt_state, data_key, state.step + n_steps)
-    return new_state, (losses, gnorms), evaluate(params, clamps_R, batches)
-
-  return jax.jit(chunk, donate_argnums=(0,))
+class TrainingInterrupted(KeyboardInterrupt):
+  """Raised after a SIGINT/SIGTERM once a resume checkpoint is safely written."""
 
 
 @dataclasses.dataclass
@@ -212,6 +54,252 @@ class TrainResult:
   grad_norm: np.ndarray        # [R, S]
   wall_s: float
   compile_s: float
+  workdir: str | None = None
+
+
+def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
+                       overwrite: bool = False, verbose: bool = True
+                       ) -> TrainResult | list[TrainResult]:
+  """Trains every run of the sweep; writes outputs to `workdir` if given.
+
+  Returns one TrainResult when the sweep is one program, else one per program
+  (their workdirs are `workdir/program_<k>`, listed in `workdir/sweep.json`).
+  """
+  max_runs = cfg.sweep.max_runs_per_program or auto_max_runs(cfg)
+  programs = sweep_lib.plan_programs(cfg, max_runs)
+  if len(programs) == 1:
+    return train_program(programs[0], cfg, workdir, overwrite=overwrite, verbose=verbose)
+  if verbose:
+    print(f"[ih_jax] sweep split into {len(programs)} programs "
+          f"({', '.join(str(len(p.runs)) for p in programs)} runs)", flush=True)
+  if workdir is not None:
+    os.makedirs(workdir, exist_ok=True)
+    _write_sweep_index(workdir, programs)
+  results = []
+  for p in programs:
+    sub = None if workdir is None else os.path.join(workdir, p.name)
+    if verbose:
+      print(f"[ih_jax] --- {p.name}: {len(p.runs)} runs, variants "
+            f"{[v.name or 'base' for v in p.variants]}", flush=True)
+    results.append(train_program(p, cfg, sub, overwrite=overwrite, verbose=verbose))
+  return results
+
+
+def _write_sweep_index(workdir: str, programs: list[sweep_lib.Program]) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  index = [dict(workdir=p.name, variants=[v.name for v in p.variants],
+                runs=[dataclasses.asdict(r) for r in p.runs]) for p in programs]
+  with open(os.path.join(workdir, "sweep.json"), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def auto_max_runs(cfg: ExperimentConfig) -> int | None:
+  """Runs per program that fit in device memory, or None (no limit needed).
+
+  Per-run memory grows linearly: params + Adam state + per-run activations of
+  training and evaluation. Estimated from the compiled memory footprint of a
+  one-run program, only for sweeps large enough for it to matter.
+  """
+  n_runs = len(cfg.sweep.conditions) * len(cfg.sweep.init_seeds)
+  if n_runs * max(1, len(sweep_lib.expand_grid(cfg))) <= 64 * jax.local_device_count():
+    return None
+  program = sweep_lib.plan_programs(cfg, 1)[0]
+  exp = setup_experiment(program, shard=False)
+  state = init_state(exp)
+  clamps, feats, batches = place_inputs(exp)
+  mem = make_train_chunk(exp, 1).lower(state, 0, True, clamps, feats, batches).compile() \
+      .memory_analysis()
+  per_run = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return max(1, int(0.5 * limit / max(per_run, 1))) * jax.local_device_count()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Turns SIGINT/SIGTERM into a flag the loop checks at each boundary."""
+  flag = {"signal": None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  old = {}
+
+  def handler(signum, _frame):
+    flag["signal"] = signal.Signals(signum).name
+    # A second signal kills immediately.
+    signal.signal(signum, old[signum])
+
+  for s in (signal.SIGINT, signal.SIGTERM):
+    old[s] = signal.signal(s, handler)
+  try:
+    yield flag
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
+                  workdir: str | None, *, overwrite: bool = False,
+                  verbose: bool = True) -> TrainResult:
+  """Trains one program's runs, resuming from `workdir` when it holds the same config."""
+  t_start = time.time()
+  exp = setup_experiment(program)
+  cfg = exp.cfg
+  B = cfg.train.batch_size
+  log = (lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None)
+  eval_steps = schedule.eval_steps(cfg.train.eval_every, cfg.train.num_seqs, B)
+  ckpt_steps = (schedule.checkpoint_steps(cfg.checkpoint, cfg.train.num_seqs, B)
+                if workdir is not None else [])
+  boundaries = sorted(set(eval_steps) | set(ckpt_steps))
+  eval_set, ckpt_set = set(eval_steps), set(ckpt_steps)
+  total_steps = boundaries[-1]
+  total_seqs = total_steps * B
+
+  status = "fresh"
+  if workdir is not None:
+    status = workdir_lib.workdir_status(workdir, sweep_cfg, overwrite=overwrite)
+    if status == "done":
+      log(f"[ih_jax] {workdir} already holds this finished run; loading its results")
+      return load_result(workdir, exp.runs)
+
+  with jax.default_matmul_precision(cfg.train.matmul_precision):
+    state = init_state(exp)
+    clamps_dev, feats_dev, batches_dev = place_inputs(exp)
+    ckptr, start_step, resumed = None, 0, False
+    if workdir is not None:
+      meta = dict(config=sweep_cfg.to_dict(), runs=[dataclasses.asdict(r) for r in exp.runs])
+      ckptr = ckpt_lib.RunCheckpointer(workdir, [s * B for s in ckpt_steps],
+                                        cfg.checkpoint.resume_every_s, meta)
+      if status == "resume":
+        restored = ckptr.restore_latest(
+            lambda: ckpt_lib.abstract_saveable(state),
+            lambda content: _state_from_saveable(exp, content), log=log)
+        if restored is not None:
+          seqs0, state = restored
+          start_step, resumed = seqs0 // B, True
+          ckptr.drop_after(seqs0)
+          log(f"[ih_jax] resuming {workdir} from the checkpoint at {seqs0:,d} seqs")
+        else:
+          log(f"[ih_jax] {workdir}: no usable checkpoint; starting from scratch")
+      writer = workdir_lib.RunWriter(workdir, exp, sweep_cfg,
+                                     resume_seqs=start_step * B if resumed else None)
+    else:
+      writer = None
+
+    # A resumed run already did its checkpoint's boundary; a fresh one starts with
+    # step 0's evaluation / checkpoint (a chunk of zero steps).
+    todo = [b for b in boundaries if b > start_step or (b == 0 and not resumed)]
+    max_chunk = max(1, int(max(np.diff([0] + boundaries))))
+    chunk_fn = make_train_chunk(exp, max_chunk)
+    t0 = time.time()
+    compiled = chunk_fn.lower(state, 0, True, clamps_dev, feats_dev, batches_dev).compile()
+    compile_s = time.time() - t0
+    log(f"[ih_jax] {len(exp.runs)} run(s)"
+        f"{f' (padded to {exp.num_padded} over {exp.mesh.size} devices)' if exp.mesh else ''}"
+        f" x {total_seqs:,d} seqs, {len(eval_steps)} evaluations, {len(ckpt_steps)} "
+        f"checkpoints; clamp plan: {exp.plan.num_passes} pass(es); compile {compile_s:.1f}s")
+
+    metrics_rows: list[dict[str, Any]] = []
+    log_seqs, log_loss, log_gnorm = [], [], []
+    R = len(exp.runs)
+    names = [e.name for e in cfg.evaluators]
+    t_train, last_print, last_resume_save = time.time(), 0.0, time.time()
+    done, pending = start_step, None
+
+    def consume(item):
+      nonlocal last_print
+      step_from, n_steps, did_eval, (losses, gnorms), evals = item
+      losses = np.asarray(losses)[:R, :n_steps]
+      gnorms = np.asarray(gnorms)[:R, :n_steps]
+      if not np.isfinite(losses).all():
+        bad = sorted({exp.runs[r].condition for r in np.where(~np.isfinite(losses).all(1))[0]})
+        raise FloatingPointError(f"non-finite training loss in run(s) of condition(s) {bad} "
+                                 f"between steps {step_from} and {step_from + n_steps}")
+      seqs_k = B * (step_from + 1 + np.arange(n_steps))  # loss of step k labelled B(k+1)
+      log_seqs.append(seqs_k)
+      log_loss.append(losses)
+      log_gnorm.append(gnorms)
+      seqs = B * (step_from + n_steps)
+      rows = (_eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals), names)
+              if did_eval else [])
+      metrics_rows.extend(rows)
+      if writer is not None:
+        writer.append(rows, seqs_k, losses, gnorms)
+      now = time.time()
+      if rows and verbose and (now - last_print >= cfg.train.progress_every_s
+                               or seqs == total_seqs):
+        rate = (seqs - start_step * B) / max(now - t_train, 1e-9)
+        print(_progress_line(seqs, total_seqs, rate, rows, exp.runs, now - t_start), flush=True)
+        last_print = now
+
+    with _stop_on_signals() as stop:
+      for target in todo:
+        n_steps = target - done
+        did_eval = target in eval_set
+        state, logs, evals = compiled(state, n_steps, did_eval, clamps_dev, feats_dev,
+                                      batches_dev)
+        if pending is not None:  # host work for the previous chunk overlaps this one
+          consume(pending)
+        pending = (done, n_steps, did_eval, logs, evals)
+        done = target
+        if ckptr is None:
+          continue
+        scheduled = target in ckpt_set
+        resume_due = (cfg.checkpoint.resume_every_s > 0 and
+                      time.time() - last_resume_save >= cfg.checkpoint.resume_every_s)
+        if scheduled or resume_due or stop["signal"]:
+          # Rows up to `target` reach disk before the checkpoint exists, so a resume
+          # from it never loses rows (and cuts any later ones).
+          consume(pending)
+          pending = None
+          ckptr.save(target * B, state, scheduled=scheduled,
+                     resume=resume_due or bool(stop["signal"]))
+          if resume_due or scheduled:
+            last_resume_save = time.time()
+        if stop["signal"] and target != total_steps:
+          ckptr.wait()
+          ckptr.close()
+          if writer is not None:
+            writer.close()
+          raise TrainingInterrupted(
+              f"{stop['signal']} received: stopped at {target * B:,d} seqs after writing a "
+              f"checkpoint; rerun the same command (same --workdir) to resume")
+      if pending is not None:
+        consume(pending)
+    params = jax.tree.map(lambda x: x[:R], jax.device_get(state.params))
+    if ckptr is not None:
+      ckptr.finish()
+
+  wall = time.time() - t_start
+  if writer is not None:
+    writer.finish(dict(wall_s=wall, compile_s=compile_s,
+                       resumed_from_seqs=start_step * B if resumed else None,
+                       final_seqs=total_seqs))
+  if resumed:  # earlier rows come from the interrupted process
+    result = load_result(workdir, exp.runs, params=params)
+    result.wall_s, result.compile_s = wall, compile_s
+  else:
+    result = TrainResult(exp.runs, params, metrics_rows, np.concatenate(log_seqs),
+                         np.concatenate(log_loss, axis=1), np.concatenate(log_gnorm, axis=1),
+                         wall, compile_s, workdir)
+  log(f"[ih_jax] done in {wall:.1f}s (compile {compile_s:.1f}s)")
+  return result
+
+
+def _state_from_saveable(exp: Experiment, content: dict[str, Any]) -> TrainState:
+  train = content["train"]
+  state = TrainState(content["params"], train["opt_state"],
+                     jax.random.wrap_key_data(train["data_key"]), train["step"])
+  return place_state(exp, state)
+
+
+def load_result(workdir: str, runs: list[Run], params: Any = None) -> TrainResult:
+  """A TrainResult read back from a workdir (metrics, train log, final params)."""
+  if params is None:
+    _, params = ckpt_lib.load_stacked_params(workdir)
+  seqs, loss, gnorm = workdir_lib.read_train_log(workdir, len(runs))
+  return TrainResult(runs, params, workdir_lib.read_metrics(workdir), seqs, loss, gnorm,
+                     float("nan"), float("nan"), workdir)
 
 
 def _progress_line(seqs: int, total: int, rate: float, rows: list[dict], runs: list[Run],
@@ -227,81 +315,6 @@ def _progress_line(seqs: int, total: int, rate: float, rows: list[dict], runs: l
           f"{set_name} loss {shown}{more} | {speed} | {elapsed:.1f}s elapsed")
 
 
-def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
-                       overwrite: bool = False, verbose: bool = True) -> TrainResult:
-  """Trains every run of the sweep in one program; writes metrics to `workdir` if given."""
-  t_start = time.time()
-  exp = setup_experiment(cfg)
-  B = cfg.train.batch_size
-  steps = schedule.eval_steps(cfg.train.eval_every, cfg.train.num_seqs, B)
-  max_chunk = max(1, max(np.diff([0] + steps)))
-  total_seqs = steps[-1] * B
-  writer = None
-  if workdir is not None:
-    writer = workdir_lib.RunWriter(workdir, exp, overwrite=overwrite)
-  if verbose:
-    print(f"[ih_jax] {len(exp.runs)} run(s) x {total_seqs:,d} seqs, {len(steps)} evaluations; "
-          f"clamp plan: {exp.plan.num_passes} pass(es)", flush=True)
-
-  with jax.default_matmul_precision(cfg.train.matmul_precision):
-    state = init_state(exp)
-    chunk_fn = make_train_chunk(exp, max_chunk)
-    clamps_dev = jax.tree.map(jnp.asarray, exp.clamps)
-    t0 = time.time()
-    compiled = chunk_fn.lower(state, 0, clamps_dev, exp.features, exp.eval_batches).compile()
-    compile_s = time.time() - t0
-
-    metrics_rows: list[dict[str, Any]] = []
-    log_seqs, log_loss, log_gnorm = [], [], []
-    done, pending = 0, None
-    t_train, last_print = time.time(), 0.0
-
-    def consume(item):
-      nonlocal last_print
-      step_from, n_steps, (losses, gnorms), evals = item
-      losses = np.asarray(losses)[:, :n_steps]
-      gnorms = np.asarray(gnorms)[:, :n_steps]
-      if not np.isfinite(losses).all():
-        bad = sorted({exp.runs[r].condition for r in np.where(~np.isfinite(losses).all(1))[0]})
-        raise FloatingPointError(f"non-finite training loss in run(s) of condition(s) {bad} "
-                                 f"between steps {step_from} and {step_from + n_steps}")
-      seqs_k = B * (step_from + 1 + np.arange(n_steps))  # loss of step k labelled B(k+1)
-      log_seqs.append(seqs_k)
-      log_loss.append(losses)
-      log_gnorm.append(gnorms)
-      seqs = B * (step_from + n_steps)
-      rows = _eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals),
-                        [e.name for e in cfg.evaluators])
-      metrics_rows.extend(rows)
-      if writer is not None:
-        writer.append(rows, seqs_k, losses, gnorms)
-      now = time.time()
-      if verbose and (now - last_print >= cfg.train.progress_every_s or seqs == total_seqs):
-        rate = seqs / max(now - t_train, 1e-9)
-        print(_progress_line(seqs, total_seqs, rate, rows, exp.runs, now - t_start), flush=True)
-        last_print = now
-
-    for target in steps:
-      n_steps = target - done
-      state, log, evals = compiled(state, n_steps, clamps_dev, exp.features, exp.eval_batches)
-      if pending is not None:  # host work for the previous chunk overlaps this one
-        consume(pending)
-      pending = (done, n_steps, log, evals)
-      done = target
-    consume(pending)
-    params = jax.device_get(state.params)
-
-  wall = time.time() - t_start
-  result = TrainResult(exp.runs, params, metrics_rows, np.concatenate(log_seqs),
-                       np.concatenate(log_loss, axis=1), np.concatenate(log_gnorm, axis=1),
-                       wall, compile_s)
-  if writer is not None:
-    writer.finish(result)
-  if verbose:
-    print(f"[ih_jax] done in {wall:.1f}s (compile {compile_s:.1f}s)", flush=True)
-  return result
-
-
 def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
                order: list[str]) -> list[dict[str, Any]]:
   rows = []
@@ -311,8 +324,8 @@ def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
         continue
       metrics = evals[set_name][mode]
       for r in runs:
-        row = dict(run=r.index, condition=r.condition, seed=r.init_seed, seqs=seqs, step=step,
-                   eval_set=set_name, clamped=int(mode == "clamped"))
+        row = dict(run=r.index, condition=r.condition, seed=r.init_seed, variant=r.variant,
+                   seqs=seqs, step=step, eval_set=set_name, clamped=int(mode == "clamped"))
         row.update({m: float(metrics[m][r.index]) for m in METRIC_NAMES})
         rows.append(row)
   return rows

@@ -1,11 +1,15 @@
-"""What a training run writes into its workdir.
+"""What a training program writes into its workdir, and resuming into it.
 
   config.json     resolved config, runs, clamp plan, relabel pairs, versions
   metrics.csv     one row per run x eval point x eval set x (clamped | unclamped)
   train_log.csv   per step: run, seqs, train loss, global gradient-norm
-  final_params.msgpack   runs-stacked final params (flax.serialization)
+  checkpoints/    Orbax checkpoints on the configured schedule (ih_jax.checkpoint)
+  done.json       written last: the run finished (wall time, compile time)
 
-A workdir that already holds results is never appended to (SPEC §9.10).
+A workdir is never appended to blindly (SPEC §9.10): a workdir holding a run of
+the same config is resumed from its latest checkpoint (rows after it are
+dropped, then recomputed), one holding a different config is refused with the
+differing fields named, unless the caller asks to overwrite.
 """
 
 from __future__ import annotations
@@ -23,18 +27,26 @@ import flax
 import jax
 import numpy as np
 
+from ih_jax import checkpoint as ckpt_lib
 from ih_jax.data import features as features_lib
 from ih_jax.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
-  from ih_jax.train import Experiment, TrainResult
+  from ih_jax.config import ExperimentConfig
+  from ih_jax.program import Experiment
 
 METRICS_CSV = "metrics.csv"
 TRAIN_LOG_CSV = "train_log.csv"
 CONFIG_JSON = "config.json"
-FINAL_PARAMS = "final_params.msgpack"
-METRIC_COLUMNS = ("run", "condition", "seed", "seqs", "step", "eval_set", "clamped") + METRIC_NAMES
-_OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, FINAL_PARAMS)
+DONE_JSON = "done.json"
+METRIC_COLUMNS = ("run", "condition", "seed", "variant", "seqs", "step", "eval_set",
+                  "clamped") + METRIC_NAMES
+LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
+_OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
+            ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s",
+                     "sweep.max_runs_per_program")
 
 
 def environment_metadata() -> dict[str, Any]:
@@ -46,38 +58,88 @@ def environment_metadata() -> dict[str, Any]:
       created=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-class RunWriter:
-  """Writes a fresh workdir incrementally (rows are flushed after every evaluation)."""
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two JSON-like configs."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for k in sorted(set(old) | set(new)):
+      name = f"{prefix}.{k}" if prefix else str(k)
+      if k not in old or k not in new:
+        out.append(name)
+      else:
+        out += config_diff(old[k], new[k], name)
+    return out
+  return [] if old == new else [prefix]
 
-  def __init__(self, workdir: str, exp: "Experiment", *, overwrite: bool = False):
+
+def _as_json(tree: Any) -> Any:
+  return json.loads(json.dumps(tree))
+
+
+def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", *, overwrite: bool) -> str:
+  """'fresh', 'resume' or 'done'. Refuses a workdir holding a different config."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  present = [f for f in _OUTPUTS if os.path.exists(os.path.join(workdir, f))]
+  if overwrite:
+    for f in present:
+      p = os.path.join(workdir, f)
+      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    return "fresh"
+  if not present:
+    return "fresh"
+  if not os.path.exists(path):
+    raise FileExistsError(
+        f"workdir {workdir!r} holds {', '.join(present)} but no {CONFIG_JSON}, so it cannot "
+        "be resumed; use a new --workdir or pass overwrite=True (--overwrite)")
+  try:
+    with open(path) as f:
+      old = json.load(f)["config"]
+  except (OSError, ValueError, KeyError) as e:
+    raise FileExistsError(f"{path} is unreadable ({e}); use a new --workdir or pass "
+                          "overwrite=True (--overwrite)") from None
+  diff = [d for d in config_diff(old, _as_json(sweep_cfg.to_dict()))
+          if d not in RESUMABLE_CHANGES]
+  if diff:
+    raise FileExistsError(
+        f"workdir {workdir!r} holds a run with a different config (differing fields: "
+        f"{', '.join(diff)}); refusing to resume or overwrite it. Use a new --workdir, or "
+        "pass overwrite=True (--overwrite) to replace it")
+  return "done" if os.path.exists(os.path.join(workdir, DONE_JSON)) else "resume"
+
+
+class RunWriter:
+  """Writes metrics / train log rows incrementally (flushed after every chunk).
+
+  `resume_seqs=None` starts fresh files; otherwise the existing files are cut
+  back to the rows at or before `resume_seqs` (the checkpoint resumed from) and
+  appended to, so no row is lost or duplicated.
+  """
+
+  def __init__(self, workdir: str, exp: "Experiment", sweep_cfg: "ExperimentConfig",
+               resume_seqs: int | None = None):
     self.workdir = workdir
-    existing = [f for f in _OUTPUTS if os.path.exists(os.path.join(workdir, f))]
-    if existing and not overwrite:
-      raise FileExistsError(
-          f"workdir {workdir!r} already holds results ({', '.join(existing)}); refusing to "
-          "append to or overwrite them. Use a new --workdir, or pass overwrite=True "
-          "(--overwrite) to replace them")
     os.makedirs(workdir, exist_ok=True)
-    for f in existing:
-      os.remove(os.path.join(workdir, f))
-    meta = dict(
-        config=exp.cfg.to_dict(),
-        runs=[dataclasses.asdict(r) for r in exp.runs],
-        clamp_plan=dataclasses.asdict(exp.plan),
-        features=features_lib.feature_metadata(exp.cfg.data),
-        relabel_pairs=dict(train=exp.splits.train_pairs.tolist(),
-                           val=exp.splits.val_pairs.tolist(),
-                           test=exp.splits.test_pairs.tolist()),
-        matmul_precision=exp.cfg.train.matmul_precision,
-        environment=environment_metadata())
-    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-      json.dump(meta, f, indent=2)
-    self._metrics = open(os.path.join(workdir, METRICS_CSV), "w", newline="")
+    if resume_seqs is None:
+      meta = dict(
+          config=sweep_cfg.to_dict(),
+          program_config=exp.cfg.to_dict(),
+          variants=[v.name for v in exp.variants],
+          runs=[dataclasses.asdict(r) for r in exp.runs],
+          clamp_plan=dataclasses.asdict(exp.plan),
+          features=[features_lib.feature_metadata(v.cfg.data) for v in exp.variants],
+          relabel_pairs=dict(train=exp.splits.train_pairs.tolist(),
+                             val=exp.splits.val_pairs.tolist(),
+                             test=exp.splits.test_pairs.tolist()),
+          matmul_precision=exp.cfg.train.matmul_precision,
+          environment=environment_metadata())
+      tmp = os.path.join(workdir, CONFIG_JSON + ".tmp")
+      with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+      os.replace(tmp, os.path.join(workdir, CONFIG_JSON))
+    self._metrics = _open_csv(os.path.join(workdir, METRICS_CSV), METRIC_COLUMNS, resume_seqs)
     self._mw = csv.DictWriter(self._metrics, fieldnames=METRIC_COLUMNS)
-    self._mw.writeheader()
-    self._log = open(os.path.join(workdir, TRAIN_LOG_CSV), "w", newline="")
+    self._log = _open_csv(os.path.join(workdir, TRAIN_LOG_CSV), LOG_COLUMNS, resume_seqs)
     self._lw = csv.writer(self._log)
-    self._lw.writerow(("run", "condition", "seed", "seqs", "loss", "grad_norm"))
     self._runs = exp.runs
 
   def append(self, rows: list[dict[str, Any]], seqs_S: np.ndarray, loss_RS: np.ndarray,
@@ -90,13 +152,38 @@ class RunWriter:
           for s, l, g in zip(seqs_S, loss_RS[r.index], gnorm_RS[r.index]))
     self._log.flush()
 
-  def finish(self, result: "TrainResult") -> None:
+  def close(self) -> None:
     self._metrics.close()
     self._log.close()
-    tmp = os.path.join(self.workdir, FINAL_PARAMS + ".tmp")
-    with open(tmp, "wb") as f:
-      f.write(flax.serialization.to_bytes(result.params))
-    shutil.move(tmp, os.path.join(self.workdir, FINAL_PARAMS))
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    self.close()
+    with open(os.path.join(self.workdir, DONE_JSON), "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+def _open_csv(path: str, columns: tuple[str, ...], resume_seqs: int | None):
+  """A CSV opened for appending; on resume, rows after `resume_seqs` (or torn) are cut."""
+  kept: list[list[str]] = []
+  if resume_seqs is not None and os.path.exists(path):
+    with open(path, newline="") as f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      seqs_col = columns.index("seqs")
+      for row in reader:
+        if header == list(columns) and len(row) == len(columns):
+          try:
+            if int(row[seqs_col]) <= resume_seqs:
+              kept.append(row)
+          except ValueError:
+            pass  # a torn last line
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(columns)
+    w.writerows(kept)
+  os.replace(tmp, path)
+  return open(path, "a", newline="")
 
 
 def read_metrics(workdir_or_csv: str) -> list[dict[str, Any]]:
@@ -115,3 +202,16 @@ def read_metrics(workdir_or_csv: str) -> list[dict[str, Any]]:
         row[k] = float(row[k])
       out.append(row)
   return out
+
+
+def read_train_log(workdir: str, num_runs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(seqs [S], loss [R, S], grad_norm [R, S]) from train_log.csv."""
+  per_run: dict[int, list[tuple[int, float, float]]] = {r: [] for r in range(num_runs)}
+  with open(os.path.join(workdir, TRAIN_LOG_CSV), newline="") as f:
+    for row in csv.DictReader(f):
+      per_run[int(row["run"])].append((int(row["seqs"]), float(row["loss"]),
+                                       float(row["grad_norm"])))
+  seqs = np.asarray([s for s, _, _ in per_run[0]], np.int64)
+  loss = np.asarray([[l for _, l, _ in per_run[r]] for r in range(num_runs)], np.float32)
+  gnorm = np.asarray([[g for _, _, g in per_run[r]] for r in range(num_runs)], np.float32)
+  return seqs, loss, gnorm

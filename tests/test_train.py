@@ -7,6 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+import chex
+
+from ih_jax import checkpoint as ckpt_lib
 from ih_jax import model as model_lib
 from ih_jax import train
 from ih_jax import workdir as workdir_lib
@@ -33,8 +36,12 @@ def sweep_result(tmp_path_factory):
 
 def test_workdir_outputs(sweep_result):
   wd, res = sweep_result
-  for f in ("config.json", "metrics.csv", "train_log.csv", "final_params.msgpack"):
+  for f in ("config.json", "metrics.csv", "train_log.csv", "done.json", "checkpoints"):
     assert os.path.exists(os.path.join(wd, f)), f
+  assert not os.path.exists(os.path.join(wd, "resume"))  # transient, removed at the end
+  # Default schedule: only the final checkpoint, holding the final params.
+  assert ckpt_lib.list_steps(wd) == [640]
+  chex.assert_trees_all_equal(ckpt_lib.load_params(wd, 3), jax.tree.map(lambda x: x[3], res.params))
   rows = workdir_lib.read_metrics(wd)
   # 8 runs x 3 eval points (0, 320, 640) x 2 sets x (clamped + unclamped).
   assert len(rows) == 8 * 3 * 2 * 2
@@ -99,11 +106,18 @@ def test_clamped_parameters_stay_frozen_under_adam():
                             init["blocks_0"]["qkv"]["kernel"][:, 128 + 16:128 + 24])
 
 
-def test_refuses_to_overwrite(tmp_path):
+def test_workdir_with_other_config_is_refused_naming_fields(tmp_path, capsys):
   wd = str(tmp_path / "run")
-  train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
-  with pytest.raises(FileExistsError, match="already holds results"):
-    train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
+  first = train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
+  with pytest.raises(FileExistsError,
+                     match=r"different config \(differing fields: train.learning_rate, "
+                           r"train.num_seqs\)"):
+    train.train_and_evaluate(tiny(num_seqs=64, learning_rate=1e-4), wd, verbose=False)
+  # The same config again: nothing to redo, the finished results are loaded.
+  again = train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=True)
+  assert "already holds this finished run" in capsys.readouterr().out
+  assert again.metrics == workdir_lib.read_metrics(wd)
+  chex.assert_trees_all_equal(again.params, first.params)
   train.train_and_evaluate(tiny(num_seqs=64), wd, overwrite=True, verbose=False)
   assert max(r["seqs"] for r in workdir_lib.read_metrics(wd)) == 64
 

@@ -1,0 +1,247 @@
+"""Orbax checkpoints of a stacked sweep, keyed by sequences seen (SPEC §5.2).
+
+Layout inside a workdir:
+
+  checkpoints/<seqs>/params   runs-stacked params (leading axis = runs)
+  checkpoints/<seqs>/train    Adam state, data-stream key(s), step, fingerprint
+  resume/<seqs>/...           same content, written every `resume_every_s` seconds
+                              of wall time; deleted when the run finishes
+
+`checkpoints/` holds exactly the configured schedule (plus the final point).
+Each checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
+its bits) so silent corruption is caught on load, not only the checksum
+failures Orbax itself reports.
+
+Analysis API: `list_steps(workdir)` and `load_params(workdir, run, seqs)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from orbax.checkpoint import v1 as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+RESUME_DIR = "resume"
+CORRUPT_DIR = "corrupt_checkpoints"   # unreadable checkpoints are moved here, not deleted
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing or unreadable."""
+
+
+def _fingerprint(tree: Any) -> jax.Array:
+  """[num_leaves] uint32: the wrapping sum of each leaf's 32-bit words."""
+  def leaf_sum(x):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize != 4:
+      x = x.astype(jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32)
+    return jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32).ravel(), dtype=jnp.uint32)
+  return jnp.stack([leaf_sum(x) for x in jax.tree.leaves(tree)])
+
+
+_fingerprint_jit = jax.jit(_fingerprint)
+
+
+def to_saveable(state) -> dict[str, Any]:
+  """TrainState -> the two checkpointables (typed PRNG keys stored as raw key data)."""
+  train = dict(opt_state=state.opt_state, data_key=jax.random.key_data(state.data_key),
+               step=state.step)
+  content = dict(params=state.params, train=train)
+  train["fingerprint"] = _fingerprint_jit(content)
+  return content
+
+
+def _verify(content: dict[str, Any], where: str) -> None:
+  train = dict(content["train"])
+  stored = np.asarray(train.pop("fingerprint"))
+  actual = np.asarray(_fingerprint_jit(dict(params=content["params"], train=train)))
+  if stored.shape != actual.shape or not np.array_equal(stored, actual):
+    raise CheckpointError(f"{where}: contents do not match the fingerprint saved with them")
+
+
+def _first_line(e: BaseException) -> str:
+  """The innermost cause of an Orbax error, on one line (Orbax wraps them deeply)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+class RunCheckpointer:
+  """Writes the scheduled and the resume checkpoints of one program's workdir."""
+
+  def __init__(self, workdir: str, schedule_seqs: list[int], resume_every_s: float,
+               metadata: dict[str, Any]):
+    self.workdir = workdir
+    self.schedule_seqs = sorted(schedule_seqs)
+    self.resume_every_s = resume_every_s
+    policies = ocp.training.save_decision_policies
+    self._main = ocp.training.Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR),
+        save_decision_policy=policies.SpecificStepsPolicy(steps=set(self.schedule_seqs)),
+        custom_metadata=metadata, cleanup_tmp_directories=True)
+    # Periodic (every resume_every_s) and on-interrupt saves; the caller decides when.
+    self._resume = ocp.training.Checkpointer(
+        os.path.join(workdir, RESUME_DIR),
+        save_decision_policy=policies.AnySavePolicy([]),  # saves only when forced
+        preservation_policy=ocp.training.preservation_policies.LatestN(2),
+        custom_metadata=metadata, cleanup_tmp_directories=True)
+
+  def is_scheduled(self, seqs: int) -> bool:
+    return seqs in self.schedule_seqs
+
+  def save(self, seqs: int, state, *, scheduled: bool, resume: bool) -> None:
+    """Starts an async save (blocks only for the device->host copy and a previous save)."""
+    content = to_saveable(state)
+    if scheduled:
+      self._main.save_checkpointables_async(seqs, content, custom_metadata=dict(seqs=seqs))
+    elif resume:
+      self._resume.save_checkpointables_async(seqs, content, force=True, overwrite=True,
+                                              custom_metadata=dict(seqs=seqs))
+
+  def restore_latest(self, abstract_state_fn: Callable[[], Any],
+                     from_saveable: Callable[[dict], Any],
+                     log: Callable[[str], None] = print) -> tuple[int, Any] | None:
+    """Loads the newest readable checkpoint from either directory.
+
+    Unreadable ones (Orbax errors or a fingerprint mismatch) are moved to
+    `corrupt_checkpoints/` with a message, and the previous one is tried.
+    Returns (seqs, state) or None when nothing usable exists.
+    """
+    candidates = [(m.step, 1, self._main) for m in self._main.checkpoints]
+    candidates += [(m.step, 0, self._resume) for m in self._resume.checkpoints]
+    abstract = None
+    for seqs, _, ckptr in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+      where = os.path.join(str(ckptr.directory), str(seqs))
+      if abstract is None:
+        abstract = abstract_state_fn()
+      try:
+        content = ckptr.load_checkpointables(seqs, abstract)
+        _verify(content, where)
+      except Exception as e:  # pylint: disable=broad-except
+        msg = e if isinstance(e, CheckpointError) else _first_line(e)
+        log(f"[ih_jax] WARNING: checkpoint {where} is unreadable ({msg}); moving it to "
+            f"{CORRUPT_DIR}/ and falling back to the previous one")
+        self._quarantine(ckptr, seqs)
+        continue
+      return seqs, from_saveable(content)
+    return None
+
+  def _quarantine(self, ckptr, seqs: int) -> None:
+    src = os.path.join(str(ckptr.directory), str(seqs))
+    dst_root = os.path.join(self.workdir, CORRUPT_DIR, os.path.basename(str(ckptr.directory)))
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, str(seqs))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    shutil.move(src, dst)
+    ckptr.reload()
+
+  def drop_after(self, seqs: int) -> None:
+    """Removes resume checkpoints newer than `seqs` (left behind by a fallback)."""
+    for m in self._resume.checkpoints:
+      if m.step > seqs:
+        self._resume.delete(m.step)
+
+  def wait(self) -> None:
+    self._main.wait()
+    self._resume.wait()
+
+  def finish(self) -> None:
+    """Waits for pending saves and removes the transient resume checkpoints."""
+    self.wait()
+    self.close()
+    shutil.rmtree(os.path.join(self.workdir, RESUME_DIR), ignore_errors=True)
+
+  def close(self) -> None:
+    self._main.close()
+    self._resume.close()
+
+
+def abstract_saveable(state) -> dict[str, Any]:
+  """ShapeDtypeStructs, with the live state's shardings, to restore a checkpoint into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      to_saveable(state))
+
+
+# ---------------------------------------------------------------- analysis API
+
+def _checkpointer(workdir: str):
+  path = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no checkpoints in {workdir!r} (expected a {CHECKPOINT_DIR}/ "
+                          "folder; was the run trained with checkpointing on?)")
+  return ocp.training.Checkpointer(path)
+
+
+def list_steps(workdir: str) -> list[int]:
+  """Sequences-seen labels of the checkpoints saved in `workdir/checkpoints`."""
+  with _checkpointer(workdir) as ckptr:
+    return [m.step for m in ckptr.checkpoints]
+
+
+def resolve_step(steps: list[int], seqs: int | None, nearest: bool) -> int:
+  if not steps:
+    raise CheckpointError("the checkpoint folder is empty")
+  if seqs is None:
+    return steps[-1]
+  if seqs in steps:
+    return seqs
+  if not nearest:
+    raise CheckpointError(f"no checkpoint at {seqs} seqs; saved: {_summarise(steps)} "
+                          "(pass nearest=True to take the closest)")
+  return min(steps, key=lambda s: (abs(s - seqs), s))
+
+
+def _summarise(steps: list[int]) -> str:
+  if len(steps) <= 8:
+    return ", ".join(map(str, steps))
+  return ", ".join(map(str, steps[:4])) + f", ... ({len(steps)} in all) ..., " + \
+      ", ".join(map(str, steps[-2:]))
+
+
+def load_stacked_params(workdir: str, seqs: int | None = None, *,
+                        nearest: bool = True) -> tuple[int, Any]:
+  """(seqs, runs-stacked params) of the checkpoint at `seqs` (latest if None).
+
+  The runs axis holds the real runs only (padding added for sharding is dropped).
+  """
+  with _checkpointer(workdir) as ckptr:
+    runs = (ckptr.root_metadata().custom_metadata or {}).get("runs")
+    step = resolve_step([m.step for m in ckptr.checkpoints], seqs, nearest)
+    try:
+      # Restore onto the host CPU whatever the saving topology was (analysis is per run).
+      cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+      meta = ckptr.checkpointables_metadata(step).metadata["params"]
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                              meta)
+      content = ckptr.load_checkpointables(step, {"params": abstract})
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"checkpoint {workdir}/{CHECKPOINT_DIR}/{step} is unreadable: "
+                            f"{_first_line(e)}") from None
+  params = jax.tree.map(np.asarray, content["params"])
+  if runs is not None:
+    params = jax.tree.map(lambda x: x[:len(runs)], params)
+  return step, params
+
+
+def run_table(workdir: str) -> list[dict[str, Any]]:
+  """The runs of a workdir's checkpoints (index, condition, spec, init_seed, variant)."""
+  with _checkpointer(workdir) as ckptr:
+    return list((ckptr.root_metadata().custom_metadata or {}).get("runs", []))
+
+
+def load_params(workdir: str, run: int, seqs: int | None = None, *,
+                nearest: bool = True) -> Any:
+  """Plain params of one run (index into the runs axis) at `seqs` (latest if None)."""
+  _, stacked = load_stacked_params(workdir, seqs, nearest=nearest)
+  num_runs = jax.tree.leaves(stacked)[0].shape[0]
+  if not 0 <= run < num_runs:
+    raise IndexError(f"run {run} out of range: this workdir has runs 0..{num_runs - 1}")
+  return jax.tree.map(lambda x: x[run], stacked)
+

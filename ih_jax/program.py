@@ -1,0 +1,314 @@
+"""The compiled program of a sweep: a stack of runs trained and evaluated together.
+
+The leading axis of params / optimizer state / clamps is the runs axis R
+(data variant x condition x init seed, variant-major). One jitted call runs a
+device-side loop of optimizer steps (data sampled in-graph, no host sync) and
+then, when asked, evaluates every run on the fixed eval sets under its own
+clamps and (optionally) clamp-free.
+
+Data variants (ih_jax.sweep.PER_RUN_FIELDS) give each group of runs its own
+feature table and training stream; with one variant the batch is sampled once
+per step and shared by every run (SPEC §1.4). With several devices the runs axis
+is sharded over a 1-D mesh ('runs',) and padded to a multiple of the device
+count with copies of the last run (their results are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ih_jax import clamps as clamps_lib
+from ih_jax import model as model_lib
+from ih_jax.config import ExperimentConfig
+from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
+from ih_jax.metrics import query_metrics
+from ih_jax.sweep import Program, RunSpec, Variant
+
+# pylint: disable=invalid-name
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  index: int
+  condition: str   # condition name
+  spec: str        # canonical clamp spec (ih_jax.clamps.describe)
+  init_seed: int
+  variant: str = ""  # data variant name ("" when the sweep has no data grid)
+
+
+class TrainState(NamedTuple):
+  params: Any          # runs-stacked params [R_pad, ...]
+  opt_state: Any       # runs-stacked Adam state
+  data_key: jax.Array  # [V] training-stream keys, one per data variant
+  step: jax.Array      # updates done (int32 scalar)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything derived from a program that training and evaluation need."""
+  cfg: ExperimentConfig                  # shared settings (the first variant's config)
+  variants: tuple[Variant, ...]
+  features: jax.Array                    # [V, classes, exemplars, F]
+  splits: splits_lib.Splits
+  train_spec: sampler.SamplerSpec
+  eval_batches: dict[str, sampler.Batch]  # leaves [V, ...]
+  runs: list[Run]                        # the real runs (R)
+  run_variant: np.ndarray                # [R_pad] variant index of each (padded) run
+  run_init_seeds: np.ndarray             # [R_pad] init seed of each (padded) run
+  clamps: clamps_lib.Clamps              # runs-stacked [R_pad, ...], host numpy
+  plan: clamps_lib.ClampPlan
+  mesh: jax.sharding.Mesh | None = None
+
+  @property
+  def num_padded(self) -> int:
+    return len(self.run_variant)
+
+
+def parse_conditions(entries: tuple[str, ...], num_layers: int,
+                     num_heads: int) -> list[tuple[str, clamps_lib.Clamps]]:
+  """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names."""
+  out, seen = [], set()
+  for entry in entries:
+    name, sep, spec = entry.partition("=")
+    if not sep:
+      name, spec = entry.strip(), entry
+    name = name.strip()
+    try:
+      c = clamps_lib.parse(spec, num_layers, num_heads)
+    except ValueError as e:
+      raise ValueError(f"condition {entry!r}: {e}") from None
+    if name in seen:
+      raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
+    seen.add(name)
+    out.append((name, c))
+  if not out:
+    raise ValueError("sweep.conditions is empty; use ('none',) for a plain run")
+  return out
+
+
+def check_seeds(cfg: ExperimentConfig) -> None:
+  t = cfg.train
+  if not cfg.sweep.init_seeds:
+    raise ValueError("sweep.init_seeds is empty")
+  if t.train_seed == t.eval_seed:
+    raise ValueError(f"train_seed and eval_seed must differ (both {t.train_seed})")
+  for s in cfg.sweep.init_seeds:
+    if s in (t.train_seed, t.eval_seed):
+      raise ValueError(f"init seed {s} equals train_seed ({t.train_seed}) or eval_seed "
+                       f"({t.eval_seed}); the three seeds must be pairwise distinct")
+  if len(set(cfg.sweep.init_seeds)) != len(cfg.sweep.init_seeds):
+    raise ValueError(f"duplicate init seeds in {cfg.sweep.init_seeds}")
+
+
+def make_mesh(num_runs: int) -> jax.sharding.Mesh | None:
+  """A 1-D ('runs',) mesh over the local devices, or None on one device."""
+  devices = jax.local_devices()
+  if len(devices) == 1 or num_runs == 1:
+    return None
+  return jax.make_mesh((len(devices),), ("runs",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
+                     shard: bool = True) -> Experiment:
+  """Validates a single-program config (or a planned Program) and builds its inputs."""
+  if isinstance(cfg_or_program, ExperimentConfig):
+    from ih_jax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+    programs = sweep_lib.plan_programs(cfg_or_program)
+    if len(programs) != 1:
+      raise ValueError(f"this sweep needs {len(programs)} programs; plan them with "
+                       "ih_jax.sweep.plan_programs and set up each one")
+    program = programs[0]
+  else:
+    program = cfg_or_program
+  cfg = program.cfg
+  for v in program.variants:
+    check_seeds(v.cfg)
+  if cfg.train.batch_size < 1:
+    raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+  feats = jnp.stack([jnp.asarray(features_lib.load_features(v.cfg.data))
+                     for v in program.variants])
+  _, C, E, _ = feats.shape
+  splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
+                                  cfg.task.exemplar_split, cfg.task.pair_weights)
+  eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
+                                        cfg.task.num_context)
+  eval_batches = {k: jax.vmap(lambda f, i=v: sampler.gather_features(f, i))(feats)
+                  for k, v in eval_idx.items()}
+  conds = dict(parse_conditions(tuple(dict.fromkeys(r.condition_entry for r in program.runs)),
+                                cfg.model.num_layers, cfg.model.num_heads))
+  runs = [Run(i, r.condition, clamps_lib.describe(conds[r.condition]), r.init_seed,
+              program.variants[r.variant].name) for i, r in enumerate(program.runs)]
+  specs: list[RunSpec] = list(program.runs)
+  if sorted(s.variant for s in specs) != [s.variant for s in specs]:
+    raise ValueError("runs must be ordered variant-major")
+  mesh = make_mesh(len(specs)) if shard else None
+  if mesh is not None:  # pad with copies of the last run
+    specs += [specs[-1]] * (-len(specs) % mesh.size)
+  stacked = clamps_lib.stack([conds[s.condition] for s in specs])
+  exp = Experiment(cfg, program.variants, feats, splits, evalsets.train_spec(splits),
+                   eval_batches, runs, np.asarray([s.variant for s in specs], np.int32),
+                   np.asarray([s.init_seed for s in specs], np.uint32),
+                   stacked, clamps_lib.plan_for(stacked), mesh)
+  return exp
+
+
+# ------------------------------------------------------------------ placement
+
+def runs_sharding(exp: Experiment) -> NamedSharding | None:
+  return None if exp.mesh is None else NamedSharding(exp.mesh, P("runs"))
+
+
+def replicated(exp: Experiment) -> NamedSharding | None:
+  return None if exp.mesh is None else NamedSharding(exp.mesh, P())
+
+
+def place_state(exp: Experiment, state: TrainState) -> TrainState:
+  """Puts runs-stacked leaves on the runs mesh axis and the rest replicated."""
+  if exp.mesh is None:
+    return state
+  rs, rep = runs_sharding(exp), replicated(exp)
+  put = lambda tree, s: jax.tree.map(lambda x: jax.device_put(x, s), tree)
+  return TrainState(put(state.params, rs), put(state.opt_state, rs),
+                    jax.device_put(state.data_key, rep), jax.device_put(state.step, rep))
+
+
+def place_inputs(exp: Experiment) -> tuple[Any, jax.Array, dict[str, sampler.Batch]]:
+  """(clamps, features, eval batches) on device(s)."""
+  clamps = jax.tree.map(jnp.asarray, exp.clamps)
+  if exp.mesh is None:
+    return clamps, exp.features, exp.eval_batches
+  rs, rep = runs_sharding(exp), replicated(exp)
+  return (jax.device_put(clamps, rs), jax.device_put(exp.features, rep),
+          jax.device_put(exp.eval_batches, rep))
+
+
+def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
+  # Plain Adam: a zero gradient leaves a parameter unchanged, which the frozen
+  # parts of clamped runs rely on (AdamW's decay would shrink them).
+  return optax.adam(cfg.train.learning_rate)
+
+
+def init_state(exp: Experiment) -> TrainState:
+  cfg = exp.cfg
+  init = lambda key: model_lib.init_params(key, cfg.model, exp.features.shape[-1],
+                                           cfg.task.num_context)
+  params = jax.jit(jax.vmap(lambda s: init(jax.random.key(s))))(
+      jnp.asarray(exp.run_init_seeds))
+  opt_state = jax.vmap(make_optimizer(cfg).init)(params)
+  # Per variant: train_seed -> (data key, model key); the model key is unused (no dropout).
+  data_keys = jnp.stack([jax.random.split(jax.random.key(v.cfg.train.train_seed))[0]
+                         for v in exp.variants])
+  return place_state(exp, TrainState(params, opt_state, data_keys, jnp.zeros((), jnp.int32)))
+
+
+def _variant_slices(exp: Experiment) -> list[tuple[int, int, int]]:
+  """(variant, start, stop) of the contiguous run blocks of each variant."""
+  out = []
+  for v in range(len(exp.variants)):
+    idx = np.nonzero(exp.run_variant == v)[0]
+    out.append((v, int(idx[0]), int(idx[-1]) + 1))
+  return out
+
+
+def make_evaluate(exp: Experiment) -> Callable:
+  """(params_R, clamps_R, eval_batches_V) -> {set: {'clamped'|'unclamped': {metric: [R_pad]}}}."""
+  cfg = exp.cfg
+  unclamped_too = cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS
+  blocks = _variant_slices(exp)
+
+  def one_run(params, clamps, batch, clamped: bool):
+    if clamped:
+      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+    else:
+      logits, _ = model_lib.apply(params, batch, None, cfg.model)
+    return {k: v.mean() for k, v in query_metrics(logits, batch.y).items()}
+
+  def block(params_R, clamps_R, batch):
+    res = {"clamped": jax.vmap(lambda p, c: one_run(p, c, batch, True))(params_R, clamps_R)}
+    if unclamped_too:
+      res["unclamped"] = jax.vmap(lambda p: one_run(p, None, batch, False))(params_R)
+    return res
+
+  def evaluate(params_R, clamps_R, batches_V):
+    out = {}
+    for name, batch_V in batches_V.items():
+      parts = []
+      for v, lo, hi in blocks:  # each variant's runs share that variant's eval batch
+        sl = lambda t, lo=lo, hi=hi: jax.tree.map(lambda x: x[lo:hi], t)
+        parts.append(block(sl(params_R) if len(blocks) > 1 else params_R,
+                           sl(clamps_R) if len(blocks) > 1 else clamps_R,
+                           jax.tree.map(lambda x, v=v: x[v], batch_V)))
+      out[name] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    return out
+
+  return evaluate
+
+
+def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
+  """Jitted (state, n_steps, do_eval, clamps_R, features_V, eval_batches_V)
+  -> (state, (losses, gnorms), evals).
+
+  Runs n_steps (dynamic, <= max_steps) optimizer steps in a device loop, then
+  evaluates if do_eval (a traced flag, so one compile serves both kinds of
+  chunk; skipped evals return zeros). Per-step train loss and gradient norm land
+  in [R_pad, max_steps] buffers.
+  """
+  cfg = exp.cfg
+  B, n = cfg.train.batch_size, cfg.task.num_context
+  tx = make_optimizer(cfg)
+  evaluate = make_evaluate(exp)
+  R, V = exp.num_padded, len(exp.variants)
+  run_variant = jnp.asarray(exp.run_variant)
+  rs = runs_sharding(exp)
+  constrain = (lambda t: t) if rs is None else \
+      (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rs), t))
+
+  def loss_fn(params, batch, clamps):
+    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+    return model_lib.query_loss(logits, batch.y)
+
+  def run_step(params, opt_state, batch, clamps):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, clamps)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+
+  def chunk(state: TrainState, n_steps, do_eval, clamps_R, feats_V, batches_V):
+    def body(i, carry):
+      params, opt_state, data_key_V, losses, gnorms = carry
+      keys = jax.vmap(jax.random.split)(data_key_V)
+      data_key_V, batch_key_V = keys[:, 0], keys[:, 1]
+      if V == 1:  # one batch shared by every run (it depends only on train_seed)
+        batch = sampler.sample_batch(batch_key_V[0], feats_V[0], exp.train_spec, B, n)
+        batch_axis = None
+      else:       # each run trains on its variant's batch
+        batch_V = jax.vmap(lambda k, f: sampler.sample_batch(k, f, exp.train_spec, B, n))(
+            batch_key_V, feats_V)
+        batch = jax.tree.map(lambda x: x[run_variant], batch_V)
+        batch_axis = 0
+      params, opt_state, loss_R, gnorm_R = jax.vmap(
+          run_step, in_axes=(0, 0, batch_axis, 0))(params, opt_state, batch, clamps_R)
+      params, opt_state = constrain(params), constrain(opt_state)
+      losses = losses.at[:, i].set(loss_R)
+      gnorms = gnorms.at[:, i].set(gnorm_R)
+      return params, opt_state, data_key_V, losses, gnorms
+
+    buf = jnp.full((R, max_steps), jnp.nan, jnp.float32)
+    if rs is not None:
+      buf = jax.lax.with_sharding_constraint(buf, rs)
+    params, opt_state, data_key, losses, gnorms = jax.lax.fori_loop(
+        0, n_steps, body, (state.params, state.opt_state, state.data_key, buf, buf))
+    new_state = TrainState(params, opt_state, data_key, state.step + n_steps)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(evaluate, params, clamps_R, batches_V))
+    evals = jax.lax.cond(do_eval, lambda: evaluate(params, clamps_R, batches_V), zeros)
+    return new_state, (losses, gnorms), evals
+
+  return jax.jit(chunk, donate_argnums=(0,))

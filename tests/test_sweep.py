@@ -1,0 +1,159 @@
+"""Sweeps: grid expansion and grouping, data variants, chunking, sharding over devices.
+
+Per-run results of differently batched programs (chunks, shards, variants vs
+separate runs) are compared to float tolerance (rtol 1e-5 / atol 1e-6): a vmap
+or partition of a different size may compile to a different summation order,
+so bitwise equality is not promised there (measured max difference: ~5e-7).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ih_jax import sweep as sweep_lib
+from ih_jax import train
+from ih_jax.config import ExperimentConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONDITIONS = ["none", "match=ih:L2H0;keep_only:L2H0", "copy=copy:L2H1"]
+
+
+def small(conditions=CONDITIONS, seeds=(5, 6), grid=(), max_runs=0, **data):
+  return ExperimentConfig.from_dict({
+      "train": dict(num_seqs=320, eval_every=160, progress_every_s=0),
+      "sweep": dict(conditions=list(conditions), init_seeds=list(seeds), grid=list(grid),
+                    max_runs_per_program=max_runs),
+      "data": data,
+      "evaluators": [{"name": "fsl_train", "size": 64},
+                     {"name": "fsl_val_rl", "pairs": "val", "size": 64}],
+  })
+
+
+def per_run(result, key="loss"):
+  """{(condition, seed, variant): [metric over eval points and sets]}."""
+  results = result if isinstance(result, list) else [result]
+  out = {}
+  for res in results:
+    for r in res.runs:
+      rows = [m for m in res.metrics if m["run"] == r.index and m["clamped"] == 1]
+      out[(r.condition, r.init_seed, r.variant)] = np.asarray([m[key] for m in rows])
+  return out
+
+
+def assert_close_runs(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+
+
+@pytest.fixture(scope="module")
+def one_program():
+  return train.train_and_evaluate(small(), None, verbose=False)
+
+
+def test_grid_expansion_and_grouping():
+  cfg = small(grid=("data.rho=0.7,0.8", "model.num_labels=5,10"))
+  programs = sweep_lib.plan_programs(cfg)
+  # rho varies per run (one program each); num_labels changes shapes (two programs).
+  assert [p.name for p in programs] == ["program_0", "program_1"]
+  assert [[v.name for v in p.variants] for p in programs] == [
+      ["data.rho=0.7;model.num_labels=5", "data.rho=0.8;model.num_labels=5"],
+      ["data.rho=0.7;model.num_labels=10", "data.rho=0.8;model.num_labels=10"]]
+  assert [len(p.runs) for p in programs] == [12, 12]
+  assert programs[1].cfg.model.num_labels == 10 and programs[1].variants[1].cfg.data.rho == 0.8
+  chunks = sweep_lib.plan_programs(small(), max_runs=4)
+  assert [len(p.runs) for p in chunks] == [4, 2]
+  assert [(r.condition, r.init_seed) for p in chunks for r in p.runs] == [
+      (c.split("=")[0], s) for c in CONDITIONS for s in (5, 6)]
+
+
+@pytest.mark.parametrize("grid,match", [
+    (("data.rhoo=0.7,0.8",), "unknown field 'data.rhoo'"),
+    (("dat.rho=0.7",), "unknown field 'dat.rho'"),
+    (("data.rho",), "must look like 'section.field=v1,v2"),
+    (("sweep.init_seeds=5,6",), "use sweep.conditions / sweep.init_seeds"),
+    (("data.rho=0.7", "data.rho=0.8"), "names a field twice"),
+    (("data.rho=high",), r"data.rho.*must be float, got 'high'"),
+])
+def test_grid_errors(grid, match):
+  with pytest.raises(ValueError, match=match):
+    sweep_lib.plan_programs(small(grid=grid))
+
+
+def test_chunked_grid_matches_one_program(one_program, tmp_path):
+  chunked = train.train_and_evaluate(small(max_runs=4), str(tmp_path / "chunked"),
+                                     verbose=False)
+  assert isinstance(chunked, list) and [len(r.runs) for r in chunked] == [4, 2]
+  assert sorted(os.listdir(tmp_path / "chunked")) == ["program_0", "program_1", "sweep.json"]
+  with open(tmp_path / "chunked" / "sweep.json") as f:
+    assert [p["workdir"] for p in json.load(f)] == ["program_0", "program_1"]
+  assert_close_runs(per_run(one_program), per_run(chunked))
+
+
+def test_data_variants_in_one_program_match_separate_runs():
+  both = train.train_and_evaluate(
+      small(conditions=CONDITIONS[:2], seeds=(5,), grid=("data.rho=0.7,0.8",
+                                                          "train.train_seed=0,3")),
+      None, verbose=False)
+  assert not isinstance(both, list)  # rho and train_seed vary per run: one program
+  assert len(both.runs) == 8
+  got = per_run(both)
+  for rho in (0.7, 0.8):
+    for seed in (0, 3):
+      alone_cfg = small(conditions=CONDITIONS[:2], seeds=(5,), rho=rho)
+      alone_cfg = ExperimentConfig.from_dict(
+          dict(alone_cfg.to_dict(), train=dict(alone_cfg.to_dict()["train"], train_seed=seed)))
+      alone = per_run(train.train_and_evaluate(alone_cfg, None, verbose=False))
+      for (cond, s, _), v in alone.items():
+        np.testing.assert_allclose(got[(cond, s, f"data.rho={rho};train.train_seed={seed}")],
+                                   v, rtol=1e-5, atol=1e-6)
+  # Different data really does change the runs.
+  assert not np.allclose(got[("none", 5, "data.rho=0.7;train.train_seed=0")],
+                         got[("none", 5, "data.rho=0.8;train.train_seed=0")])
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import ih_jax, jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from ih_jax import train, program
+sys.path.insert(0, {tests!r})
+from test_sweep import small
+assert jax.device_count() == 4, jax.devices()
+cfg = small()
+exp = program.setup_experiment(cfg)
+state = program.init_state(exp)
+clamps, feats, batches = program.place_inputs(exp)
+out, _, _ = program.make_train_chunk(exp, 4)(state, 2, True, clamps, feats, batches)
+leaf = jax.tree.leaves(out.params)[0]
+info = dict(padded=exp.num_padded, runs_axis=bool(leaf.sharding.spec == P("runs")),
+            shard_rows=sorted({{s.data.shape[0] for s in leaf.addressable_shards}}),
+            devices=len({{s.device for s in leaf.addressable_shards}}))
+res = train.train_and_evaluate(cfg, None, verbose=False)
+rows = [dict(run=r["run"], loss=r["loss"], clamped=r["clamped"]) for r in res.metrics]
+print("RESULT" + json.dumps(dict(info=info, rows=rows,
+      runs=[[r.condition, r.init_seed] for r in res.runs],
+      params=float(sum(np.abs(x).sum() for x in jax.tree.leaves(res.params))))))
+"""
+
+
+def test_sharded_sweep_on_4_cpu_devices_matches_one_device(one_program):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run(
+      [sys.executable, "-c", SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"))],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  # 6 runs padded to 8, split 2 per device along the runs axis.
+  assert out["info"] == dict(padded=8, runs_axis=True, shard_rows=[2], devices=4)
+  assert out["runs"] == [[r.condition, r.init_seed] for r in one_program.runs]
+  ref = [dict(run=r["run"], loss=r["loss"], clamped=r["clamped"]) for r in one_program.metrics]
+  assert [(r["run"], r["clamped"]) for r in out["rows"]] == [(r["run"], r["clamped"]) for r in ref]
+  np.testing.assert_allclose([r["loss"] for r in out["rows"]], [r["loss"] for r in ref],
+                             rtol=1e-5, atol=1e-6)
+  params_sum = float(sum(np.abs(x).sum() for x in
+                         __import__("jax").tree.leaves(one_program.params)))
+  np.testing.assert_allclose(out["params"], params_sum, rtol=1e-6)
