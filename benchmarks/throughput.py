@@ -3,15 +3,19 @@
   .venv/bin/python benchmarks/throughput.py                 # full table + JSON
   .venv/bin/python benchmarks/throughput.py --quick         # skip the 1e6-sequence main run
   .venv/bin/python benchmarks/throughput.py --runs=1,8,32 --out=bench.json
+  .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs=1,8,32
 
 Measures (after compilation, best of --repeats timings):
   * naive baseline: the same model and Adam step, jitted per step, driven by a Python
     loop that samples each batch on the host with numpy and transfers it;
   * ih_jax: the scanned, vmapped training chunk for R = 1, 8, ... runs, and for one run
     under each clamp kind (their extra passes cost time);
-  * evaluation cost, compile time, the full main run (1e6 seqs with its evaluations),
-    and peak host memory (RSS; on CPU that is where the arrays live).
-Checkpointing is not implemented yet (issue #3), so there is no with/without row.
+  * evaluation cost, compile time, the compiled program's memory footprint
+    (XLA memory analysis: arguments + outputs + temporaries), the full main run
+    (1e6 seqs with its evaluations) and peak host memory (RSS);
+  * checkpointing: end-to-end `train_and_evaluate` wall time of R runs with dense
+    Orbax checkpoints (every 1000 seqs, SPEC §5.2's main-run schedule) vs only the
+    final one, same evaluations.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import argparse
 import json
 import platform
 import resource
+import shutil
+import tempfile
 import time
 
 import ih_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
@@ -109,24 +115,48 @@ def ih_jax_chunk(name: str, conditions: list[str], seeds: list[int], steps: int,
   exp = train.setup_experiment(cfg)
   state = train.init_state(exp)
   chunk = train.make_train_chunk(exp, steps)
-  clamps = jax.tree.map(jnp.asarray, exp.clamps)
+  clamps, feats, batches = train.place_inputs(exp)
   t = time.perf_counter()
-  compiled = chunk.lower(state, 0, clamps, exp.features, exp.eval_batches).compile()
+  compiled = chunk.lower(state, 0, True, clamps, feats, batches).compile()
   compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  program_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                mem.temp_size_in_bytes) / 2**20 if mem is not None else float("nan")
   holder = {"state": state}
 
-  def run(n):
-    st, log, ev = compiled(holder["state"], n, clamps, exp.features, exp.eval_batches)
+  def run(n, do_eval):
+    st, log, ev = compiled(holder["state"], n, do_eval, clamps, feats, batches)
     jax.block_until_ready((st, log, ev))
     holder["state"] = st
 
-  run(steps)  # warm-up
-  eval_s = _best(lambda: run(0), repeats)
-  dt = _best(lambda: run(steps), repeats) - eval_s  # the chunk always ends with an eval
+  run(steps, True)  # warm-up
+  eval_s = _best(lambda: run(0, True), repeats)
+  dt = _best(lambda: run(steps, False), repeats)
   R, B = len(exp.runs), cfg.train.batch_size
   return dict(name=name, runs=R, passes=exp.plan.num_passes, ms_per_step=1e3 * dt / steps,
               seqs_per_s_per_run=B * steps / dt, seqs_per_s_total=R * B * steps / dt,
-              compile_s=compile_s, eval_s=eval_s)
+              compile_s=compile_s, eval_s=eval_s, program_mb=program_mb)
+
+
+def checkpoint_cost(runs: int, num_seqs: int) -> dict:
+  """End-to-end wall time with dense checkpoints (every 1000 seqs) vs the final one only."""
+  out = dict(runs=runs, num_seqs=num_seqs)
+  for label, every in (("no_ckpt", 0), ("ckpt_every_1000", 1000)):
+    cfg = ExperimentConfig.from_dict({
+        "train": {"num_seqs": num_seqs, "progress_every_s": 1e9},
+        "sweep": {"init_seeds": list(range(10, 10 + runs))},
+        "checkpoint": {"every": every, "resume_every_s": 0}})
+    wd = tempfile.mkdtemp(prefix="ih_bench_")
+    try:
+      res = train.train_and_evaluate(cfg, wd, verbose=False)
+    finally:
+      shutil.rmtree(wd, ignore_errors=True)
+    train_s = res.wall_s - res.compile_s
+    out[label] = dict(wall_s=res.wall_s, after_compile_s=train_s,
+                      seqs_per_s_total=runs * num_seqs / train_s,
+                      checkpoints=(num_seqs // every + 1) if every else 1)
+  out["overhead"] = out["ckpt_every_1000"]["after_compile_s"] / out["no_ckpt"]["after_compile_s"]
+  return out
 
 
 def main_run() -> dict:
@@ -142,6 +172,9 @@ def main():
   ap.add_argument("--steps", type=int, default=500, help="optimizer steps per timing")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--quick", action="store_true", help="skip the 1e6-sequence main run")
+  ap.add_argument("--skip-clamps", action="store_true", help="skip the per-clamp-kind rows")
+  ap.add_argument("--ckpt-runs", default="1,8", help="runs for the checkpointing rows ('' = none)")
+  ap.add_argument("--ckpt-seqs", type=int, default=50_000, help="sequences per checkpoint row")
   ap.add_argument("--out", default="benchmarks/throughput.json")
   args = ap.parse_args()
 
@@ -151,24 +184,41 @@ def main():
     rows.append(ih_jax_chunk(f"ih_jax, {R} run(s), no clamps", ["none"],
                              list(range(10, 10 + R)), args.steps, args.repeats))
     print(f"{rows[-1]['name']}: {rows[-1]['ms_per_step']:.3f} ms/step", flush=True)
-  for kind, spec in CLAMP_KINDS.items():
+  for kind, spec in ({} if args.skip_clamps else CLAMP_KINDS).items():
     rows.append(ih_jax_chunk(f"ih_jax, 1 run, {kind}", [spec], [5], args.steps, args.repeats))
     print(f"{rows[-1]['name']}: {rows[-1]['ms_per_step']:.3f} ms/step", flush=True)
+  ckpt_rows = []
+  for R in [int(r) for r in args.ckpt_runs.split(",") if r]:
+    ckpt_rows.append(checkpoint_cost(R, args.ckpt_seqs))
+    c = ckpt_rows[-1]
+    print(f"checkpointing, {R} run(s): {c['no_ckpt']['after_compile_s']:.1f} s without, "
+          f"{c['ckpt_every_1000']['after_compile_s']:.1f} s with "
+          f"{c['ckpt_every_1000']['checkpoints']} checkpoints", flush=True)
   main_row = None if args.quick else main_run()
 
   base = rows[0]["seqs_per_s_per_run"]
   print(f"\n{'configuration':44s} {'runs':>4s} {'ms/step':>8s} {'seq/s/run':>10s} "
-        f"{'seq/s total':>11s} {'speedup':>8s} {'compile s':>9s} {'eval ms':>8s}")
+        f"{'seq/s total':>11s} {'speedup':>8s} {'compile s':>9s} {'eval ms':>8s} {'prog MB':>8s}")
   for r in rows:
     print(f"{r['name']:44s} {r['runs']:4d} {r['ms_per_step']:8.3f} {r['seqs_per_s_per_run']:10,.0f} "
           f"{r['seqs_per_s_total']:11,.0f} {r['seqs_per_s_total'] / base:7.1f}x "
-          f"{r['compile_s']:9.1f} {1e3 * r.get('eval_s', float('nan')):8.1f}")
+          f"{r['compile_s']:9.1f} {1e3 * r.get('eval_s', float('nan')):8.1f} "
+          f"{r.get('program_mb', float('nan')):8.1f}")
+  if ckpt_rows:
+    print(f"\n{'checkpointing (' + str(args.ckpt_seqs) + ' seqs, eval every 5000)':44s} "
+          f"{'runs':>4s} {'no ckpt s':>9s} {'ckpt s':>8s} {'#ckpt':>6s} {'overhead':>8s} "
+          f"{'seq/s total':>11s}")
+    for c in ckpt_rows:
+      print(f"{'':44s} {c['runs']:4d} {c['no_ckpt']['after_compile_s']:9.1f} "
+            f"{c['ckpt_every_1000']['after_compile_s']:8.1f} "
+            f"{c['ckpt_every_1000']['checkpoints']:6d} {c['overhead']:7.2f}x "
+            f"{c['ckpt_every_1000']['seqs_per_s_total']:11,.0f}")
   if main_row:
     print(f"\n{main_row['name']}: {main_row['wall_s']:.1f} s wall, "
           f"{main_row['wall_after_compile_s']:.1f} s after compile")
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak host RSS: {peak_mb:,.0f} MB")
-  out = dict(rows=rows, main_run=main_row, peak_rss_mb=peak_mb,
+  out = dict(rows=rows, checkpointing=ckpt_rows, main_run=main_row, peak_rss_mb=peak_mb,
              device=str(jax.devices()[0]), backend=jax.default_backend(),
              jax=jax.__version__, python=platform.python_version(),
              speedup_1run_vs_naive=rows[1]["seqs_per_s_per_run"] / base)
