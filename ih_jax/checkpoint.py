@@ -4,8 +4,9 @@ Layout inside a workdir:
 
   checkpoints/<seqs>/params   runs-stacked params (leading axis = runs)
   checkpoints/<seqs>/train    Adam state, data-stream key(s), step, fingerprint
-  resume/<seqs>/...           same content, written every `resume_every_s` seconds
-                              of wall time; deleted when the run finishes
+  resume/<seqs>/...           same content, written every `checkpoint.resume_every_s`
+                              seconds of wall time and on SIGINT/SIGTERM; deleted
+                              when the run finishes
 
 `checkpoints/` holds exactly the configured schedule (plus the final point).
 Each checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
@@ -57,6 +58,15 @@ def to_saveable(state) -> dict[str, Any]:
   return content
 
 
+def to_host(state) -> dict[str, Any]:
+  """`to_saveable(state)` copied to host numpy (waits for the state to be computed).
+
+  Copying first lets the caller donate the device state to the next chunk while
+  Orbax writes in the background.
+  """
+  return jax.device_get(to_saveable(state))
+
+
 def _verify(content: dict[str, Any], where: str) -> None:
   train = dict(content["train"])
   stored = np.asarray(train.pop("fingerprint"))
@@ -75,11 +85,9 @@ def _first_line(e: BaseException) -> str:
 class RunCheckpointer:
   """Writes the scheduled and the resume checkpoints of one program's workdir."""
 
-  def __init__(self, workdir: str, schedule_seqs: list[int], resume_every_s: float,
-               metadata: dict[str, Any]):
+  def __init__(self, workdir: str, schedule_seqs: list[int], metadata: dict[str, Any]):
     self.workdir = workdir
     self.schedule_seqs = sorted(schedule_seqs)
-    self.resume_every_s = resume_every_s
     policies = ocp.training.save_decision_policies
     self._main = ocp.training.Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
@@ -92,12 +100,8 @@ class RunCheckpointer:
         preservation_policy=ocp.training.preservation_policies.LatestN(2),
         custom_metadata=metadata, cleanup_tmp_directories=True)
 
-  def is_scheduled(self, seqs: int) -> bool:
-    return seqs in self.schedule_seqs
-
-  def save(self, seqs: int, state, *, scheduled: bool, resume: bool) -> None:
-    """Starts an async save (blocks only for the device->host copy and a previous save)."""
-    content = to_saveable(state)
+  def save(self, seqs: int, content: dict[str, Any], scheduled: bool, resume: bool) -> None:
+    """Starts an async save of `to_host(state)` content (blocks only on a previous save)."""
     if scheduled:
       self._main.save_checkpointables_async(seqs, content, custom_metadata=dict(seqs=seqs))
     elif resume:

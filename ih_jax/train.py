@@ -157,7 +157,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
 
   status = "fresh"
   if workdir is not None:
-    status = workdir_lib.workdir_status(workdir, sweep_cfg, overwrite=overwrite)
+    status = workdir_lib.workdir_status(workdir, sweep_cfg, exp.runs, overwrite=overwrite)
     if status == "done":
       log(f"[ih_jax] {workdir} already holds this finished run; loading its results")
       return load_result(workdir, exp.runs)
@@ -168,8 +168,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     ckptr, start_step, resumed = None, 0, False
     if workdir is not None:
       meta = dict(config=sweep_cfg.to_dict(), runs=[dataclasses.asdict(r) for r in exp.runs])
-      ckptr = ckpt_lib.RunCheckpointer(workdir, [s * B for s in ckpt_steps],
-                                        cfg.checkpoint.resume_every_s, meta)
+      ckptr = ckpt_lib.RunCheckpointer(workdir, [s * B for s in ckpt_steps], meta)
       if status == "resume":
         restored = ckptr.restore_latest(
             lambda: ckpt_lib.abstract_saveable(state),
@@ -233,6 +232,11 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         last_print = now
 
     with _stop_on_signals() as stop:
+      # A checkpoint's state is copied to host at its boundary, but written only after
+      # the next chunk is dispatched and the boundary's rows are on disk: the device
+      # keeps training while Orbax writes, and a resume from any checkpoint on disk
+      # never loses rows (later rows are cut).
+      deferred = None
       for target in todo:
         n_steps = target - done
         did_eval = target in eval_set
@@ -240,6 +244,10 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
                                       batches_dev)
         if pending is not None:  # host work for the previous chunk overlaps this one
           consume(pending)
+          pending = None
+        if deferred is not None:
+          ckptr.save(*deferred)
+          deferred = None
         pending = (done, n_steps, did_eval, logs, evals)
         done = target
         if ckptr is None:
@@ -248,15 +256,12 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         resume_due = (cfg.checkpoint.resume_every_s > 0 and
                       time.time() - last_resume_save >= cfg.checkpoint.resume_every_s)
         if scheduled or resume_due or stop["signal"]:
-          # Rows up to `target` reach disk before the checkpoint exists, so a resume
-          # from it never loses rows (and cuts any later ones).
-          consume(pending)
-          pending = None
-          ckptr.save(target * B, state, scheduled=scheduled,
-                     resume=resume_due or bool(stop["signal"]))
-          if resume_due or scheduled:
-            last_resume_save = time.time()
+          deferred = (target * B, ckpt_lib.to_host(state), scheduled,
+                      resume_due or bool(stop["signal"]))
+          last_resume_save = time.time()
         if stop["signal"] and target != total_steps:
+          consume(pending)
+          ckptr.save(*deferred)
           ckptr.wait()
           ckptr.close()
           if writer is not None:
@@ -266,6 +271,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
               f"checkpoint; rerun the same command (same --workdir) to resume")
       if pending is not None:
         consume(pending)
+      if deferred is not None:
+        ckptr.save(*deferred)
     params = jax.tree.map(lambda x: x[:R], jax.device_get(state.params))
     if ckptr is not None:
       ckptr.finish()

@@ -45,8 +45,7 @@ LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
 _OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
             ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)
 # Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s",
-                     "sweep.max_runs_per_program")
+RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s")
 
 
 def environment_metadata() -> dict[str, Any]:
@@ -76,8 +75,9 @@ def _as_json(tree: Any) -> Any:
   return json.loads(json.dumps(tree))
 
 
-def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", *, overwrite: bool) -> str:
-  """'fresh', 'resume' or 'done'. Refuses a workdir holding a different config."""
+def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", runs: list[Any], *,
+                   overwrite: bool) -> str:
+  """'fresh', 'resume' or 'done'. Refuses a workdir holding a different config or runs."""
   path = os.path.join(workdir, CONFIG_JSON)
   present = [f for f in _OUTPUTS if os.path.exists(os.path.join(workdir, f))]
   if overwrite:
@@ -93,7 +93,8 @@ def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", *, overwrite: bo
         "be resumed; use a new --workdir or pass overwrite=True (--overwrite)")
   try:
     with open(path) as f:
-      old = json.load(f)["config"]
+      stored = json.load(f)
+    old, old_runs = stored["config"], stored["runs"]
   except (OSError, ValueError, KeyError) as e:
     raise FileExistsError(f"{path} is unreadable ({e}); use a new --workdir or pass "
                           "overwrite=True (--overwrite)") from None
@@ -104,7 +105,21 @@ def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", *, overwrite: bo
         f"workdir {workdir!r} holds a run with a different config (differing fields: "
         f"{', '.join(diff)}); refusing to resume or overwrite it. Use a new --workdir, or "
         "pass overwrite=True (--overwrite) to replace it")
+  new_runs = _as_json([dataclasses.asdict(r) for r in runs])
+  if old_runs != new_runs:
+    # Same config but another split into programs (e.g. automatic chunking on a
+    # machine with a different memory size): resuming would mix runs.
+    raise FileExistsError(
+        f"workdir {workdir!r} holds runs {_run_names(old_runs)} but this program has "
+        f"{_run_names(new_runs)} (was the sweep split into programs differently? set "
+        "sweep.max_runs_per_program to the value used before); refusing to resume")
   return "done" if os.path.exists(os.path.join(workdir, DONE_JSON)) else "resume"
+
+
+def _run_names(runs: list[dict[str, Any]]) -> str:
+  names = [f"{r['condition']}/s{r['init_seed']}" + (f"[{r['variant']}]" if r.get("variant") else "")
+           for r in runs]
+  return "[" + ", ".join(names[:6]) + (f", ... ({len(names)} in all)]" if len(names) > 6 else "]")
 
 
 class RunWriter:

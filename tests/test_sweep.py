@@ -157,3 +157,22 @@ def test_sharded_sweep_on_4_cpu_devices_matches_one_device(one_program):
   params_sum = float(sum(np.abs(x).sum() for x in
                          __import__("jax").tree.leaves(one_program.params)))
   np.testing.assert_allclose(out["params"], params_sum, rtol=1e-6)
+
+
+def test_resume_refuses_a_different_split_into_programs(tmp_path):
+  """Same config, other chunking (automatic chunking on another machine): refused."""
+  wd = str(tmp_path / "split")
+  cfg = small(conditions=CONDITIONS[:2], seeds=(5,))
+  first_chunk = sweep_lib.plan_programs(cfg, 1)[0]
+  train.train_program(first_chunk, cfg, wd, verbose=False)
+  whole = sweep_lib.plan_programs(cfg, None)[0]
+  with pytest.raises(FileExistsError, match=r"holds runs \[none/s5\] but this program has "
+                                            r"\[none/s5, match/s5\]"):
+    train.train_program(whole, cfg, wd, verbose=False)
+
+
+def test_automatic_runs_per_program():
+  assert train.auto_max_runs(small()) is None  # small sweeps: no limit needed
+  many = small(conditions=["none"], seeds=tuple(range(10, 75)))  # 65 runs on one device
+  limit = train.auto_max_runs(many)
+  assert isinstance(limit, int) and limit >= 1
