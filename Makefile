@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The paper's main run (1e6 sequences) on the embedded default features.
+# The paper's main run (1e6 sequences) on the embedded default features. Rerunning
+# resumes an interrupted demo (or just reloads a finished one); `make clean` starts over.
 demo: install
 	$(PY) -m experiments.train --config=experiments/configs/main.py \
-	    --workdir=$(DEMO_DIR) --overwrite
+	    --workdir=$(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)

@@ -86,7 +86,7 @@ class RunCheckpointer:
   """Writes the scheduled and the resume checkpoints of one program's workdir."""
 
   def __init__(self, workdir: str, schedule_seqs: list[int], metadata: dict[str, Any]):
-    self.workdir = workdir
+    self.workdir = workdir = os.path.abspath(workdir)  # Orbax wants absolute paths
     self.schedule_seqs = sorted(schedule_seqs)
     policies = ocp.training.save_decision_policies
     self._main = ocp.training.Checkpointer(
@@ -176,7 +176,7 @@ def abstract_saveable(state) -> dict[str, Any]:
 # ---------------------------------------------------------------- analysis API
 
 def _checkpointer(workdir: str):
-  path = os.path.join(workdir, CHECKPOINT_DIR)
+  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(path):
     raise CheckpointError(f"no checkpoints in {workdir!r} (expected a {CHECKPOINT_DIR}/ "
                           "folder; was the run trained with checkpointing on?)")

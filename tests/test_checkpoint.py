@@ -232,3 +232,11 @@ def test_interrupt_checkpoint_lands_in_resume_dir_and_is_removed_at_the_end(tmp_
   fresh = train.train_and_evaluate(cfg, None, verbose=False)
   chex.assert_trees_all_equal(res.params, fresh.params)
   assert res.metrics == fresh.metrics
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  res = train.train_and_evaluate(cfg_with_checkpoints(num_seqs=640), "rel/run", verbose=False)
+  assert ckpt_lib.list_steps("rel/run") == [0, 640]
+  chex.assert_trees_all_equal(ckpt_lib.load_params("rel/run", 0),
+                              jax.tree.map(lambda x: x[0], res.params))

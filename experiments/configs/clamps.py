@@ -3,10 +3,11 @@
 Every condition except "copy" ablates the other layer-2 heads (REST), so only the
 chosen head HEAD (paper numbering L2H<head>) and layer 1 can learn. The paper picks
 the strongest induction head of the seed's main run; pass it as `head=`.
+Arguments: head, pt (the PT clamp's layer-1 head), num_seqs, ckpt_every (0 = final only).
 
   python -m experiments.train --config=experiments/configs/clamps.py:head=3 \
       --workdir=/tmp/ih_clamps
-  python -m experiments.train --config=experiments/configs/clamps.py:head=3,pt=0 \
+  python -m experiments.train --config=experiments/configs/clamps.py:head=3,pt=0,ckpt_every=0 \
       --config.sweep.init_seeds="(5,6)" --workdir=/tmp/ih_clamps_2seeds
 """
 
@@ -32,4 +33,7 @@ def get_config(arg: str | None = None):
   cfg.train.eval_every = 1000
   cfg.sweep.conditions = conditions(int(args.get("head", 0)), int(args.get("pt", 0)))
   cfg.sweep.init_seeds = (5,)
+  # Dense checkpoints: SPEC §5.2 wants them for the "None" baseline (progress measures
+  # under clamps, §6.6); the runs share one stacked checkpoint, so all get them.
+  cfg.checkpoint.every = int(float(args.get("ckpt_every", 1000)))
   return cfg

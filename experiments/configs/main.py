@@ -1,5 +1,7 @@
 """The paper's main run: 1e6 sequences, eval every 5000, init seed 5, no clamps.
 
+Checkpoints every 1000 sequences (SPEC §5.2: dense, for the progress measures).
+
   python -m experiments.train --config=experiments/configs/main.py --workdir=/tmp/ih_main
   python -m experiments.train --config=experiments/configs/main.py \
       --config.sweep.init_seeds="(5,6,7,8,9)" --workdir=/tmp/ih_main_seeds
@@ -15,4 +17,5 @@ def get_config(arg: str | None = None):
   cfg.train.eval_every = 5000
   cfg.sweep.conditions = ("none",)
   cfg.sweep.init_seeds = (5,)
+  cfg.checkpoint.every = 1000
   return cfg
