@@ -10,8 +10,8 @@ Layout inside a workdir:
 
 `checkpoints/` holds exactly the configured schedule (plus the final point).
 Each checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
-its bits) so silent corruption is caught on load, not only the checksum
-failures Orbax itself reports.
+its bits; the params' one also in the step's custom metadata) so silent
+corruption is caught on load, not only the checksum failures Orbax reports.
 
 Analysis API: `list_steps(workdir)` and `load_params(workdir, run, seqs)`.
 """
@@ -23,7 +23,6 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint import v1 as ocp
 
@@ -36,43 +35,65 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing or unreadable."""
 
 
-def _fingerprint(tree: Any) -> jax.Array:
-  """[num_leaves] uint32: the wrapping sum of each leaf's 32-bit words."""
-  def leaf_sum(x):
-    x = jnp.asarray(x)
+def fingerprint(tree: Any) -> np.ndarray:
+  """[num_leaves] uint32: the wrapping sum of each leaf's 32-bit words (host numpy)."""
+  out = []
+  for x in jax.tree.leaves(tree):
+    x = np.asarray(x)
     if x.dtype.itemsize != 4:
-      x = x.astype(jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32)
-    return jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint32).ravel(), dtype=jnp.uint32)
-  return jnp.stack([leaf_sum(x) for x in jax.tree.leaves(tree)])
-
-
-_fingerprint_jit = jax.jit(_fingerprint)
-
-
-def to_saveable(state) -> dict[str, Any]:
-  """TrainState -> the two checkpointables (typed PRNG keys stored as raw key data)."""
-  train = dict(opt_state=state.opt_state, data_key=jax.random.key_data(state.data_key),
-               step=state.step)
-  content = dict(params=state.params, train=train)
-  train["fingerprint"] = _fingerprint_jit(content)
-  return content
+      x = x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32)
+    out.append(int(np.ascontiguousarray(x).view(np.uint32).sum(dtype=np.uint64)) & 0xFFFFFFFF)
+  return np.asarray(out, np.uint32)
 
 
 def to_host(state) -> dict[str, Any]:
-  """`to_saveable(state)` copied to host numpy (waits for the state to be computed).
+  """The two checkpointables of a TrainState, copied to host numpy.
 
-  Copying first lets the caller donate the device state to the next chunk while
-  Orbax writes in the background.
+  Typed PRNG keys are stored as raw key data. Copying first (this waits for the
+  state to be computed) lets the caller donate the device state to the next
+  chunk while Orbax writes in the background.
   """
-  return jax.device_get(to_saveable(state))
+  params, opt_state, key_data, step = jax.device_get(
+      (state.params, state.opt_state, jax.random.key_data(state.data_key), state.step))
+  content = dict(params=params,
+                 train=dict(opt_state=opt_state, data_key=key_data, step=np.asarray(step)))
+  content["train"]["fingerprint"] = fingerprint(content)
+  return content
 
 
 def _verify(content: dict[str, Any], where: str) -> None:
   train = dict(content["train"])
   stored = np.asarray(train.pop("fingerprint"))
-  actual = np.asarray(_fingerprint_jit(dict(params=content["params"], train=train)))
+  actual = fingerprint(dict(params=content["params"], train=train))
   if stored.shape != actual.shape or not np.array_equal(stored, actual):
     raise CheckpointError(f"{where}: contents do not match the fingerprint saved with them")
+
+
+def _restore_target(ckptr, step: int, template: dict[str, Any]) -> dict[str, Any]:
+  """`template`'s structure with the saved runs-axis length, on the host CPU."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  saved = ckptr.checkpointables_metadata(step).metadata
+  runs = jax.tree.leaves(saved["params"])[0].shape[0]
+  stacked = lambda x: jax.ShapeDtypeStruct((runs,) + np.shape(x)[1:], np.asarray(x).dtype,
+                                           sharding=cpu)
+  plain = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=cpu)
+  train = template["train"]
+  return dict(params=jax.tree.map(stacked, template["params"]),
+              train=dict(opt_state=jax.tree.map(stacked, train["opt_state"]),
+                         data_key=plain(train["data_key"]), step=plain(train["step"]),
+                         fingerprint=plain(train["fingerprint"])))
+
+
+def _host_abstract(ckptr, step: int, names: tuple[str, ...]) -> dict[str, Any]:
+  """Restore targets from the checkpoint's own metadata, on the host CPU.
+
+  Restoring to host by the saved shapes works whatever topology (device count,
+  padding of the runs axis) saved it; the caller re-pads and places the arrays.
+  """
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  meta = ckptr.checkpointables_metadata(step).metadata
+  return {n: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                          meta[n]) for n in names}
 
 
 def _first_line(e: BaseException) -> str:
@@ -102,30 +123,32 @@ class RunCheckpointer:
 
   def save(self, seqs: int, content: dict[str, Any], scheduled: bool, resume: bool) -> None:
     """Starts an async save of `to_host(state)` content (blocks only on a previous save)."""
+    meta = dict(seqs=seqs, params_fingerprint=fingerprint(content["params"]).tolist())
     if scheduled:
-      self._main.save_checkpointables_async(seqs, content, custom_metadata=dict(seqs=seqs))
+      self._main.save_checkpointables_async(seqs, content, custom_metadata=meta)
     elif resume:
       self._resume.save_checkpointables_async(seqs, content, force=True, overwrite=True,
-                                              custom_metadata=dict(seqs=seqs))
+                                              custom_metadata=meta)
 
-  def restore_latest(self, abstract_state_fn: Callable[[], Any],
-                     from_saveable: Callable[[dict], Any],
+  def restore_latest(self, template: dict[str, Any], from_saveable: Callable[[dict], Any],
                      log: Callable[[str], None] = print) -> tuple[int, Any] | None:
     """Loads the newest readable checkpoint from either directory.
 
     Unreadable ones (Orbax errors or a fingerprint mismatch) are moved to
     `corrupt_checkpoints/` with a message, and the previous one is tried.
-    Returns (seqs, state) or None when nothing usable exists.
+    `template` is `to_host(state)` of the live state: it gives the tree structure
+    (optax's named tuples); the runs-axis length is taken from each checkpoint, as
+    the saving process may have padded it for another device count.
+    Returns (seqs, from_saveable(host content)), or None when there are no
+    checkpoints; raises CheckpointError when there are some but none is readable.
     """
     candidates = [(m.step, 1, self._main) for m in self._main.checkpoints]
     candidates += [(m.step, 0, self._resume) for m in self._resume.checkpoints]
-    abstract = None
     for seqs, _, ckptr in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
       where = os.path.join(str(ckptr.directory), str(seqs))
-      if abstract is None:
-        abstract = abstract_state_fn()
       try:
-        content = ckptr.load_checkpointables(seqs, abstract)
+        content = ckptr.load_checkpointables(seqs, _restore_target(ckptr, seqs, template))
+        content = jax.tree.map(np.asarray, content)
         _verify(content, where)
       except Exception as e:  # pylint: disable=broad-except
         msg = e if isinstance(e, CheckpointError) else _first_line(e)
@@ -134,6 +157,11 @@ class RunCheckpointer:
         self._quarantine(ckptr, seqs)
         continue
       return seqs, from_saveable(content)
+    if candidates:
+      raise CheckpointError(
+          f"none of the {len(candidates)} checkpoint(s) in {self.workdir} could be read (all "
+          f"moved to {CORRUPT_DIR}/); refusing to restart silently. Pass overwrite=True "
+          "(--overwrite) to start this run over")
     return None
 
   def _quarantine(self, ckptr, seqs: int) -> None:
@@ -165,12 +193,6 @@ class RunCheckpointer:
   def close(self) -> None:
     self._main.close()
     self._resume.close()
-
-
-def abstract_saveable(state) -> dict[str, Any]:
-  """ShapeDtypeStructs, with the live state's shardings, to restore a checkpoint into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      to_saveable(state))
 
 
 # ---------------------------------------------------------------- analysis API
@@ -219,15 +241,14 @@ def load_stacked_params(workdir: str, seqs: int | None = None, *,
     runs = (ckptr.root_metadata().custom_metadata or {}).get("runs")
     step = resolve_step([m.step for m in ckptr.checkpoints], seqs, nearest)
     try:
-      # Restore onto the host CPU whatever the saving topology was (analysis is per run).
-      cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-      meta = ckptr.checkpointables_metadata(step).metadata["params"]
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
-                              meta)
-      content = ckptr.load_checkpointables(step, {"params": abstract})
+      content = ckptr.load_checkpointables(step, _host_abstract(ckptr, step, ("params",)))
+      expected = (ckptr.metadata(step).custom_metadata or {}).get("params_fingerprint")
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"checkpoint {workdir}/{CHECKPOINT_DIR}/{step} is unreadable: "
                             f"{_first_line(e)}") from None
+  if expected is not None and fingerprint(content["params"]).tolist() != expected:
+    raise CheckpointError(f"checkpoint {workdir}/{CHECKPOINT_DIR}/{step}: params do not match "
+                          "the fingerprint saved with them (corrupt file?)")
   params = jax.tree.map(np.asarray, content["params"])
   if runs is not None:
     params = jax.tree.map(lambda x: x[:len(runs)], params)

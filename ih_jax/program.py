@@ -142,10 +142,8 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
                                         cfg.task.num_context)
   eval_batches = {k: jax.vmap(lambda f, i=v: sampler.gather_features(f, i))(feats)
                   for k, v in eval_idx.items()}
-  conds = dict(parse_conditions(tuple(dict.fromkeys(r.condition_entry for r in program.runs)),
-                                cfg.model.num_layers, cfg.model.num_heads))
-  runs = [Run(i, r.condition, clamps_lib.describe(conds[r.condition]), r.init_seed,
-              program.variants[r.variant].name) for i, r in enumerate(program.runs)]
+  conds = program_conditions(program)
+  runs = program_runs(program)
   specs: list[RunSpec] = list(program.runs)
   if sorted(s.variant for s in specs) != [s.variant for s in specs]:
     raise ValueError("runs must be ordered variant-major")
@@ -158,6 +156,19 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
                    np.asarray([s.init_seed for s in specs], np.uint32),
                    stacked, clamps_lib.plan_for(stacked), mesh)
   return exp
+
+
+def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
+  cfg = program.cfg
+  return dict(parse_conditions(tuple(dict.fromkeys(r.condition_entry for r in program.runs)),
+                               cfg.model.num_layers, cfg.model.num_heads))
+
+
+def program_runs(program: Program) -> list[Run]:
+  """The runs of a program, in runs-axis order (cheap: builds no arrays)."""
+  conds = program_conditions(program)
+  return [Run(i, r.condition, clamps_lib.describe(conds[r.condition]), r.init_seed,
+              program.variants[r.variant].name) for i, r in enumerate(program.runs)]
 
 
 # ------------------------------------------------------------------ placement

@@ -16,7 +16,7 @@ import ast
 import dataclasses
 import itertools
 import json
-from typing import Any
+from typing import Any, Callable
 
 from ih_jax.config import ExperimentConfig
 
@@ -132,20 +132,31 @@ def _program_key(cfg: ExperimentConfig) -> str:
   return json.dumps(d, sort_keys=True, default=str)
 
 
-def plan_programs(cfg: ExperimentConfig, max_runs: int | None = None) -> list[Program]:
-  """Groups the sweep's runs into programs of at most `max_runs` runs (None = no limit)."""
+def plan_programs(cfg: ExperimentConfig,
+                  max_runs: int | None | Callable[[ExperimentConfig, int], int | None] = None
+                  ) -> list[Program]:
+  """Groups the sweep's runs into programs of at most `max_runs` runs (None = no limit).
+
+  `max_runs` may be a function (group config, number of runs) -> limit, so that
+  each group of shape-compatible variants gets its own limit.
+  """
+  dupes = sorted({c for c in map(_condition_name, cfg.sweep.conditions)
+                  if list(map(_condition_name, cfg.sweep.conditions)).count(c) > 1})
+  if dupes:
+    raise ValueError(f"duplicate condition name(s) {dupes} in sweep.conditions")
   variants = expand_grid(cfg)
   groups: dict[str, list[Variant]] = {}
   for v in variants:
     groups.setdefault(_program_key(v.cfg), []).append(v)
-  if max_runs is not None and max_runs < 1:
-    raise ValueError(f"max runs per program must be >= 1, got {max_runs}")
   programs: list[tuple[tuple[Variant, ...], tuple[RunSpec, ...]]] = []
   for group in groups.values():
     runs = [RunSpec(_condition_name(entry), entry, int(seed), vi)
             for vi, _ in enumerate(group)
             for entry in cfg.sweep.conditions for seed in cfg.sweep.init_seeds]
-    size = max_runs or len(runs)
+    limit = max_runs(group[0].cfg, len(runs)) if callable(max_runs) else max_runs
+    if limit is not None and limit < 1:
+      raise ValueError(f"max runs per program must be >= 1, got {limit}")
+    size = limit or len(runs)
     for start in range(0, len(runs), size):
       chunk = runs[start:start + size]
       used = sorted({r.variant for r in chunk})

@@ -18,12 +18,14 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import threading
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
@@ -35,7 +37,8 @@ from ih_jax.metrics import METRIC_NAMES
 # The compiled-program pieces, re-exported for notebooks and benchmarks.
 from ih_jax.program import (Experiment, Run, TrainState, check_seeds,  # noqa: F401
                             init_state, make_evaluate, make_optimizer, make_train_chunk,
-                            parse_conditions, place_inputs, place_state, setup_experiment)
+                            parse_conditions, place_inputs, place_state, program_runs,
+                            setup_experiment)
 
 # pylint: disable=invalid-name
 
@@ -65,24 +68,39 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
   Returns one TrainResult when the sweep is one program, else one per program
   (their workdirs are `workdir/program_<k>`, listed in `workdir/sweep.json`).
   """
-  max_runs = cfg.sweep.max_runs_per_program or auto_max_runs(cfg)
-  programs = sweep_lib.plan_programs(cfg, max_runs)
+  programs = sweep_lib.plan_programs(cfg, cfg.sweep.max_runs_per_program or auto_max_runs)
   if len(programs) == 1:
     return train_program(programs[0], cfg, workdir, overwrite=overwrite, verbose=verbose)
   if verbose:
     print(f"[ih_jax] sweep split into {len(programs)} programs "
           f"({', '.join(str(len(p.runs)) for p in programs)} runs)", flush=True)
   if workdir is not None:
-    os.makedirs(workdir, exist_ok=True)
-    _write_sweep_index(workdir, programs)
+    _prepare_sweep_dir(workdir, cfg, programs, overwrite)
   results = []
   for p in programs:
     sub = None if workdir is None else os.path.join(workdir, p.name)
     if verbose:
       print(f"[ih_jax] --- {p.name}: {len(p.runs)} runs, variants "
             f"{[v.name or 'base' for v in p.variants]}", flush=True)
-    results.append(train_program(p, cfg, sub, overwrite=overwrite, verbose=verbose))
+    results.append(train_program(p, cfg, sub, overwrite=False, verbose=verbose))
   return results
+
+
+def _prepare_sweep_dir(workdir: str, cfg: ExperimentConfig, programs: list[sweep_lib.Program],
+                       overwrite: bool) -> None:
+  """Checks every program's folder before training any, then writes sweep.json."""
+  if overwrite:
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else []:
+      if name.startswith("program_") or name == "sweep.json":
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  for p in programs:
+    sub = os.path.join(workdir, p.name)
+    if os.path.isdir(sub):  # raises on a conflicting config or run list
+      workdir_lib.workdir_status(sub, cfg, program_runs(p),
+                                 overwrite=False)
+  os.makedirs(workdir, exist_ok=True)
+  _write_sweep_index(workdir, programs)
 
 
 def _write_sweep_index(workdir: str, programs: list[sweep_lib.Program]) -> None:
@@ -93,18 +111,19 @@ def _write_sweep_index(workdir: str, programs: list[sweep_lib.Program]) -> None:
     json.dump(index, f, indent=2)
 
 
-def auto_max_runs(cfg: ExperimentConfig) -> int | None:
-  """Runs per program that fit in device memory, or None (no limit needed).
+def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:
+  """Runs per program that fit in device memory for this group, or None (no limit).
 
   Per-run memory grows linearly: params + Adam state + per-run activations of
   training and evaluation. Estimated from the compiled memory footprint of a
-  one-run program, only for sweeps large enough for it to matter.
+  one-run program of this group, only for groups of more than 64 runs per device.
   """
-  n_runs = len(cfg.sweep.conditions) * len(cfg.sweep.init_seeds)
-  if n_runs * max(1, len(sweep_lib.expand_grid(cfg))) <= 64 * jax.local_device_count():
+  if num_runs <= 64 * jax.local_device_count():
     return None
-  program = sweep_lib.plan_programs(cfg, 1)[0]
-  exp = setup_experiment(program, shard=False)
+  one = dataclasses.replace(group_cfg, sweep=dataclasses.replace(
+      group_cfg.sweep, conditions=group_cfg.sweep.conditions[:1],
+      init_seeds=group_cfg.sweep.init_seeds[:1], grid=()))
+  exp = setup_experiment(sweep_lib.plan_programs(one)[0], shard=False)
   state = init_state(exp)
   clamps, feats, batches = place_inputs(exp)
   mem = make_train_chunk(exp, 1).lower(state, 0, True, clamps, feats, batches).compile() \
@@ -116,10 +135,13 @@ def auto_max_runs(cfg: ExperimentConfig) -> int | None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
-  """Turns SIGINT/SIGTERM into a flag the loop checks at each boundary."""
+def _stop_on_signals(enabled: bool):
+  """Turns SIGINT/SIGTERM into a flag the loop checks at each boundary.
+
+  Only when there is a workdir to checkpoint into; otherwise signals act as usual.
+  """
   flag = {"signal": None}
-  if threading.current_thread() is not threading.main_thread():
+  if not enabled or threading.current_thread() is not threading.main_thread():
     yield flag
     return
   old = {}
@@ -167,12 +189,14 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     clamps_dev, feats_dev, batches_dev = place_inputs(exp)
     ckptr, start_step, resumed = None, 0, False
     if workdir is not None:
+      if status == "fresh":
+        workdir_lib.write_config(workdir, exp, sweep_cfg)
       meta = dict(config=sweep_cfg.to_dict(), runs=[dataclasses.asdict(r) for r in exp.runs])
       ckptr = ckpt_lib.RunCheckpointer(workdir, [s * B for s in ckpt_steps], meta)
       if status == "resume":
-        restored = ckptr.restore_latest(
-            lambda: ckpt_lib.abstract_saveable(state),
-            lambda content: _state_from_saveable(exp, content), log=log)
+        restored = ckptr.restore_latest(ckpt_lib.to_host(state),
+                                        lambda content: _state_from_saveable(exp, content),
+                                        log=log)
         if restored is not None:
           seqs0, state = restored
           start_step, resumed = seqs0 // B, True
@@ -180,7 +204,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
           log(f"[ih_jax] resuming {workdir} from the checkpoint at {seqs0:,d} seqs")
         else:
           log(f"[ih_jax] {workdir}: no usable checkpoint; starting from scratch")
-      writer = workdir_lib.RunWriter(workdir, exp, sweep_cfg,
+      writer = workdir_lib.RunWriter(workdir, exp,
                                      resume_seqs=start_step * B if resumed else None)
     else:
       writer = None
@@ -231,7 +255,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         print(_progress_line(seqs, total_seqs, rate, rows, exp.runs, now - t_start), flush=True)
         last_print = now
 
-    with _stop_on_signals() as stop:
+    with _stop_on_signals(ckptr is not None) as stop:
       # A checkpoint's state is copied to host at its boundary, but written only after
       # the next chunk is dispatched and the boundary's rows are on disk: the device
       # keeps training while Orbax writes, and a resume from any checkpoint on disk
@@ -252,14 +276,15 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         done = target
         if ckptr is None:
           continue
+        signalled = stop["signal"]  # read once: a signal may land at any moment
         scheduled = target in ckpt_set
         resume_due = (cfg.checkpoint.resume_every_s > 0 and
                       time.time() - last_resume_save >= cfg.checkpoint.resume_every_s)
-        if scheduled or resume_due or stop["signal"]:
+        if scheduled or resume_due or signalled:
           deferred = (target * B, ckpt_lib.to_host(state), scheduled,
-                      resume_due or bool(stop["signal"]))
+                      resume_due or bool(signalled))
           last_resume_save = time.time()
-        if stop["signal"] and target != total_steps:
+        if signalled and target != total_steps:
           consume(pending)
           ckptr.save(*deferred)
           ckptr.wait()
@@ -267,7 +292,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
           if writer is not None:
             writer.close()
           raise TrainingInterrupted(
-              f"{stop['signal']} received: stopped at {target * B:,d} seqs after writing a "
+              f"{signalled} received: stopped at {target * B:,d} seqs after writing a "
               f"checkpoint; rerun the same command (same --workdir) to resume")
       if pending is not None:
         consume(pending)
@@ -294,9 +319,16 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
 
 
 def _state_from_saveable(exp: Experiment, content: dict[str, Any]) -> TrainState:
+  """Host checkpoint content -> a placed TrainState, re-padded for this device count."""
+  R, R_pad = len(exp.runs), exp.num_padded
+  def repad(x):  # the saving process may have padded the runs axis differently
+    x = np.asarray(x)[:R]
+    return np.concatenate([x] + [x[-1:]] * (R_pad - R)) if R_pad > R else x
   train = content["train"]
-  state = TrainState(content["params"], train["opt_state"],
-                     jax.random.wrap_key_data(train["data_key"]), train["step"])
+  state = TrainState(jax.tree.map(repad, content["params"]),
+                     jax.tree.map(repad, train["opt_state"]),
+                     jax.random.wrap_key_data(jnp.asarray(train["data_key"])),
+                     jnp.asarray(train["step"], jnp.int32))
   return place_state(exp, state)
 
 

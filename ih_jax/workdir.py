@@ -45,7 +45,9 @@ LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
 _OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
             ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)
 # Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s")
+# (sweep.max_runs_per_program may change too: the per-program run list is checked.)
+RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s",
+                     "sweep.max_runs_per_program")
 
 
 def environment_metadata() -> dict[str, Any]:
@@ -111,8 +113,9 @@ def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", runs: list[Any],
     # machine with a different memory size): resuming would mix runs.
     raise FileExistsError(
         f"workdir {workdir!r} holds runs {_run_names(old_runs)} but this program has "
-        f"{_run_names(new_runs)} (was the sweep split into programs differently? set "
-        "sweep.max_runs_per_program to the value used before); refusing to resume")
+        f"{_run_names(new_runs)}: the sweep was split into programs differently (set "
+        f"sweep.max_runs_per_program={len(old_runs)} to resume it as before); refusing to "
+        "resume")
   return "done" if os.path.exists(os.path.join(workdir, DONE_JSON)) else "resume"
 
 
@@ -122,35 +125,38 @@ def _run_names(runs: list[dict[str, Any]]) -> str:
   return "[" + ", ".join(names[:6]) + (f", ... ({len(names)} in all)]" if len(names) > 6 else "]")
 
 
+def write_config(workdir: str, exp: "Experiment", sweep_cfg: "ExperimentConfig") -> None:
+  """config.json: written first, so a workdir with anything in it can be checked."""
+  os.makedirs(workdir, exist_ok=True)
+  meta = dict(
+      config=sweep_cfg.to_dict(),
+      program_config=exp.cfg.to_dict(),
+      variants=[v.name for v in exp.variants],
+      runs=[dataclasses.asdict(r) for r in exp.runs],
+      clamp_plan=dataclasses.asdict(exp.plan),
+      features=[features_lib.feature_metadata(v.cfg.data) for v in exp.variants],
+      relabel_pairs=dict(train=exp.splits.train_pairs.tolist(),
+                         val=exp.splits.val_pairs.tolist(),
+                         test=exp.splits.test_pairs.tolist()),
+      matmul_precision=exp.cfg.train.matmul_precision,
+      environment=environment_metadata())
+  tmp = os.path.join(workdir, CONFIG_JSON + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, CONFIG_JSON))
+
+
 class RunWriter:
   """Writes metrics / train log rows incrementally (flushed after every chunk).
 
   `resume_seqs=None` starts fresh files; otherwise the existing files are cut
   back to the rows at or before `resume_seqs` (the checkpoint resumed from) and
-  appended to, so no row is lost or duplicated.
+  appended to, so no row is lost or duplicated. Losses are written with 9
+  significant digits, enough to read float32 back exactly.
   """
 
-  def __init__(self, workdir: str, exp: "Experiment", sweep_cfg: "ExperimentConfig",
-               resume_seqs: int | None = None):
+  def __init__(self, workdir: str, exp: "Experiment", resume_seqs: int | None = None):
     self.workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
-    if resume_seqs is None:
-      meta = dict(
-          config=sweep_cfg.to_dict(),
-          program_config=exp.cfg.to_dict(),
-          variants=[v.name for v in exp.variants],
-          runs=[dataclasses.asdict(r) for r in exp.runs],
-          clamp_plan=dataclasses.asdict(exp.plan),
-          features=[features_lib.feature_metadata(v.cfg.data) for v in exp.variants],
-          relabel_pairs=dict(train=exp.splits.train_pairs.tolist(),
-                             val=exp.splits.val_pairs.tolist(),
-                             test=exp.splits.test_pairs.tolist()),
-          matmul_precision=exp.cfg.train.matmul_precision,
-          environment=environment_metadata())
-      tmp = os.path.join(workdir, CONFIG_JSON + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-      os.replace(tmp, os.path.join(workdir, CONFIG_JSON))
     self._metrics = _open_csv(os.path.join(workdir, METRICS_CSV), METRIC_COLUMNS, resume_seqs)
     self._mw = csv.DictWriter(self._metrics, fieldnames=METRIC_COLUMNS)
     self._log = _open_csv(os.path.join(workdir, TRAIN_LOG_CSV), LOG_COLUMNS, resume_seqs)
@@ -163,7 +169,7 @@ class RunWriter:
     self._metrics.flush()
     for r in self._runs:
       self._lw.writerows(
-          (r.index, r.condition, r.init_seed, int(s), f"{l:.6g}", f"{g:.6g}")
+          (r.index, r.condition, r.init_seed, int(s), f"{l:.9g}", f"{g:.9g}")
           for s, l, g in zip(seqs_S, loss_RS[r.index], gnorm_RS[r.index]))
     self._log.flush()
 

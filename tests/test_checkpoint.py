@@ -149,9 +149,10 @@ def read_bytes(path):
 def test_fingerprint_catches_silent_changes():
   params = {"w": jnp.arange(6.0).reshape(2, 3)}
   state = train.TrainState(params, (), jax.random.split(jax.random.key(0), 1), jnp.int32(3))
-  content = ckpt_lib.to_saveable(state)
+  content = ckpt_lib.to_host(state)
   ckpt_lib._verify(content, "ok")  # pylint: disable=protected-access
-  content["params"]["w"] = content["params"]["w"].at[1, 2].add(1e-6)
+  content["params"]["w"] = content["params"]["w"].copy()
+  content["params"]["w"][1, 2] += 1e-6
   with pytest.raises(ckpt_lib.CheckpointError, match="do not match the fingerprint"):
     ckpt_lib._verify(content, "bad")  # pylint: disable=protected-access
 
@@ -240,3 +241,19 @@ def test_relative_workdir(tmp_path, monkeypatch):
   assert ckpt_lib.list_steps("rel/run") == [0, 640]
   chex.assert_trees_all_equal(ckpt_lib.load_params("rel/run", 0),
                               jax.tree.map(lambda x: x[0], res.params))
+
+
+def test_no_readable_checkpoint_refuses_to_restart_silently(tmp_path, monkeypatch):
+  wd = str(tmp_path / "allbad")
+  crash_after_saves(monkeypatch, 2)
+  with pytest.raises(Crash):
+    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
+  monkeypatch.undo()
+  for f in glob.glob(os.path.join(wd, "checkpoints", "*", "**", "d", "*"), recursive=True):
+    with open(f, "r+b") as fh:
+      fh.truncate(8)
+  with pytest.raises(ckpt_lib.CheckpointError, match="none of the 2 checkpoint"):
+    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
+  assert os.path.getsize(os.path.join(wd, "metrics.csv")) > 200  # rows kept
+  res = train.train_and_evaluate(cfg_with_checkpoints(), wd, overwrite=True, verbose=False)
+  assert res.metrics[-1]["seqs"] == 2048

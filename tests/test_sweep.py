@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from ih_jax import checkpoint as ckpt_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import train
 from ih_jax.config import ExperimentConfig
@@ -121,7 +122,7 @@ import ih_jax, jax, numpy as np
 from jax.sharding import PartitionSpec as P
 from ih_jax import train, program
 sys.path.insert(0, {tests!r})
-from test_sweep import small
+from test_sweep import small, small_with_checkpoints
 assert jax.device_count() == 4, jax.devices()
 cfg = small()
 exp = program.setup_experiment(cfg)
@@ -133,6 +134,11 @@ info = dict(padded=exp.num_padded, runs_axis=bool(leaf.sharding.spec == P("runs"
             shard_rows=sorted({{s.data.shape[0] for s in leaf.addressable_shards}}),
             devices=len({{s.device for s in leaf.addressable_shards}}))
 res = train.train_and_evaluate(cfg, None, verbose=False)
+# Resume, on 4 devices (runs padded to 8), a workdir a 1-device process left at 160 seqs.
+resumed = train.train_and_evaluate(small_with_checkpoints(), {workdir!r}, verbose=True)
+info["resumed_rows_match"] = bool(np.allclose([r["loss"] for r in resumed.metrics],
+                                              [r["loss"] for r in res.metrics],
+                                              rtol=1e-5, atol=1e-6))
 rows = [dict(run=r["run"], loss=r["loss"], clamped=r["clamped"]) for r in res.metrics]
 print("RESULT" + json.dumps(dict(info=info, rows=rows,
       runs=[[r.condition, r.init_seed] for r in res.runs],
@@ -140,15 +146,41 @@ print("RESULT" + json.dumps(dict(info=info, rows=rows,
 """
 
 
-def test_sharded_sweep_on_4_cpu_devices_matches_one_device(one_program):
+def small_with_checkpoints():
+  return ExperimentConfig.from_dict(dict(small().to_dict(),
+                                         checkpoint=dict(every=160, resume_every_s=0)))
+
+
+class Crash(Exception):
+  pass
+
+
+def test_sharded_sweep_on_4_cpu_devices_matches_one_device(one_program, tmp_path, monkeypatch):
+  # A one-device run that dies after its checkpoint at 160 seqs, resumed on 4 devices below.
+  wd = str(tmp_path / "moved")
+  real_save = ckpt_lib.RunCheckpointer.save
+  def save_then_die(self, seqs, *args):
+    real_save(self, seqs, *args)
+    if seqs == 160:
+      self.wait()
+      self.close()
+      raise Crash()
+  monkeypatch.setattr(ckpt_lib.RunCheckpointer, "save", save_then_die)
+  with pytest.raises(Crash):
+    train.train_and_evaluate(small_with_checkpoints(), wd, verbose=False)
+  monkeypatch.undo()
+
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   proc = subprocess.run(
-      [sys.executable, "-c", SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"))],
+      [sys.executable, "-c", SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"),
+                                                   workdir=wd)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "from the checkpoint at 160 seqs" in proc.stdout
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   # 6 runs padded to 8, split 2 per device along the runs axis.
-  assert out["info"] == dict(padded=8, runs_axis=True, shard_rows=[2], devices=4)
+  assert out["info"] == dict(padded=8, runs_axis=True, shard_rows=[2], devices=4,
+                             resumed_rows_match=True)
   assert out["runs"] == [[r.condition, r.init_seed] for r in one_program.runs]
   ref = [dict(run=r["run"], loss=r["loss"], clamped=r["clamped"]) for r in one_program.metrics]
   assert [(r["run"], r["clamped"]) for r in out["rows"]] == [(r["run"], r["clamped"]) for r in ref]
@@ -167,12 +199,17 @@ def test_resume_refuses_a_different_split_into_programs(tmp_path):
   train.train_program(first_chunk, cfg, wd, verbose=False)
   whole = sweep_lib.plan_programs(cfg, None)[0]
   with pytest.raises(FileExistsError, match=r"holds runs \[none/s5\] but this program has "
-                                            r"\[none/s5, match/s5\]"):
+                                            r"\[none/s5, match/s5\].*max_runs_per_program=1"):
     train.train_program(whole, cfg, wd, verbose=False)
 
 
 def test_automatic_runs_per_program():
-  assert train.auto_max_runs(small()) is None  # small sweeps: no limit needed
+  assert train.auto_max_runs(small(), 6) is None  # small sweeps: no limit needed
   many = small(conditions=["none"], seeds=tuple(range(10, 75)))  # 65 runs on one device
-  limit = train.auto_max_runs(many)
+  limit = train.auto_max_runs(many, 65)
   assert isinstance(limit, int) and limit >= 1
+
+
+def test_duplicate_conditions_are_refused():
+  with pytest.raises(ValueError, match=r"duplicate condition name\(s\) \['none'\]"):
+    sweep_lib.plan_programs(small(conditions=["none", "none"]))
