@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import signal
@@ -33,6 +32,7 @@ from ih_jax import schedule
 from ih_jax import sweep as sweep_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
+from ih_jax.analysis.timing import learning_time  # noqa: F401  (re-exported)
 from ih_jax.metrics import METRIC_NAMES
 # The compiled-program pieces, re-exported for notebooks and benchmarks.
 from ih_jax.program import (Experiment, Run, TrainState, check_seeds,  # noqa: F401
@@ -368,9 +368,3 @@ def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
         row.update({m: float(metrics[m][r.index]) for m in METRIC_NAMES})
         rows.append(row)
   return rows
-
-
-def learning_time(seqs: np.ndarray, loss: np.ndarray, threshold: float = 0.4 * math.log(2)) -> float:
-  """First seqs at which loss < threshold; NaN (censored) if never (SPEC §6.7)."""
-  below = np.nonzero(np.asarray(loss) < threshold)[0]
-  return float(np.asarray(seqs)[below[0]]) if below.size else float("nan")

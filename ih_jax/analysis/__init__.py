@@ -1,0 +1,1 @@
+"""Analysis of trained runs: progress measures, timing, ablations, composition, toy model."""

@@ -1,0 +1,66 @@
+"""What analysing a workdir needs: its config, features, splits, runs and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from ih_jax import checkpoint as ckpt_lib
+from ih_jax import workdir as workdir_lib
+from ih_jax.config import ExperimentConfig
+from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
+
+
+@dataclasses.dataclass
+class RunContext:
+  workdir: str
+  cfg: ExperimentConfig            # the program's config (shared settings)
+  runs: list[dict[str, Any]]       # index, condition, spec, init_seed, variant
+  features: jax.Array              # [classes, exemplars, F] (first data variant)
+  splits: splits_lib.Splits
+
+  def dense_set(self, size: int | None = None, seed: int = 0) -> sampler.SequenceIndices:
+    """The dense analysis set (SPEC §1.6), or a fixed random subset of `size` sequences."""
+    idx = evalsets.dense_indices(self.splits)
+    total = idx.classes.shape[0]
+    if size is None or size >= total:
+      return idx
+    keep = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    return jax.tree.map(lambda x: x[keep], idx)
+
+  def checkpoint_steps(self) -> list[int]:
+    return ckpt_lib.list_steps(self.workdir)
+
+  def stacked_params(self, run: int, steps: list[int]) -> Any:
+    """[K, ...] params of one run at the given checkpoint steps."""
+    per = [ckpt_lib.load_params(self.workdir, run, s, nearest=False) for s in steps]
+    return jax.tree.map(lambda *xs: np.stack(xs), *per)
+
+
+def load_context(workdir: str) -> RunContext:
+  path = os.path.join(workdir, workdir_lib.CONFIG_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir!r} has no {workdir_lib.CONFIG_JSON}: not a training "
+                            "workdir (for a multi-program sweep, pass WORKDIR/program_<k>)")
+  with open(path) as f:
+    meta = json.load(f)
+  cfg = ExperimentConfig.from_dict(meta.get("program_config", meta["config"]))
+  feats = features_lib.load_features(cfg.data)
+  C, E, _ = feats.shape
+  splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
+                                  cfg.task.exemplar_split, cfg.task.pair_weights)
+  return RunContext(workdir, cfg, meta["runs"], feats, splits)
+
+
+def subsample_steps(steps: list[int], num: int = 100) -> list[int]:
+  """The checkpoints closest to linspace(first, last, num), duplicates removed (SPEC §6.7)."""
+  if len(steps) <= num:
+    return list(steps)
+  arr = np.asarray(steps)
+  picks = [int(arr[np.argmin(np.abs(arr - t))]) for t in np.linspace(arr[0], arr[-1], num)]
+  return sorted(set(picks))

@@ -1,0 +1,127 @@
+"""Progress measures on a fixed set of sequences, vmapped over checkpoints and clamps.
+
+`measure(params_K, ...)` evaluates a stack of K checkpoints (leading axis) on an
+index-form sequence set (e.g. the 78,400-sequence dense set, SPEC §1.6),
+optionally under a stack of Q clamp conditions, in ONE compiled program: a
+`lax.map` over checkpoints (vmapped in groups of `ckpt_batch`), a `vmap` over
+conditions, and a `lax.scan` over sequence chunks whose features are gathered per
+chunk (SPEC §8.21: the dense set's features never exist all at once).
+
+Measures (SPEC §6.1-6.2), per layer and head ([L, H]; "layer 1" = code layer 1):
+  induction_strength  mean A(q -> matching label) - mean A(q -> other labels)
+  pt_score            mean over tokens i >= 1 of a - (1 - a) / i, a = A(i -> i-1)
+  pt_score_labels     the same over label tokens only (odd i)
+  pt_raw              mean a
+plus loss / acc (query CE and accuracy) and, if asked, per-sequence losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ih_jax import clamps as clamps_lib
+from ih_jax import model as model_lib
+from ih_jax.data import sampler
+
+# pylint: disable=invalid-name
+
+
+def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
+                   cfg: model_lib.ModelConfig, clamps: clamps_lib.Clamps | None = None,
+                   plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS) -> tuple[dict, jax.Array]:
+  """Weighted sums of every measure over one batch, and the per-sequence loss [B]."""
+  L = cfg.num_layers
+  sites = tuple(f"blocks.{l}.pattern" for l in range(L))
+  logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites)
+  n = batch.y.shape[1] - 1
+  q = 2 * n  # the query token
+  logp_BC = jax.nn.log_softmax(logits[:, -1], axis=-1)
+  target_B = batch.y[:, -1]
+  loss_B = -jnp.take_along_axis(logp_BC, target_B[:, None], axis=1)[:, 0]
+  correct_B = (jnp.argmax(logp_BC, axis=-1) == target_B).astype(jnp.float32)
+
+  match_BN = (batch.y[:, :n] == batch.y[:, -1:]).astype(jnp.float32)
+  other_BN = 1.0 - match_BN
+  i_T = jnp.arange(1, 2 * n + 1, dtype=jnp.float32)              # query tokens i >= 1
+  label_T = (jnp.arange(1, 2 * n + 1) % 2 == 1).astype(jnp.float32)
+  IS, PT, PTL, PTR = [], [], [], []
+  for l in range(L):
+    A_BHTT = aux[f"blocks.{l}.pattern"]
+    to_labels_BHN = A_BHTT[:, :, q, 1:2 * n:2]                   # query -> label tokens
+    mean_match = (to_labels_BHN * match_BN[:, None]).sum(-1) / jnp.maximum(match_BN.sum(-1), 1)[:, None]
+    mean_other = (to_labels_BHN * other_BN[:, None]).sum(-1) / jnp.maximum(other_BN.sum(-1), 1)[:, None]
+    IS.append(mean_match - mean_other)                            # [B, H]
+    a_BHT = jnp.diagonal(A_BHTT[:, :, 1:, :-1], axis1=2, axis2=3)  # A(i -> i-1), i = 1..T-1
+    score_BHT = a_BHT - (1.0 - a_BHT) / i_T
+    PT.append(score_BHT.mean(-1))
+    PTL.append((score_BHT * label_T).sum(-1) / label_T.sum())
+    PTR.append(a_BHT.mean(-1))
+  w = weight_B
+  wsum = lambda x_B: jnp.einsum("b,b...->...", w, x_B)
+  sums = dict(loss=wsum(loss_B), acc=wsum(correct_B),
+              induction_strength=wsum(jnp.stack(IS, 1)), pt_score=wsum(jnp.stack(PT, 1)),
+              pt_score_labels=wsum(jnp.stack(PTL, 1)), pt_raw=wsum(jnp.stack(PTR, 1)))
+  return sums, loss_B
+
+
+def _chunks(idx: sampler.SequenceIndices, seq_batch: int):
+  """Pads the set to a multiple of seq_batch; returns ([S/b, b] indices, [S/b, b] weights)."""
+  S = idx.classes.shape[0]
+  b = min(seq_batch, S)
+  pad = -S % b
+  padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), idx)
+  weight = jnp.concatenate([jnp.ones(S), jnp.zeros(pad)])
+  shape = lambda x: x.reshape((-1, b) + x.shape[1:])
+  return jax.tree.map(shape, padded), shape(weight), S
+
+
+def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
+            cfg: model_lib.ModelConfig, clamps_Q: clamps_lib.Clamps | None = None, *,
+            seq_batch: int = 2048, ckpt_batch: int = 4, per_sequence: bool = False
+            ) -> dict[str, np.ndarray]:
+  """Measures for K stacked checkpoints (x Q stacked clamp conditions, if given).
+
+  Returns host arrays: loss, acc [K(, Q)]; induction_strength, pt_score,
+  pt_score_labels, pt_raw [K(, Q), L, H]; and with per_sequence=True,
+  seq_loss [K(, Q), S].
+  """
+  chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
+  plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
+  K = jax.tree.leaves(params_K)[0].shape[0]
+
+  def one_condition(params, clamps, feats, chunk_idx, chunk_w):
+    def body(acc, inputs):
+      ix, w = inputs
+      sums, loss_B = batch_measures(params, sampler.gather_features(feats, ix), w, cfg,
+                                    clamps, plan)
+      return jax.tree.map(jnp.add, acc, sums), (loss_B if per_sequence else None)
+    first = jax.tree.map(lambda x: x[0], chunk_idx)
+    zero = jax.eval_shape(lambda: batch_measures(
+        params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan)[0])
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+    sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))
+    out = jax.tree.map(lambda x: x / S, sums)
+    if per_sequence:
+      out["seq_loss"] = losses.reshape(-1)[:S]
+    return out
+
+  @jax.jit
+  def run(params_K, clamps_Q, feats, chunk_idx, chunk_w):
+    def one_ckpt(params):
+      if clamps_Q is None:
+        return one_condition(params, None, feats, chunk_idx, chunk_w)
+      return jax.vmap(one_condition, in_axes=(None, 0, None, None, None))(
+          params, clamps_Q, feats, chunk_idx, chunk_w)
+    return jax.lax.map(one_ckpt, params_K, batch_size=min(ckpt_batch, K))
+
+  clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
+  return jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
+
+
+def conditions(specs: list[str], cfg: model_lib.ModelConfig) -> clamps_lib.Clamps:
+  """Clamp spec strings -> a stacked clamp pytree (one row per spec)."""
+  return clamps_lib.stack([clamps_lib.parse(s, cfg.num_layers, cfg.num_heads) for s in specs])

@@ -1,0 +1,85 @@
+"""Phase-change timing from loss curves (any run's metrics.csv; SPEC §6.7).
+
+  learning_time      first eval seqs with loss < 0.4 ln 2; NaN (censored) if never
+  steepest_descent   eval seqs where the (3-point median smoothed) loss falls fastest
+                     per sequence seen
+  plateau_exit       last eval seqs before the steepest descent at which the smoothed
+                     loss is still within 10% (of the plateau-to-final drop) of the
+                     plateau level; the plateau level is the smoothed loss at the
+                     flattest point (smallest |slope| per sequence) before the
+                     steepest descent
+All return NaN rather than a misleading index 0 when the curve has no such point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+THRESHOLD = 0.4 * math.log(2)
+
+
+def learning_time(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> float:
+  below = np.nonzero(np.asarray(loss) < threshold)[0]
+  return float(np.asarray(seqs)[below[0]]) if below.size else float("nan")
+
+
+def _smooth(loss: np.ndarray) -> np.ndarray:
+  if len(loss) < 3:
+    return loss.astype(float)
+  padded = np.concatenate([loss[:1], loss, loss[-1:]])
+  return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str, float]:
+  """learning_time, steepest_descent, plateau_exit, plateau_loss for one curve."""
+  seqs = np.asarray(seqs, float)
+  loss = np.asarray(loss, float)
+  order = np.argsort(seqs)
+  seqs, loss = seqs[order], loss[order]
+  out = dict(learning_time=learning_time(seqs, loss, threshold), steepest_descent=math.nan,
+             plateau_exit=math.nan, plateau_loss=math.nan)
+  if len(seqs) < 4:
+    return out
+  sm = _smooth(loss)
+  slope = np.diff(sm) / np.maximum(np.diff(seqs), 1e-12)     # per sequence, between points
+  # Ignore the initial fall from chance: look only after the first local flattening.
+  start = int(np.argmax(slope > -abs(slope).max() * 0.05)) if (slope < 0).any() else 0
+  if start >= len(slope) - 1:
+    return out
+  k = start + int(np.argmin(slope[start:]))                  # steepest drop after the start
+  if slope[k] >= 0:
+    return out
+  out["steepest_descent"] = float(0.5 * (seqs[k] + seqs[k + 1]))
+  before = slice(start, k + 1)
+  flat = start + int(np.argmin(np.abs(slope[before])))
+  plateau = float(sm[flat])
+  out["plateau_loss"] = plateau
+  drop = plateau - float(sm[-1])
+  if drop <= 0:
+    return out
+  still = np.nonzero(sm[:k + 1] >= plateau - 0.1 * drop)[0]
+  still = still[still >= flat]
+  if still.size:
+    out["plateau_exit"] = float(seqs[still[-1]])
+  return out
+
+
+def run_phase_table(metrics: list[dict[str, Any]], eval_set: str = "fsl_train",
+                    clamped: int = 1) -> list[dict[str, Any]]:
+  """One row per run of a metrics.csv: condition, seed, variant and its phase times."""
+  runs: dict[int, list[dict[str, Any]]] = {}
+  for r in metrics:
+    if r["eval_set"] == eval_set and r["clamped"] == clamped:
+      runs.setdefault(r["run"], []).append(r)
+  table = []
+  for run, rows in sorted(runs.items()):
+    times = phase_times([r["seqs"] for r in rows], [r["loss"] for r in rows])
+    final = max(rows, key=lambda r: r["seqs"])
+    table.append(dict(run=run, condition=rows[0]["condition"], seed=rows[0]["seed"],
+                      variant=rows[0].get("variant", ""), final_loss=final["loss"],
+                      final_acc=final["acc"], learned=not math.isnan(times["learning_time"]),
+                      **times))
+  return table
