@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -70,3 +71,125 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
     paths.append(path)
   plt.close(fig)
   return paths
+
+
+def _save(fig, out_dir: str, name: str) -> list[str]:
+  os.makedirs(out_dir, exist_ok=True)
+  fig.tight_layout()
+  paths = []
+  for ext in ("png", "pdf"):
+    path = os.path.join(out_dir, f"{name}.{ext}")
+    fig.savefig(path, dpi=120)
+    paths.append(path)
+  plt.close(fig)
+  return paths
+
+
+def _head_lines(ax, seqs, values_KH, prefix: str, highlight: int | None = None) -> None:
+  H = values_KH.shape[1]
+  for h in range(H):
+    strong = h == highlight
+    ax.plot(seqs, values_KH[:, h], lw=2.2 if strong else 1.2, color=plt.cm.tab10(h % 10),
+            label=f"{prefix}H{h}" + (" (strongest)" if strong else ""))
+
+
+def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
+                           layers: tuple[int, int] = (2, 1), learning_time: float | None = None,
+                           name: str = "progress_measures") -> list[str]:
+  """Dense-set loss, induction strength per last-layer head, PT score per first-layer head."""
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+  ax = axes[0]
+  ax.plot(seqs, loss_K, color="black", lw=1.6, label="dense-set query loss")
+  _reference_lines(ax)
+  ax.set_ylabel("query cross-entropy (nats)")
+  ax.set_title("dense-set loss")
+  ax = axes[1]
+  _head_lines(ax, seqs, is_KH, f"L{layers[0]}", int(np.argmax(is_KH[-1])))
+  ax.set_ylabel("induction strength (−1 … 1)")
+  ax.set_title(f"induction strength, layer-{layers[0]} heads")
+  ax = axes[2]
+  _head_lines(ax, seqs, pt_KH, f"L{layers[1]}", int(np.argmax(pt_KH[-1])))
+  ax.set_ylabel("previous-token score")
+  ax.set_title(f"previous-token score, layer-{layers[1]} heads")
+  for ax in axes:
+    ax.set_xlabel("sequences seen")
+    ax.grid(alpha=0.3)
+    if learning_time is not None and learning_time == learning_time:
+      ax.axvline(learning_time, color="red", ls=":", lw=1, label="learning time")
+    ax.legend(fontsize=7, loc="best")
+  return _save(fig, out_dir, name)
+
+
+def plot_ablations(out_dir: str, table: dict, name: str = "head_ablations") -> list[str]:
+  """Accuracy and loss of remove-one / keep-only-one ablations vs final induction strength."""
+  s = np.asarray(table["induction_strength"])
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, metric, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "query loss (nats)")):
+    ax.scatter(s, table[f"remove_{metric}"], marker="o", label="remove head h")
+    ax.scatter(s, table[f"only_{metric}"], marker="^", label="keep only head h")
+    for i, h in enumerate(table["head"]):
+      ax.annotate(h, (s[i], table[f"only_{metric}"][i]), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
+    ax.axhline(table[f"full_{metric}"][0], color="grey", ls="--", lw=1, label="unablated")
+    ax.set_xlabel("final induction strength of h")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _save(fig, out_dir, name)
+
+
+def plot_heatmaps(out_dir: str, mats: dict[str, np.ndarray], name: str, row_label: str,
+                  col_label: str) -> list[str]:
+  """One annotated heatmap per matrix (e.g. the wiring and composition matrices)."""
+  n = len(mats)
+  fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+  for ax, (title, m) in zip(axes[0], mats.items()):
+    lim = np.abs(m).max() or 1.0
+    signed = (m < 0).any()
+    im = ax.imshow(m, cmap="RdBu_r" if signed else "viridis", vmin=-lim if signed else None,
+                   vmax=lim if signed else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_yticks(range(m.shape[0]))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+  return _save(fig, out_dir, name)
+
+
+def plot_pca_trajectory(out_dir: str, seqs, seq_loss_KS: np.ndarray,
+                        name: str = "loss_pca_trajectory") -> list[str]:
+  """Per-sequence losses over checkpoints projected on their top-2 PCs (Olsson et al.)."""
+  X = seq_loss_KS - seq_loss_KS.mean(0)
+  u, sv, _ = np.linalg.svd(X, full_matrices=False)
+  pcs = u[:, :2] * sv[:2]
+  var = (sv ** 2 / (sv ** 2).sum())[:2]
+  fig, ax = plt.subplots(figsize=(5.5, 4.6))
+  ax.plot(pcs[:, 0], pcs[:, 1], color="grey", lw=0.8)
+  sc = ax.scatter(pcs[:, 0], pcs[:, 1], c=np.asarray(seqs), cmap="viridis", s=14)
+  fig.colorbar(sc, ax=ax, label="sequences seen")
+  ax.set_xlabel(f"PC1 ({100 * var[0]:.0f}% of variance)")
+  ax.set_ylabel(f"PC2 ({100 * var[1]:.0f}% of variance)")
+  ax.set_title("per-sequence loss, checkpoint trajectory")
+  ax.grid(alpha=0.3)
+  return _save(fig, out_dir, name)
+
+
+def plot_toy(out_dir: str, curves, name: str = "toy_model") -> list[str]:
+  """Toy-model loss per condition, and the two progress measures without clamps."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  steps = np.arange(curves.loss.shape[1])
+  for q, cond in enumerate(curves.conditions):
+    axes[0].plot(steps, curves.loss[q], label=cond)
+  axes[0].set_title("toy model loss")
+  axes[0].set_ylabel("loss")
+  q0 = curves.conditions.index("none") if "none" in curves.conditions else 0
+  axes[1].plot(steps, curves.loss[q0], color="black", label="loss (no clamp)")
+  axes[1].plot(steps, curves.pm1[q0], label="PM1 = 1 − cos²(a, a*)")
+  axes[1].plot(steps, curves.pm2[q0], label="PM2 = loss if b, c were perfect")
+  axes[1].set_title("progress measures (no clamp)")
+  for ax in axes:
+    ax.set_xlabel("gradient-descent iterations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _save(fig, out_dir, name)

@@ -1,0 +1,56 @@
+"""Analyse a finished run or sweep: progress measures, ablations, wiring, figures.
+
+  python -m experiments.analyze --workdir=demo_workdir
+  python -m experiments.analyze --workdir=/tmp/ih_main --num_checkpoints=100 --dense_size=20000
+  python -m experiments.analyze --workdir=/tmp/ih_grid/program_0 --runs=0,3 --nowiring
+
+Writes WORKDIR/analysis/*.csv and figures (PNG + PDF) and prints a summary per run
+(learning time, strongest induction heads, key ablation numbers). See
+ih_jax/analysis/report.py for the file list.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (with config.json).")
+_RUNS = flags.DEFINE_list("runs", None, "Run indices to analyse (default: all).")
+_NUM_CKPT = flags.DEFINE_integer("num_checkpoints", 100, "Checkpoints subsampled for the "
+                                 "progress measures (closest to an even grid, SPEC §6.7).")
+_DENSE = flags.DEFINE_integer("dense_size", None, "Use a fixed random subset of the dense set "
+                              "(default: all 78,400 sequences).")
+_WIRING_SIZE = flags.DEFINE_integer("wiring_size", 4096, "Sequences for the 264 wiring "
+                                    "conditions (0 = the whole dense set).")
+_WIRING = flags.DEFINE_bool("wiring", True, "Compute the wiring heatmaps.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from ih_jax.analysis import report  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  if os.path.exists(os.path.join(workdir, "sweep.json")):
+    raise app.UsageError(f"{workdir} is a multi-program sweep; analyse one program at a "
+                         f"time, e.g. --workdir={os.path.join(workdir, 'program_0')}")
+  summary = report.analyze_workdir(
+      workdir, runs=[int(r) for r in _RUNS.value] if _RUNS.value else None,
+      num_checkpoints=_NUM_CKPT.value, dense_size=_DENSE.value,
+      wiring_size=_WIRING_SIZE.value or None, do_wiring=_WIRING.value)
+  for tag, s in summary.items():
+    lt = s["learning_time"]
+    print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}): learning time "
+          f"{'never (censored)' if lt != lt else f'{lt:,.0f} seqs'}; final dense loss "
+          f"{s['final_dense_loss']:.3f} acc {s['final_dense_acc']:.3f}")
+    print(f"          strongest induction heads {s['strongest_heads']}; PT head {s['pt_head']}")
+    print(f"          keep only strongest: acc {s['only_strongest_acc']:.3f}; remove it: acc "
+          f"{s['remove_strongest_acc']:.3f}; add-back losses {s['additive_losses']}")
+    if s["wiring"]:
+      print(f"          wiring: {json.dumps(s['wiring'])}")
+
+
+if __name__ == "__main__":
+  app.run(main)
