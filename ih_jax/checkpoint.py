@@ -18,6 +18,7 @@ Analysis API: `list_steps(workdir)` and `load_params(workdir, run, seqs)`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any, Callable
@@ -109,6 +110,7 @@ class RunCheckpointer:
   def __init__(self, workdir: str, schedule_seqs: list[int], metadata: dict[str, Any]):
     self.workdir = workdir = os.path.abspath(workdir)  # Orbax wants absolute paths
     self.schedule_seqs = sorted(schedule_seqs)
+    self.num_runs = len(metadata["runs"])  # real runs; the stack may be padded
     policies = ocp.training.save_decision_policies
     self._main = ocp.training.Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
@@ -123,7 +125,8 @@ class RunCheckpointer:
 
   def save(self, seqs: int, content: dict[str, Any], scheduled: bool, resume: bool) -> None:
     """Starts an async save of `to_host(state)` content (blocks only on a previous save)."""
-    meta = dict(seqs=seqs, params_fingerprint=fingerprint(content["params"]).tolist())
+    meta = dict(seqs=seqs, num_runs=self.num_runs,
+                params_fingerprint=fingerprint(content["params"]).tolist())
     if scheduled:
       self._main.save_checkpointables_async(seqs, content, custom_metadata=meta)
     elif resume:
@@ -197,18 +200,23 @@ class RunCheckpointer:
 
 # ---------------------------------------------------------------- analysis API
 
-def _checkpointer(workdir: str):
-  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+def _checkpoint_dir(workdir: str) -> str:
+  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)  # Orbax wants absolute paths
   if not os.path.isdir(path):
     raise CheckpointError(f"no checkpoints in {workdir!r} (expected a {CHECKPOINT_DIR}/ "
                           "folder; was the run trained with checkpointing on?)")
-  return ocp.training.Checkpointer(path)
+  return path
 
 
 def list_steps(workdir: str) -> list[int]:
-  """Sequences-seen labels of the checkpoints saved in `workdir/checkpoints`."""
-  with _checkpointer(workdir) as ckptr:
-    return [m.step for m in ckptr.checkpoints]
+  """Sequences-seen labels of the checkpoints saved in `workdir/checkpoints`.
+
+  Read from the folder names: Orbax renames a step's temporary folder to its bare
+  number only once the step is complete.
+  """
+  path = _checkpoint_dir(workdir)
+  return sorted(int(d) for d in os.listdir(path)
+                if d.isdigit() and os.path.isdir(os.path.join(path, d)))
 
 
 def resolve_step(steps: list[int], seqs: int | None, nearest: bool) -> int:
@@ -236,29 +244,38 @@ def load_stacked_params(workdir: str, seqs: int | None = None, *,
   """(seqs, runs-stacked params) of the checkpoint at `seqs` (latest if None).
 
   The runs axis holds the real runs only (padding added for sharding is dropped).
+  The params are checked against the fingerprint saved with them.
   """
-  with _checkpointer(workdir) as ckptr:
-    runs = (ckptr.root_metadata().custom_metadata or {}).get("runs")
-    step = resolve_step([m.step for m in ckptr.checkpoints], seqs, nearest)
-    try:
-      content = ckptr.load_checkpointables(step, _host_abstract(ckptr, step, ("params",)))
-      expected = (ckptr.metadata(step).custom_metadata or {}).get("params_fingerprint")
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"checkpoint {workdir}/{CHECKPOINT_DIR}/{step} is unreadable: "
-                            f"{_first_line(e)}") from None
-  if expected is not None and fingerprint(content["params"]).tolist() != expected:
-    raise CheckpointError(f"checkpoint {workdir}/{CHECKPOINT_DIR}/{step}: params do not match "
-                          "the fingerprint saved with them (corrupt file?)")
+  step = resolve_step(list_steps(workdir), seqs, nearest)
+  path = os.path.join(_checkpoint_dir(workdir), str(step))
+  try:
+    meta = ocp.checkpointables_metadata(path)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+                            meta.metadata["params"])
+    content = ocp.load_checkpointables(path, {"params": abstract})
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {path} is unreadable: {_first_line(e)}") from None
+  custom = meta.custom_metadata or {}
   params = jax.tree.map(np.asarray, content["params"])
-  if runs is not None:
-    params = jax.tree.map(lambda x: x[:len(runs)], params)
+  expected = custom.get("params_fingerprint")
+  if expected is not None and fingerprint(params).tolist() != expected:
+    raise CheckpointError(f"checkpoint {path}: params do not match the fingerprint saved with "
+                          "them (corrupt file?)")
+  if custom.get("num_runs") is not None:
+    params = jax.tree.map(lambda x: x[:custom["num_runs"]], params)
   return step, params
 
 
 def run_table(workdir: str) -> list[dict[str, Any]]:
   """The runs of a workdir's checkpoints (index, condition, spec, init_seed, variant)."""
-  with _checkpointer(workdir) as ckptr:
-    return list((ckptr.root_metadata().custom_metadata or {}).get("runs", []))
+  path = os.path.join(_checkpoint_dir(workdir), "metadata", "_ROOT_METADATA")
+  try:
+    with open(path) as f:
+      root = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from None
+  return list((root.get("custom_metadata") or {}).get("runs", []))
 
 
 def load_params(workdir: str, run: int, seqs: int | None = None, *,
@@ -270,3 +287,8 @@ def load_params(workdir: str, run: int, seqs: int | None = None, *,
     raise IndexError(f"run {run} out of range: this workdir has runs 0..{num_runs - 1}")
   return jax.tree.map(lambda x: x[run], stacked)
 
+
+def load_params_series(workdir: str, run: int, steps: list[int]) -> Any:
+  """[K, ...] params of one run at the given checkpoint steps (exact steps)."""
+  per = [load_params(workdir, run, s, nearest=False) for s in steps]
+  return jax.tree.map(lambda *xs: np.stack(xs), *per)

@@ -9,7 +9,11 @@ import math
 import numpy as np
 import pytest
 
+import jax
+
 from ih_jax import train
+from ih_jax.analysis import ablation, measures
+from ih_jax.data import evalsets, features, splits
 from ih_jax.config import ExperimentConfig
 
 LN2 = math.log(2)
@@ -29,7 +33,8 @@ def test_main_run_plateau_then_phase_change():
   cfg = ExperimentConfig.from_dict({
       "train": {"num_seqs": 500_000, "eval_every": 10_000, "progress_every_s": 30},
       "evaluators": [{"name": "fsl_train"}]})
-  seqs, loss = _curves(train.train_and_evaluate(cfg, None))["none"]
+  res = train.train_and_evaluate(cfg, None)
+  seqs, loss = _curves(res)["none"]
   plateau = loss[(seqs >= 100_000) & (seqs <= 250_000)]
   # A plateau near ln 2: the model picks one of the two context labels at random...
   assert np.all(np.abs(plateau - LN2) < 0.15), plateau
@@ -40,6 +45,29 @@ def test_main_run_plateau_then_phase_change():
   assert loss[-1] < 0.4 * LN2
   drop_window = (seqs >= lt - 100_000) & (seqs <= lt)
   assert loss[drop_window][0] - loss[drop_window][-1] > 0.3  # steep, not a slow drift
+  # The trained model has an induction head: found from the data (no index hard-coded),
+  # it is clearly stronger than the rest and alone carries the task.
+  params = jax.tree.map(lambda x: x[0], res.params)
+  m = measures.measure(jax.tree.map(lambda x: x[None], params), res_features(cfg),
+                       dense_subset(cfg, 2000), cfg.model)
+  strength = m["induction_strength"][0, 1]
+  order = np.argsort(-strength)
+  assert strength[order[0]] > 0.4 and strength[order[0]] > 2 * strength[order[1]], strength
+  abl = ablation.head_ablations(params, res_features(cfg), dense_subset(cfg, 2000), cfg.model,
+                                strength)
+  assert abl["only_acc"][order[0]] > 0.9, abl
+  assert np.median(abl["only_acc"]) < 0.8, abl
+
+
+def res_features(cfg):
+  return features.load_features(cfg.data)
+
+
+def dense_subset(cfg, size):
+  sp = splits.make_splits(1623, 5, cfg.model.num_labels)
+  idx = evalsets.dense_indices(sp)
+  keep = np.random.default_rng(0).choice(idx.classes.shape[0], size, replace=False)
+  return jax.tree.map(lambda x: x[np.sort(keep)], idx)
 
 
 def test_clamping_subcircuits_removes_the_plateau():

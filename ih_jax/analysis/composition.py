@@ -25,6 +25,7 @@ def composition_scores(params: Any, num_heads: int, layer: int = 0) -> dict[str,
       wx = w_qkv[:, offset + dh * h1: offset + dh * (h1 + 1)]
       for h0 in range(num_heads):
         wo = w_out[dh * h0: dh * (h0 + 1)]
-        scores[h1, h0] = np.linalg.norm(wo @ wx) / (np.linalg.norm(wo) * np.linalg.norm(wx))
+        denom = np.linalg.norm(wo) * np.linalg.norm(wx)
+        scores[h1, h0] = np.linalg.norm(wo @ wx) / denom if denom > 0 else 0.0
     out[x] = scores
   return out

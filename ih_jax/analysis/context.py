@@ -38,8 +38,7 @@ class RunContext:
 
   def stacked_params(self, run: int, steps: list[int]) -> Any:
     """[K, ...] params of one run at the given checkpoint steps."""
-    per = [ckpt_lib.load_params(self.workdir, run, s, nearest=False) for s in steps]
-    return jax.tree.map(lambda *xs: np.stack(xs), *per)
+    return ckpt_lib.load_params_series(self.workdir, run, steps)
 
 
 def load_context(workdir: str) -> RunContext:

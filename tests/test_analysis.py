@@ -1,0 +1,170 @@
+"""Analysis measures on cases with known answers; timing, toy model, figures, CLI."""
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ih_jax import plots, toy
+from ih_jax.analysis import ablation, composition, context, measures, timing
+from ih_jax.data import evalsets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dense(paper_splits):
+  idx = evalsets.dense_indices(paper_splits)
+  keep = np.random.default_rng(0).choice(idx.classes.shape[0], 300, replace=False)
+  return jax.tree.map(lambda x: x[np.sort(keep)], idx)
+
+
+def one(params):
+  return jax.tree.map(lambda x: np.asarray(x)[None], params)
+
+
+def test_ih_clamp_strength_s_gives_2s_minus_1(params, cfg, feature_table, dense):
+  out = measures.measure(one(params), feature_table, dense, cfg,
+                         measures.conditions(["ih:L2H3@0.8", "ih:L2H5", "none"], cfg))
+  is_QH = out["induction_strength"][0, :, 1]
+  np.testing.assert_allclose(is_QH[0, 3], 2 * 0.8 - 1, atol=1e-5)
+  np.testing.assert_allclose(is_QH[1, 5], 1.0, atol=1e-5)
+  assert abs(is_QH[2, 3]) < 0.2  # an untrained head is not an induction head
+
+
+def test_perfect_pt_pattern_scores_one(params, cfg, feature_table, dense):
+  out = measures.measure(one(params), feature_table, dense, cfg,
+                         measures.conditions(["pt:L1H2"], cfg))
+  np.testing.assert_allclose(out["pt_score"][0, 0, 0, 2], 1.0, atol=1e-5)
+  np.testing.assert_allclose(out["pt_score_labels"][0, 0, 0, 2], 1.0, atol=1e-5)
+  np.testing.assert_allclose(out["pt_raw"][0, 0, 0, 2], 1.0, atol=1e-5)
+
+
+def test_ablating_a_head_equals_zeroing_its_value_weights(params, cfg, feature_table, dense):
+  abl = measures.measure(one(params), feature_table, dense, cfg,
+                         measures.conditions(["ablate:L2H1"], cfg))
+  zeroed = jax.tree.map(np.array, params)
+  cols = slice(2 * 64 + 8, 2 * 64 + 16)  # head 1's value columns of layer 1's fused QKV
+  zeroed["blocks_1"]["qkv"]["kernel"][:, cols] = 0
+  zeroed["blocks_1"]["qkv"]["bias"][cols] = 0
+  plain = measures.measure(one(zeroed), feature_table, dense, cfg)
+  np.testing.assert_allclose(abl["loss"][0, 0], plain["loss"][0], rtol=1e-6)
+  np.testing.assert_allclose(abl["acc"][0, 0], plain["acc"][0])
+
+
+def test_vmapped_over_checkpoints_equals_one_at_a_time(params, cfg, feature_table, dense):
+  keys = jax.random.split(jax.random.key(0), 3)
+  stack = [jax.tree.map(lambda p, k=k: np.asarray(p) + 0.05 * np.asarray(
+      jax.random.normal(k, np.shape(p))), params) for k in keys]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *stack)
+  together = measures.measure(stacked, feature_table, dense, cfg, seq_batch=128, ckpt_batch=2,
+                              per_sequence=True)  # 300 = 2 x 128 + a padded chunk
+  for k, p in enumerate(stack):
+    alone = measures.measure(one(p), feature_table, dense, cfg, seq_batch=300,
+                             per_sequence=True)
+    for name in ("loss", "acc", "induction_strength", "pt_score", "seq_loss"):
+      np.testing.assert_allclose(together[name][k], alone[name][0], rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+
+
+def test_learning_time_and_phase_times():
+  seqs = np.arange(0, 100_001, 5000)
+  assert math.isnan(timing.learning_time(seqs, np.full(len(seqs), 0.69)))
+  # Fast fall from chance, a plateau at ln 2, a sharp drop around 60k, convergence.
+  loss = np.where(seqs < 10_000, 1.6 - seqs / 10_000 * 0.9,
+                  0.69 - 0.6 / (1 + np.exp(-(seqs - 60_000) / 4000)))
+  t = timing.phase_times(seqs, loss)
+  assert t["learning_time"] == 65_000
+  assert 45_000 <= t["plateau_exit"] < t["steepest_descent"] <= t["learning_time"]
+  assert abs(t["plateau_loss"] - 0.69) < 0.02
+  never = timing.phase_times(seqs, np.full(len(seqs), 0.69))
+  assert math.isnan(never["learning_time"]) and math.isnan(never["steepest_descent"])
+
+
+def test_toy_plateau_removed_by_clamping():
+  curves = toy.run()
+  def time_to(q, level=1e-3):
+    below = np.nonzero(curves.loss[q] < level)[0]
+    return below[0] if below.size else math.inf
+  none, c, bc = (curves.conditions.index(k) for k in ("none", "clamp c", "clamp b, c"))
+  assert time_to(bc) < time_to(c) < time_to(none) < math.inf
+  # The unclamped run sits on a plateau: 100+ iterations with < 1% relative change,
+  # far above zero, before collapsing; clamping b and c leaves no such stretch.
+  def plateau_len(q):
+    l = curves.loss[q]
+    flat = (np.abs(np.diff(l)) / np.maximum(l[1:], 1e-12) < 0.01 / 100) & (l[1:] > 0.1 * l[0])
+    best = run = 0
+    for f in flat:
+      run = run + 1 if f else 0
+      best = max(best, run)
+    return best
+  assert plateau_len(none) >= 100 and plateau_len(bc) == 0
+  assert curves.pm1[none][-1] < 1e-3 and curves.pm1[none][100] > 0.5  # a aligns late
+  with pytest.raises(ValueError, match="unknown toy condition"):
+    toy.run(conditions=("clamp a",))
+
+
+def test_composition_scores_on_constructed_weights(params):
+  p = jax.tree.map(np.array, params)
+  p["blocks_0"]["out"]["kernel"][:] = 0
+  p["blocks_1"]["qkv"]["kernel"][:] = 0
+  p["blocks_0"]["out"]["kernel"][8, 0] = 2.0          # head 1 writes residual dim 0
+  p["blocks_0"]["out"]["kernel"][16, 1] = 1.0         # head 2 writes dim 1
+  p["blocks_1"]["qkv"]["kernel"][0, 64 + 24] = 3.0    # K of layer-2 head 3 reads dim 0
+  p["blocks_1"]["qkv"]["kernel"][1, 128 + 40] = 1.0   # V of layer-2 head 5 reads dim 1
+  s = composition.composition_scores(p, 8)
+  # Rank-1 blocks reading exactly what is written: score 1; disjoint dims: 0.
+  np.testing.assert_allclose(s["k"][3, 1], 1.0, atol=1e-6)
+  np.testing.assert_allclose(s["k"][3, 2], 0.0, atol=1e-6)
+  np.testing.assert_allclose(s["v"][5, 2], 1.0, atol=1e-6)
+  assert s["q"].max() == 0.0  # all-zero query blocks score 0, not NaN
+
+
+def test_subsample_steps():
+  steps = list(range(0, 1_000_001, 1000))
+  sub = context.subsample_steps(steps, 100)
+  assert len(sub) == 100 and sub[0] == 0 and sub[-1] == 1_000_000
+  assert context.subsample_steps([0, 10, 20], 100) == [0, 10, 20]
+
+
+def test_figures_are_written(tmp_path):
+  out = str(tmp_path)
+  seqs = np.linspace(0, 1e5, 12)
+  rng = np.random.default_rng(0)
+  files = plots.plot_progress_measures(out, seqs, rng.random(12), rng.random((12, 8)),
+                                       rng.random((12, 8)), learning_time=5e4)
+  files += plots.plot_pca_trajectory(out, seqs, rng.random((12, 50)))
+  files += plots.plot_toy(out, toy.run(steps=50))
+  files += plots.plot_heatmaps(out, {"a": rng.random((8, 8)) - 0.5}, "heat", "i", "j")
+  table = dict(head=[f"L2H{h}" for h in range(8)], induction_strength=rng.random(8),
+               remove_acc=rng.random(8), only_acc=rng.random(8), remove_loss=rng.random(8),
+               only_loss=rng.random(8), full_acc=[1.0] * 8, full_loss=[0.0] * 8)
+  files += plots.plot_ablations(out, table)
+  assert len(files) == 10 and all(os.path.getsize(f) > 1000 for f in files)
+
+
+def test_analyze_cli_end_to_end(tmp_path):
+  wd = str(tmp_path / "run")
+  common = [sys.executable, "-m"]
+  train = subprocess.run(
+      common + ["experiments.train", "--config=experiments/configs/tiny.py", f"--workdir={wd}",
+                "--config.train.num_seqs=3200", "--config.checkpoint.every=1000",
+                "--config.sweep.conditions=('none',)", "--config.sweep.init_seeds=(5,)",
+                "--noplot"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-2000:]
+  proc = subprocess.run(
+      common + ["experiments.analyze", f"--workdir={wd}", "--dense_size=256",
+                "--wiring_size=64"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "strongest induction heads" in proc.stdout and "learning time" in proc.stdout
+  names = set(os.listdir(os.path.join(wd, "analysis")))
+  for f in ("phase_times.csv", "progress_run0.csv", "head_ablations_run0.csv",
+            "additivity_run0.csv", "wiring_run0_all_but_one_pv.csv", "composition_run0_k.csv",
+            "progress_measures_run0.png", "wiring_run0.png", "loss_pca_run0.png"):
+    assert f in names, f
+  with open(os.path.join(wd, "analysis", "progress_run0.csv")) as f:
+    rows = f.read().strip().splitlines()
+  assert len(rows) == 1 + 5  # header + checkpoints 0, 1024, 2016, 3008, 3200
