@@ -23,6 +23,8 @@ _DENSE = flags.DEFINE_integer("dense_size", None, "Use a fixed random subset of 
 _WIRING_SIZE = flags.DEFINE_integer("wiring_size", 4096, "Sequences for the 264 wiring "
                                     "conditions (0 = the whole dense set).")
 _WIRING = flags.DEFINE_bool("wiring", True, "Compute the wiring heatmaps.")
+_POSTHOC = flags.DEFINE_integer("posthoc_size", 8192, "Sequences for the post-hoc clamp "
+                                "measures over checkpoints (0 = the whole dense set).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -39,7 +41,8 @@ def main(argv):
   summary = report.analyze_workdir(
       workdir, runs=[int(r) for r in _RUNS.value] if _RUNS.value else None,
       num_checkpoints=_NUM_CKPT.value, dense_size=_DENSE.value,
-      wiring_size=_WIRING_SIZE.value or None, do_wiring=_WIRING.value)
+      wiring_size=_WIRING_SIZE.value or None, do_wiring=_WIRING.value,
+      posthoc_size=_POSTHOC.value or None)
   for tag, s in summary.items():
     lt = s["learning_time"]
     print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}): learning time "

@@ -193,3 +193,46 @@ def plot_toy(out_dir: str, curves, name: str = "toy_model") -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   return _save(fig, out_dir, name)
+
+
+def plot_attention_patterns(out_dir: str, patterns: dict[str, np.ndarray],
+                            name: str = "attention_patterns") -> list[str]:
+  """Mean attention pattern of every head (rows) at chosen checkpoints.
+
+  `patterns` maps a label (e.g. "430,016 seqs") to [L, H, T, T]; one row of
+  panels per (checkpoint, layer), one column per head; query on y, key on x.
+  """
+  labels = list(patterns)
+  L, H, T, _ = patterns[labels[0]].shape
+  fig, axes = plt.subplots(len(labels) * L, H, figsize=(1.6 * H, 1.7 * len(labels) * L),
+                           squeeze=False)
+  tokens = [("x" if t % 2 == 0 else "y") + str(t // 2) for t in range(T - 1)] + ["q"]
+  for r, lab in enumerate(labels):
+    for l in range(L):
+      for h in range(H):
+        ax = axes[r * L + l, h]
+        ax.imshow(patterns[lab][l, h], vmin=0, vmax=1, cmap="Blues")
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels(tokens, fontsize=6)
+        ax.set_yticklabels(tokens, fontsize=6)
+        if r * L + l == 0:
+          ax.set_title(f"head {h}", fontsize=8)
+        if h == 0:
+          ax.set_ylabel(f"{lab}\nlayer {l + 1}", fontsize=7)
+  return _save(fig, out_dir, name)
+
+
+def plot_layer_contributions(out_dir: str, seqs, base_loss, measures: dict[str, np.ndarray],
+                             name: str = "layer_contributions") -> list[str]:
+  """Dense-set loss under post-hoc clamps minus the unclamped loss, over training."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for label, loss in measures.items():
+    ax.plot(seqs, np.asarray(loss) - np.asarray(base_loss), label=label)
+  ax.axhline(0, color="grey", lw=0.8)
+  ax.set_xlabel("sequences seen")
+  ax.set_ylabel("loss increase over the unclamped model (nats)")
+  ax.set_title("post-hoc clamps over training")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, name)

@@ -157,13 +157,15 @@ def test_analyze_cli_end_to_end(tmp_path):
   assert train.returncode == 0, train.stderr[-2000:]
   proc = subprocess.run(
       common + ["experiments.analyze", f"--workdir={wd}", "--dense_size=256",
-                "--wiring_size=64"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                "--wiring_size=64", "--posthoc_size=128"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "strongest induction heads" in proc.stdout and "learning time" in proc.stdout
   names = set(os.listdir(os.path.join(wd, "analysis")))
   for f in ("phase_times.csv", "progress_run0.csv", "head_ablations_run0.csv",
             "additivity_run0.csv", "wiring_run0_all_but_one_pv.csv", "composition_run0_k.csv",
-            "progress_measures_run0.png", "wiring_run0.png", "loss_pca_run0.png"):
+            "progress_measures_run0.png", "wiring_run0.png", "loss_pca_run0.png",
+            "layer_contributions_run0.csv", "layer_contributions_run0.png",
+            "attention_patterns_run0.png"):
     assert f in names, f
   with open(os.path.join(wd, "analysis", "progress_run0.csv")) as f:
     rows = f.read().strip().splitlines()

@@ -11,7 +11,10 @@ Measures (SPEC §6.1-6.2), per layer and head ([L, H]; "layer 1" = code layer 1)
   induction_strength  mean A(q -> matching label) - mean A(q -> other labels)
   pt_score            mean over tokens i >= 1 of a - (1 - a) / i, a = A(i -> i-1)
   pt_score_labels     the same over label tokens only (odd i)
-  pt_raw              mean a
+  pt_raw              mean a (TransformerLens-style previous-token detection score:
+                      the attention mass on the previous-token pattern)
+  induction_detect    mean A(q -> matching label) (TransformerLens-style induction
+                      detection score: attention mass on the induction target)
 plus loss / acc (query CE and accuracy) and, if asked, per-sequence losses.
 """
 
@@ -48,13 +51,14 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
   other_BN = 1.0 - match_BN
   i_T = jnp.arange(1, 2 * n + 1, dtype=jnp.float32)              # query tokens i >= 1
   label_T = (jnp.arange(1, 2 * n + 1) % 2 == 1).astype(jnp.float32)
-  IS, PT, PTL, PTR = [], [], [], []
+  IS, PT, PTL, PTR, DET = [], [], [], [], []
   for l in range(L):
     A_BHTT = aux[f"blocks.{l}.pattern"]
     to_labels_BHN = A_BHTT[:, :, q, 1:2 * n:2]                   # query -> label tokens
     mean_match = (to_labels_BHN * match_BN[:, None]).sum(-1) / jnp.maximum(match_BN.sum(-1), 1)[:, None]
     mean_other = (to_labels_BHN * other_BN[:, None]).sum(-1) / jnp.maximum(other_BN.sum(-1), 1)[:, None]
     IS.append(mean_match - mean_other)                            # [B, H]
+    DET.append(mean_match)
     a_BHT = jnp.diagonal(A_BHTT[:, :, 1:, :-1], axis1=2, axis2=3)  # A(i -> i-1), i = 1..T-1
     score_BHT = a_BHT - (1.0 - a_BHT) / i_T
     PT.append(score_BHT.mean(-1))
@@ -64,7 +68,8 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
   wsum = lambda x_B: jnp.einsum("b,b...->...", w, x_B)
   sums = dict(loss=wsum(loss_B), acc=wsum(correct_B),
               induction_strength=wsum(jnp.stack(IS, 1)), pt_score=wsum(jnp.stack(PT, 1)),
-              pt_score_labels=wsum(jnp.stack(PTL, 1)), pt_raw=wsum(jnp.stack(PTR, 1)))
+              pt_score_labels=wsum(jnp.stack(PTL, 1)), pt_raw=wsum(jnp.stack(PTR, 1)),
+              induction_detect=wsum(jnp.stack(DET, 1)))
   return sums, loss_B
 
 
@@ -86,7 +91,7 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   """Measures for K stacked checkpoints (x Q stacked clamp conditions, if given).
 
   Returns host arrays: loss, acc [K(, Q)]; induction_strength, pt_score,
-  pt_score_labels, pt_raw [K(, Q), L, H]; and with per_sequence=True,
+  pt_score_labels, pt_raw, induction_detect [K(, Q), L, H]; and with per_sequence=True,
   seq_loss [K(, Q), S].
   """
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
@@ -125,3 +130,12 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
 def conditions(specs: list[str], cfg: model_lib.ModelConfig) -> clamps_lib.Clamps:
   """Clamp spec strings -> a stacked clamp pytree (one row per spec)."""
   return clamps_lib.stack([clamps_lib.parse(s, cfg.num_layers, cfg.num_heads) for s in specs])
+
+
+def mean_patterns(params: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
+                  cfg: model_lib.ModelConfig) -> np.ndarray:
+  """[L, H, T, T] attention patterns averaged over the given sequences."""
+  batch = sampler.gather_features(features_CEF, idx)
+  sites = tuple(f"blocks.{l}.pattern" for l in range(cfg.num_layers))
+  _, aux = jax.jit(lambda p, b: model_lib.apply(p, b, None, cfg, sites=sites))(params, batch)
+  return np.stack([np.asarray(aux[s]).mean(0) for s in sites])

@@ -6,9 +6,13 @@ Writes into WORKDIR/analysis/:
                               PT score per first-layer head
   head_ablations_run<r>.csv   remove-one / keep-only-one at the final checkpoint
   additivity_run<r>.csv       cumulative add-back in strength order
+  layer_contributions_run<r>.csv  per checkpoint: loss with layer 1's direct path removed
+                              and with the last layer ablated (post-hoc clamps)
   wiring_run<r>_*.csv         layer-2 x layer-1 heatmaps (pp / pv, all-but-one / only-one)
   composition_run<r>_*.csv    K/Q/V composition scores (final and initial checkpoints)
-and the matching figures (PNG + PDF).
+and the matching figures (PNG + PDF), plus attention_patterns_run<r> (mean pattern of
+every head at the first checkpoint, the learning time and the last) and
+loss_pca_run<r> (per-sequence losses over checkpoints on their top 2 PCs).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ih_jax.analysis import ablation, composition, context, measures, timing
 
 def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoints: int = 100,
                     dense_size: int | None = None, wiring_size: int | None = 4096,
-                    do_wiring: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    do_wiring: bool = True, posthoc_size: int | None = 8192,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Computes and writes the analysis of `workdir`; returns a summary per run."""
   t0 = time.time()
   ctx = context.load_context(workdir)
@@ -44,6 +49,7 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
   steps = context.subsample_steps(ctx.checkpoint_steps(), num_checkpoints)
   idx = ctx.dense_set(dense_size)
   wiring_idx = ctx.dense_set(wiring_size) if do_wiring else None
+  posthoc_idx = ctx.dense_set(posthoc_size)
   log(f"[analyze] {len(ctx.runs)} run(s); {len(steps)} checkpoint(s) from "
       f"{steps[0]:,d} to {steps[-1]:,d} seqs; dense set of {idx.classes.shape[0]:,d} sequences")
   summary: dict[str, Any] = {}
@@ -60,6 +66,36 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
                                    learning_time=lt, name=f"progress_measures_{tag}")
     if "seq_loss" in m:
       plots.plot_pca_trajectory(out_dir, steps, m["seq_loss"], name=f"loss_pca_{tag}")
+
+    # Post-hoc clamps on every checkpoint (SPEC §6.6): layer 1's direct path removed
+    # (its heads ablated with patterns and values preserved), and layer 2 ablated.
+    contrib_specs = {"layer-1 direct path removed (pp+pv)":
+                     f"preserve_pattern;preserve_value;ablate:L1H0-{H - 1}",
+                     f"layer-{L} heads ablated": f"ablate:L{L}H0-{H - 1}"}
+    pc = measures.measure(params_K, ctx.features, posthoc_idx, cfg,
+                          measures.conditions(list(contrib_specs.values()), cfg))
+    base = measures.measure(params_K, ctx.features, posthoc_idx, cfg)
+    with open(os.path.join(out_dir, f"layer_contributions_{tag}.csv"), "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["seqs", "loss"] + list(contrib_specs))
+      for k, s_ in enumerate(steps):
+        w.writerow([s_, f"{base['loss'][k]:.6g}"] + [f"{pc['loss'][k, q]:.6g}"
+                                                    for q in range(len(contrib_specs))])
+    if len(steps) >= 2:
+      plots.plot_layer_contributions(
+          out_dir, steps, base["loss"],
+          {lab: pc["loss"][:, q] for q, lab in enumerate(contrib_specs)},
+          name=f"layer_contributions_{tag}")
+
+    # Mean attention patterns at the start, around the learning time and at the end.
+    picks = {0, len(steps) - 1}
+    if lt == lt:
+      picks.add(int(np.argmin(np.abs(np.asarray(steps) - lt))))
+    pat_idx = jax.tree.map(lambda x: x[:256], idx)
+    patterns = {f"{steps[k]:,d} seqs": measures.mean_patterns(
+        jax.tree.map(lambda x, k=k: x[k], params_K), ctx.features, pat_idx, cfg)
+        for k in sorted(picks)}
+    plots.plot_attention_patterns(out_dir, patterns, name=f"attention_patterns_{tag}")
 
     final = jax.tree.map(lambda x: x[-1], params_K)
     strength = is_KH[-1]
