@@ -3,6 +3,7 @@
   python -m experiments.analyze --workdir=demo_workdir
   python -m experiments.analyze --workdir=/tmp/ih_main --num_checkpoints=100 --dense_size=20000
   python -m experiments.analyze --workdir=/tmp/ih_grid/program_0 --runs=0,3 --nowiring
+  python -m experiments.analyze --workdir=/tmp/ih_grid    # a multi-program sweep: scaling curves
 
 Writes WORKDIR/analysis/*.csv and figures (PNG + PDF) and prints a summary per run
 (learning time, strongest induction heads, key ablation numbers). See
@@ -36,8 +37,14 @@ def main(argv):
   from ih_jax.analysis import report  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
   if os.path.exists(os.path.join(workdir, "sweep.json")):
-    raise app.UsageError(f"{workdir} is a multi-program sweep; analyse one program at a "
-                         f"time, e.g. --workdir={os.path.join(workdir, 'program_0')}")
+    # A multi-program sweep: learning times across programs and scaling curves; the
+    # per-checkpoint analysis runs per program (--workdir=WORKDIR/program_<k>).
+    rows = report.analyze_sweep(workdir)
+    for r in rows:
+      lt = r["learning_time"]
+      print(f"[analyze] {r['program']} run {r['run']} {r['condition']} seed {r['seed']} "
+            f"[{r['variant']}]: learning time {'never' if lt != lt else f'{lt:,.0f}'}")
+    return
   summary = report.analyze_workdir(
       workdir, runs=[int(r) for r in _RUNS.value] if _RUNS.value else None,
       num_checkpoints=_NUM_CKPT.value, dense_size=_DENSE.value,

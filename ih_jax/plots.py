@@ -236,3 +236,54 @@ def plot_layer_contributions(out_dir: str, seqs, base_loss, measures: dict[str, 
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, out_dir, name)
+
+
+def plot_learning_times(out_dir: str, phase_rows: list[dict], name: str = "learning_times"
+                        ) -> list[str]:
+  """Learning time per run (censored runs drawn at the right edge as open markers)."""
+  conds = list(dict.fromkeys(r["condition"] + (f" [{r['variant']}]" if r.get("variant") else "")
+                             for r in phase_rows))
+  finite = [r["learning_time"] for r in phase_rows if r["learning_time"] == r["learning_time"]]
+  edge = max(finite) * 1.1 if finite else 1.0
+  fig, ax = plt.subplots(figsize=(7, 0.45 * len(conds) + 1.6))
+  for r in phase_rows:
+    label = r["condition"] + (f" [{r['variant']}]" if r.get("variant") else "")
+    y = conds.index(label)
+    lt = r["learning_time"]
+    if lt == lt:
+      ax.scatter(lt, y, color="tab:blue")
+    else:
+      ax.scatter(edge, y, facecolors="none", edgecolors="tab:red")
+  ax.scatter([], [], facecolors="none", edgecolors="tab:red", label="never (censored)")
+  ax.set_yticks(range(len(conds)))
+  ax.set_yticklabels(conds, fontsize=8)
+  ax.set_xlabel("learning time (sequences seen to fsl_train loss < 0.4 ln 2)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, name)
+
+
+def plot_scaling(out_dir: str, rows: list[dict], field: str, xs: list[float]) -> list[str]:
+  """Learning time vs a grid field's value, one line per condition (mean over seeds)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  conds = list(dict.fromkeys(r["condition"] for r in rows))
+  top = max([r["learning_time"] for r in rows if r["learning_time"] == r["learning_time"]],
+            default=1.0) * 1.15
+  for i, cond in enumerate(conds):
+    color = plt.cm.tab10(i % 10)
+    pts = [(x, r["learning_time"]) for x, r in zip(xs, rows) if r["condition"] == cond]
+    for x, lt in pts:
+      if lt == lt:
+        ax.scatter(x, lt, color=color, s=14, alpha=0.6)
+      else:
+        ax.scatter(x, top, facecolors="none", edgecolors=color, s=30)
+    grid = sorted({x for x, _ in pts})
+    means = [np.mean([lt for x2, lt in pts if x2 == x and lt == lt] or [np.nan]) for x in grid]
+    ax.plot(grid, means, color=color, marker="o", label=cond)
+  ax.axhline(top, color="grey", ls=":", lw=0.8, label="never (censored), drawn here")
+  ax.set_xlabel(field)
+  ax.set_ylabel("learning time (sequences seen)")
+  ax.set_title(f"learning time vs {field}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, f"scaling_{field.replace('.', '_')}")

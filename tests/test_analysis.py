@@ -152,7 +152,8 @@ def test_analyze_cli_end_to_end(tmp_path):
   train = subprocess.run(
       common + ["experiments.train", "--config=experiments/configs/tiny.py", f"--workdir={wd}",
                 "--config.train.num_seqs=3200", "--config.checkpoint.every=1000",
-                "--config.sweep.conditions=('none',)", "--config.sweep.init_seeds=(5,)",
+                "--config.sweep.conditions=('none','single=keep_only:L2H0')",
+                "--config.sweep.init_seeds=(5,)",
                 "--noplot"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-2000:]
   proc = subprocess.run(
@@ -165,8 +166,42 @@ def test_analyze_cli_end_to_end(tmp_path):
             "additivity_run0.csv", "wiring_run0_all_but_one_pv.csv", "composition_run0_k.csv",
             "progress_measures_run0.png", "wiring_run0.png", "loss_pca_run0.png",
             "layer_contributions_run0.csv", "layer_contributions_run0.png",
-            "attention_patterns_run0.png"):
+            "attention_patterns_run0.png", "mistake_fixing_run0.csv",
+            "perfected_match_run1.csv", "learning_times.png", "subcircuits_run1.csv",
+            "subcircuits_run1.png"):
     assert f in names, f
+  assert "subcircuits_run0.csv" not in names  # run 0 is not a single-head run
   with open(os.path.join(wd, "analysis", "progress_run0.csv")) as f:
     rows = f.read().strip().splitlines()
   assert len(rows) == 1 + 5  # header + checkpoints 0, 1024, 2016, 3008, 3200
+
+
+def test_mistake_fixing_invariants(params, cfg, feature_table, dense):
+  strength = np.arange(8.0)  # pretend head 7 is the strongest
+  t = ablation.mistake_fixing(params, feature_table, dense, cfg, strength)
+  wrong = t["strongest_mistakes"][0]
+  assert 0 < wrong <= 300
+  assert t["fixes_strongest_mistakes"][7] == 0.0  # a head never fixes its own mistakes
+  np.testing.assert_allclose(t["acc"][7], 1 - wrong / 300, atol=1e-6)
+  pm = ablation.mistake_fixing(params, feature_table, dense, cfg, strength, perfected=True)
+  assert {f"acc_label{c}" for c in range(5)} <= set(pm)
+
+
+def test_sweep_scaling_figure(tmp_path):
+  from ih_jax import train  # pylint: disable=g-import-not-at-top
+  from ih_jax.analysis import report  # pylint: disable=g-import-not-at-top
+  from ih_jax.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  cfg = ExperimentConfig.from_dict({
+      "train": {"num_seqs": 640, "eval_every": 320, "progress_every_s": 0},
+      "sweep": {"conditions": ["none"], "init_seeds": [5, 6],
+                "grid": ["model.num_labels=5,10"]},
+      "evaluators": [{"name": "fsl_train", "size": 64}]})
+  wd = str(tmp_path / "grid")
+  train.train_and_evaluate(cfg, wd, verbose=False)
+  rows = report.analyze_sweep(wd, log=lambda _: None)
+  assert sorted((r["grid:model.num_labels"], r["seed"]) for r in rows) == [
+      ("10", 5), ("10", 6), ("5", 5), ("5", 6)]
+  assert all(math.isnan(r["learning_time"]) for r in rows)  # 640 seqs: nothing learned
+  out = os.path.join(wd, "analysis")
+  assert os.path.getsize(os.path.join(out, "scaling_model_num_labels.png")) > 1000
+  assert os.path.exists(os.path.join(out, "sweep_phase_times.csv"))

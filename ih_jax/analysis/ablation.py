@@ -46,6 +46,36 @@ def head_ablations(params: Any, features, idx, cfg: ModelConfig,
               full_acc=[float(res["acc"][0])] * H, full_loss=[float(res["loss"][0])] * H)
 
 
+def mistake_fixing(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarray, *,
+                   perfected: bool = False, **kw) -> dict[str, list]:
+  """SPEC §6.3 / §6.6: which heads fix the strongest head's mistakes.
+
+  only_h keeps one last-layer head (with `perfected`, also IH-clamps it: pm_only_h).
+  R = the sequences only_STRONGEST gets wrong; per head: accuracy of only_h, the
+  fraction of R it gets right, and (perfected) its mistakes per output label.
+  """
+  L, H = cfg.num_layers, cfg.num_heads
+  clamp = (lambda h: f"keep_only:L{L}H{h};ih:L{L}H{h}") if perfected else \
+      (lambda h: f"keep_only:L{L}H{h}")
+  res = evaluate_conditions(params, [clamp(h) for h in range(H)], features, idx, cfg,
+                            per_sequence=True, **kw)
+  correct_QS = res["seq_correct"] > 0.5
+  strongest = int(np.argmax(strength))
+  wrong = ~correct_QS[strongest]
+  fixed = [float(correct_QS[h][wrong].mean()) if wrong.any() else float("nan")
+           for h in range(H)]
+  labels = np.asarray(idx.labels)[:, -1]
+  table = dict(head=[f"L{L}H{h}" for h in range(H)],
+               induction_strength=[float(x) for x in strength],
+               acc=res["acc"].tolist(), fixes_strongest_mistakes=fixed,
+               strongest_mistakes=[int(wrong.sum())] * H)
+  if perfected:
+    for c in range(cfg.num_labels):
+      table[f"acc_label{c}"] = [float(correct_QS[h][labels == c].mean())
+                                if (labels == c).any() else float("nan") for h in range(H)]
+  return table
+
+
 def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarray,
                **kw) -> dict[str, list]:
   """Loss as last-layer heads are switched on cumulatively in decreasing strength.

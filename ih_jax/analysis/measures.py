@@ -36,7 +36,7 @@ from ih_jax.data import sampler
 def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
                    cfg: model_lib.ModelConfig, clamps: clamps_lib.Clamps | None = None,
                    plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS) -> tuple[dict, jax.Array]:
-  """Weighted sums of every measure over one batch, and the per-sequence loss [B]."""
+  """Weighted sums of every measure over one batch, and per-sequence [loss, correct] [B, 2]."""
   L = cfg.num_layers
   sites = tuple(f"blocks.{l}.pattern" for l in range(L))
   logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites)
@@ -70,7 +70,7 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
               induction_strength=wsum(jnp.stack(IS, 1)), pt_score=wsum(jnp.stack(PT, 1)),
               pt_score_labels=wsum(jnp.stack(PTL, 1)), pt_raw=wsum(jnp.stack(PTR, 1)),
               induction_detect=wsum(jnp.stack(DET, 1)))
-  return sums, loss_B
+  return sums, jnp.stack([loss_B, correct_B], axis=-1)
 
 
 def _chunks(idx: sampler.SequenceIndices, seq_batch: int):
@@ -92,7 +92,7 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
 
   Returns host arrays: loss, acc [K(, Q)]; induction_strength, pt_score,
   pt_score_labels, pt_raw, induction_detect [K(, Q), L, H]; and with per_sequence=True,
-  seq_loss [K(, Q), S].
+  seq_loss and seq_correct (0/1) [K(, Q), S].
   """
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
@@ -111,7 +111,8 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
     sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))
     out = jax.tree.map(lambda x: x / S, sums)
     if per_sequence:
-      out["seq_loss"] = losses.reshape(-1)[:S]
+      flat = losses.reshape(-1, 2)[:S]
+      out["seq_loss"], out["seq_correct"] = flat[:, 0], flat[:, 1]
     return out
 
   @jax.jit

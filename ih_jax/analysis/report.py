@@ -6,6 +6,12 @@ Writes into WORKDIR/analysis/:
                               PT score per first-layer head
   head_ablations_run<r>.csv   remove-one / keep-only-one at the final checkpoint
   additivity_run<r>.csv       cumulative add-back in strength order
+  mistake_fixing_run<r>.csv   per head: accuracy of keep-only-h, fraction of the strongest
+                              head's mistakes it gets right
+  perfected_match_run<r>.csv  the same with the kept head IH-clamped (pm_only_h), plus
+                              accuracy per output label
+  subcircuits_run<r>.csv      single-head runs only: loss under the composite (PT clamp)
+                              and copy (IH clamp) subcircuit clamps over training
   layer_contributions_run<r>.csv  per checkpoint: loss with layer 1's direct path removed
                               and with the last layer ablated (post-hoc clamps)
   wiring_run<r>_*.csv         layer-2 x layer-1 heatmaps (pp / pv, all-but-one / only-one)
@@ -45,6 +51,8 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
   phase = timing.run_phase_table(workdir_lib.read_metrics(workdir))
   _write_rows(os.path.join(out_dir, "phase_times.csv"), phase)
   plots.plot_training_curves(workdir)
+  if len(phase) > 1:
+    plots.plot_learning_times(out_dir, phase)
 
   steps = context.subsample_steps(ctx.checkpoint_steps(), num_checkpoints)
   idx = ctx.dense_set(dense_size)
@@ -104,6 +112,27 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
     plots.plot_ablations(out_dir, abl, name=f"head_ablations_{tag}")
     add = ablation.additivity(final, ctx.features, idx, cfg, strength)
     ablation.write_csv(os.path.join(out_dir, f"additivity_{tag}.csv"), add)
+    for perfected, stem in ((False, "mistake_fixing"), (True, "perfected_match")):
+      ablation.write_csv(os.path.join(out_dir, f"{stem}_{tag}.csv"), ablation.mistake_fixing(
+          final, ctx.features, idx, cfg, strength, perfected=perfected))
+
+    # A single-head run (all other last-layer heads ablated, SPEC's "None" condition):
+    # the composite (PT clamp) and copy (IH clamp) subcircuit measures over training.
+    kept = _single_kept_head(info["spec"], cfg)
+    if kept is not None and len(steps) >= 2:
+      pt_head = int(np.argmax(pt_KH[-1]))
+      sub_specs = {f"composite subcircuit (PT clamp on L1H{pt_head})":
+                   f"keep_only:L{L}H{kept};pt:L1H{pt_head}",
+                   f"copy subcircuit (IH clamp on L{L}H{kept})":
+                   f"keep_only:L{L}H{kept};ih:L{L}H{kept}"}
+      sub = measures.measure(params_K, ctx.features, posthoc_idx, cfg,
+                             measures.conditions(list(sub_specs.values()), cfg))
+      ablation.write_csv(os.path.join(out_dir, f"subcircuits_{tag}.csv"), dict(
+          seqs=list(steps), loss=base["loss"].tolist(),
+          **{lab: sub["loss"][:, q].tolist() for q, lab in enumerate(sub_specs)}))
+      plots.plot_layer_contributions(
+          out_dir, steps, base["loss"], {lab: sub["loss"][:, q] for q, lab in
+                                         enumerate(sub_specs)}, name=f"subcircuits_{tag}")
 
     comp = composition.composition_scores(final, H)
     comp0 = composition.composition_scores(jax.tree.map(lambda x: x[0], params_K), H)
@@ -141,6 +170,19 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
   return summary
 
 
+def _single_kept_head(spec: str, cfg) -> int | None:
+  """The one last-layer head a plain REST-ablation run keeps, else None."""
+  from ih_jax import clamps as clamps_lib  # pylint: disable=g-import-not-at-top
+  c = clamps_lib.parse(spec, cfg.num_layers, cfg.num_heads)
+  keep = np.asarray(c["v_keep"])
+  plain = (keep[:-1].all() and not np.asarray(c["pt_on"]).any() and
+           not np.asarray(c["ih_on"]).any() and not np.asarray(c["copy_on"]).any() and
+           not float(c["perfect_l1"]) and not float(c["preserve_pattern"]) and
+           not float(c["preserve_value"]))
+  kept = np.nonzero(keep[-1])[0]
+  return int(kept[0]) if plain and len(kept) == 1 else None
+
+
 def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
   if not rows:
     return
@@ -161,3 +203,41 @@ def _write_progress(path: str, steps: list[int], m: dict[str, np.ndarray], L: in
                  [f"{v:.6g}" for v in m["induction_strength"][k, L - 1]] +
                  [f"{v:.6g}" for v in m["pt_score"][k, 0]] +
                  [f"{v:.6g}" for v in m["pt_score_labels"][k, 0]])
+
+
+def analyze_sweep(workdir: str, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Learning time per run across every program of a multi-program sweep.
+
+  Writes WORKDIR/analysis/sweep_phase_times.csv and, for each numeric grid field,
+  scaling_<field>.png: learning time vs the field's value, one line per condition
+  (mean over seeds; censored runs shown as open markers), e.g. the class / label
+  scaling curves of a `model.num_labels=5,10,15` grid.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    programs = json.load(f)
+  rows = []
+  for prog in programs:
+    sub = os.path.join(workdir, prog["workdir"])
+    if not os.path.exists(os.path.join(sub, workdir_lib.METRICS_CSV)):
+      log(f"[analyze] {sub}: no metrics yet, skipped")
+      continue
+    for r in timing.run_phase_table(workdir_lib.read_metrics(sub)):
+      fields = dict(kv.split("=", 1) for kv in r["variant"].split(";") if "=" in kv)
+      rows.append(dict(program=prog["workdir"], **r, **{f"grid:{k}": v for k, v in
+                                                        fields.items()}))
+  out_dir = os.path.join(workdir, "analysis")
+  os.makedirs(out_dir, exist_ok=True)
+  keys = sorted({k for r in rows for k in r})
+  with open(os.path.join(out_dir, "sweep_phase_times.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  for field in sorted({k for r in rows for k in r if k.startswith("grid:")}):
+    try:
+      xs = [float(r[field]) for r in rows]
+    except (KeyError, ValueError):
+      continue  # a non-numeric grid field has no scaling curve
+    plots.plot_scaling(out_dir, rows, field[len("grid:"):], xs)
+  log(f"[analyze] sweep of {len(programs)} programs, {len(rows)} runs; outputs in {out_dir}")
+  return rows
