@@ -26,6 +26,9 @@ _WIRING_SIZE = flags.DEFINE_integer("wiring_size", 4096, "Sequences for the 264 
 _WIRING = flags.DEFINE_bool("wiring", True, "Compute the wiring heatmaps.")
 _POSTHOC = flags.DEFINE_integer("posthoc_size", 8192, "Sequences for the post-hoc clamp "
                                 "measures over checkpoints (0 = the whole dense set).")
+_L1_SETS = flags.DEFINE_list("l1_sets", None, "Layer-1 head sets for the pp/pv set ablations, "
+                             "separated by '|', e.g. --l1_sets='L1H3,L1H6|L1H0-2' (default: "
+                             "the 3 strongest PT heads, and the rest).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -49,7 +52,7 @@ def main(argv):
       workdir, runs=[int(r) for r in _RUNS.value] if _RUNS.value else None,
       num_checkpoints=_NUM_CKPT.value, dense_size=_DENSE.value,
       wiring_size=_WIRING_SIZE.value or None, do_wiring=_WIRING.value,
-      posthoc_size=_POSTHOC.value or None)
+      posthoc_size=_POSTHOC.value or None, l1_sets=_l1_sets())
   for tag, s in summary.items():
     lt = s["learning_time"]
     print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}): learning time "
@@ -58,8 +61,17 @@ def main(argv):
     print(f"          strongest induction heads {s['strongest_heads']}; PT head {s['pt_head']}")
     print(f"          keep only strongest: acc {s['only_strongest_acc']:.3f}; remove it: acc "
           f"{s['remove_strongest_acc']:.3f}; add-back losses {s['additive_losses']}")
+    print(f"          layer-1 set ablations (acc): {json.dumps(s['layer1_sets'])}")
     if s["wiring"]:
       print(f"          wiring: {json.dumps(s['wiring'])}")
+
+
+def _l1_sets():
+  # DEFINE_list splits on commas, but a set is itself a comma list: sets are separated
+  # by '|' instead, e.g. --l1_sets="L1H3,L1H6|L1H0-2".
+  if not _L1_SETS.value:
+    return None
+  return [s.strip() for s in ",".join(_L1_SETS.value).split("|") if s.strip()]
 
 
 if __name__ == "__main__":

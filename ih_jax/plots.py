@@ -63,14 +63,7 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
   for ax in list(axes.flat)[len(sets):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8, loc="upper right")
-  fig.tight_layout()
-  paths = []
-  for ext in ("png", "pdf"):
-    path = os.path.join(workdir, f"{out_name}.{ext}")
-    fig.savefig(path, dpi=120)
-    paths.append(path)
-  plt.close(fig)
-  return paths
+  return _save(fig, workdir, out_name)
 
 
 def _save(fig, out_dir: str, name: str) -> list[str]:

@@ -1,4 +1,5 @@
 """Analysis measures on cases with known answers; timing, toy model, figures, CLI."""
+import csv
 import math
 import os
 import subprocess
@@ -158,7 +159,8 @@ def test_analyze_cli_end_to_end(tmp_path):
   assert train.returncode == 0, train.stderr[-2000:]
   proc = subprocess.run(
       common + ["experiments.analyze", f"--workdir={wd}", "--dense_size=256",
-                "--wiring_size=64", "--posthoc_size=128"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                "--wiring_size=64", "--posthoc_size=128", "--l1_sets=L1H0,L1H3|L1H5"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "strongest induction heads" in proc.stdout and "learning time" in proc.stdout
   names = set(os.listdir(os.path.join(wd, "analysis")))
@@ -167,10 +169,12 @@ def test_analyze_cli_end_to_end(tmp_path):
             "progress_measures_run0.png", "wiring_run0.png", "loss_pca_run0.png",
             "layer_contributions_run0.csv", "layer_contributions_run0.png",
             "attention_patterns_run0.png", "mistake_fixing_run0.csv",
-            "perfected_match_run1.csv", "learning_times.png", "subcircuits_run1.csv",
+            "perfected_match_run1.csv", "learning_times.png", "layer1_set_ablations_run0.csv", "subcircuits_run1.csv",
             "subcircuits_run1.png"):
     assert f in names, f
   assert "subcircuits_run0.csv" not in names  # run 0 is not a single-head run
+  with open(os.path.join(wd, "analysis", "layer1_set_ablations_run0.csv")) as f:
+    assert [r["heads"] for r in csv.DictReader(f)] == ["L1H0,L1H3", "L1H5"]
   with open(os.path.join(wd, "analysis", "progress_run0.csv")) as f:
     rows = f.read().strip().splitlines()
   assert len(rows) == 1 + 5  # header + checkpoints 0, 1024, 2016, 3008, 3200

@@ -64,6 +64,14 @@ def crash_after_saves(monkeypatch, n_saves):
   monkeypatch.setattr(ckpt_lib.RunCheckpointer, "save", save)
 
 
+def crashed_run(monkeypatch, wd, n_saves):
+  """A run of cfg_with_checkpoints() in `wd` that dies after its n-th checkpoint."""
+  crash_after_saves(monkeypatch, n_saves)
+  with pytest.raises(Crash):
+    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
+  monkeypatch.undo()
+
+
 def assert_same_outputs(wd_a, wd_b):
   for f in ("metrics.csv", "train_log.csv"):
     assert read(os.path.join(wd_a, f)) == read(os.path.join(wd_b, f)), f
@@ -111,11 +119,8 @@ def test_schedule_union():
 def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
   wd_full, _ = uninterrupted
   wd = str(tmp_path / "crashed")
-  crash_after_saves(monkeypatch, 3)  # dies after the checkpoint at 1280 seqs
-  with pytest.raises(Crash):
-    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
+  crashed_run(monkeypatch, wd, 3)  # dies after the checkpoint at 1280 seqs
   assert ckpt_lib.list_steps(wd) == [0, 640, 1280]
-  monkeypatch.undo()
   train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
   assert_same_outputs(wd_full, wd)
 
@@ -123,10 +128,7 @@ def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path, monkey
 def test_corrupt_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, monkeypatch, capsys):
   wd_full, _ = uninterrupted
   wd = str(tmp_path / "corrupt")
-  crash_after_saves(monkeypatch, 3)
-  with pytest.raises(Crash):
-    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
-  monkeypatch.undo()
+  crashed_run(monkeypatch, wd, 3)
   # Flip one byte in every data file of the newest checkpoint.
   for f in glob.glob(os.path.join(wd, "checkpoints", "1280", "**", "d", "*"), recursive=True):
     data = bytearray(read_bytes(f))
@@ -245,10 +247,7 @@ def test_relative_workdir(tmp_path, monkeypatch):
 
 def test_no_readable_checkpoint_refuses_to_restart_silently(tmp_path, monkeypatch):
   wd = str(tmp_path / "allbad")
-  crash_after_saves(monkeypatch, 2)
-  with pytest.raises(Crash):
-    train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
-  monkeypatch.undo()
+  crashed_run(monkeypatch, wd, 2)
   for f in glob.glob(os.path.join(wd, "checkpoints", "*", "**", "d", "*"), recursive=True):
     with open(f, "r+b") as fh:
       fh.truncate(8)

@@ -14,6 +14,8 @@ Writes into WORKDIR/analysis/:
                               and copy (IH clamp) subcircuit clamps over training
   layer_contributions_run<r>.csv  per checkpoint: loss with layer 1's direct path removed
                               and with the last layer ablated (post-hoc clamps)
+  layer1_set_ablations_run<r>.csv  accuracy with sets of layer-1 heads ablated under
+                              pattern- and value-preservation (default: top-3 PT heads, rest)
   wiring_run<r>_*.csv         layer-2 x layer-1 heatmaps (pp / pv, all-but-one / only-one)
   composition_run<r>_*.csv    K/Q/V composition scores (final and initial checkpoints)
 and the matching figures (PNG + PDF), plus attention_patterns_run<r> (mean pattern of
@@ -39,6 +41,7 @@ from ih_jax.analysis import ablation, composition, context, measures, timing
 def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoints: int = 100,
                     dense_size: int | None = None, wiring_size: int | None = 4096,
                     do_wiring: bool = True, posthoc_size: int | None = 8192,
+                    l1_sets: list[str] | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
   """Computes and writes the analysis of `workdir`; returns a summary per run."""
   t0 = time.time()
@@ -134,6 +137,15 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
           out_dir, steps, base["loss"], {lab: sub["loss"][:, q] for q, lab in
                                          enumerate(sub_specs)}, name=f"subcircuits_{tag}")
 
+    # Layer-1 head sets under pattern- / value-preserving ablation (SPEC §6.4): the
+    # given sets, or by default the 3 strongest PT heads vs the rest.
+    pt_order = [int(h) for h in np.argsort(-pt_KH[-1])]
+    sets = l1_sets or [",".join(f"L1H{h}" for h in sorted(pt_order[:3])),
+                       ",".join(f"L1H{h}" for h in sorted(pt_order[3:]))]
+    set_rows = [ablation.layer_set_ablation(final, ctx.features, idx, cfg, heads)
+                for heads in sets]
+    _write_rows(os.path.join(out_dir, f"layer1_set_ablations_{tag}.csv"), set_rows)
+
     comp = composition.composition_scores(final, H)
     comp0 = composition.composition_scores(jax.tree.map(lambda x: x[0], params_K), H)
     for x in "qkv":
@@ -165,7 +177,9 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
         pt_head=f"L1H{int(np.argmax(pt_KH[-1]))}",
         only_strongest_acc=abl["only_acc"][order[0]],
         remove_strongest_acc=abl["remove_acc"][order[0]],
-        additive_losses=[round(x, 4) for x in add["loss"][:4]], wiring=wiring_summary)
+        additive_losses=[round(x, 4) for x in add["loss"][:4]], wiring=wiring_summary,
+        layer1_sets={r["heads"]: dict(pp=round(r["pp"], 3), pv=round(r["pv"], 3))
+                     for r in set_rows})
   log(f"[analyze] done in {time.time() - t0:.1f}s; outputs in {out_dir}")
   return summary
 
