@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ih_jax import clamps as clamps_lib
-from ih_jax.data.sampler import Batch
+from ih_jax.data.sampler import Batch, IndexedFeatures
 
 MASK_FILL = -1e20   # causal mask fill (pre-softmax), as in the authors' code
 COPY_FILL = -1e9    # perfect-copy logits for labels absent from the context
@@ -158,11 +158,20 @@ class Transformer(nn.Module):
     self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps)
     self.unembed = nn.Dense(cfg.num_labels)
 
-  def embed(self, x_BNF: jax.Array, y_BN: jax.Array) -> jax.Array:
-    """[e_x0, e_y0, ..., e_x(n-1), e_y(n-1), e_xq]; the query's label is never input."""
-    B, N, _ = x_BNF.shape
-    ex_BND = self.embed_x(x_BNF)
-    ey_BND = self.embed_y(jax.nn.one_hot(y_BN[:, :-1], self.cfg.num_labels, dtype=x_BNF.dtype))
+  def embed(self, x_BNF, y_BN: jax.Array) -> jax.Array:
+    """[e_x0, e_y0, ..., e_x(n-1), e_y(n-1), e_xq]; the query's label is never input.
+
+    `x_BNF` is the gathered features [B, N, F], or an IndexedFeatures (table [U, F],
+    ids [B, N]): then each distinct exemplar is embedded once and gathered.
+    """
+    if isinstance(x_BNF, IndexedFeatures):
+      ex_BND = self.embed_x(x_BNF.table)[x_BNF.ids]
+      dtype = x_BNF.table.dtype
+    else:
+      ex_BND = self.embed_x(x_BNF)
+      dtype = x_BNF.dtype
+    B, N, _ = ex_BND.shape
+    ey_BND = self.embed_y(jax.nn.one_hot(y_BN[:, :-1], self.cfg.num_labels, dtype=dtype))
     pairs = jnp.stack([ex_BND[:, :-1], ey_BND], axis=2).reshape(B, 2 * (N - 1), -1)
     return jnp.concatenate([pairs, ex_BND[:, -1:]], axis=1)
 

@@ -58,7 +58,7 @@ class Experiment:
   features: jax.Array                    # [V, classes, exemplars, F]
   splits: splits_lib.Splits
   train_spec: sampler.SamplerSpec
-  eval_batches: dict[str, sampler.Batch]  # leaves [V, ...]
+  eval_batches: dict[str, sampler.Batch]  # leaves [V, ...]; x is IndexedFeatures
   runs: list[Run]                        # the real runs (R)
   run_variant: np.ndarray                # [R_pad] variant index of each (padded) run
   run_init_seeds: np.ndarray             # [R_pad] init seed of each (padded) run
@@ -140,8 +140,8 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
                                   cfg.task.exemplar_split, cfg.task.pair_weights)
   eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
                                         cfg.task.num_context)
-  eval_batches = {k: jax.vmap(lambda f, i=v: sampler.gather_features(f, i))(feats)
-                  for k, v in eval_idx.items()}
+  # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
+  eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
   conds = program_conditions(program)
   runs = program_runs(program)
   specs: list[RunSpec] = list(program.runs)
@@ -292,16 +292,22 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
   def chunk(state: TrainState, n_steps, do_eval, clamps_R, feats_V, batches_V):
+    table_V, lookups = jax.vmap(lambda f: sampler.compact_table(f, exp.train_spec))(feats_V)
+    lookup = lookups[0]  # the same for every variant (same shapes and splits)
+
     def body(i, carry):
       params, opt_state, data_key_V, losses, gnorms = carry
       keys = jax.vmap(jax.random.split)(data_key_V)
       data_key_V, batch_key_V = keys[:, 0], keys[:, 1]
+      # Training sees few distinct exemplars (50 classes x 1 exemplar in the paper):
+      # they are embedded once per step and gathered (IndexedFeatures).
       if V == 1:  # one batch shared by every run (it depends only on train_seed)
-        batch = sampler.sample_batch(batch_key_V[0], feats_V[0], exp.train_spec, B, n)
+        batch = sampler.sample_indexed_batch(batch_key_V[0], table_V[0], lookup,
+                                             exp.train_spec, B, n)
         batch_axis = None
       else:       # each run trains on its variant's batch
-        batch_V = jax.vmap(lambda k, f: sampler.sample_batch(k, f, exp.train_spec, B, n))(
-            batch_key_V, feats_V)
+        batch_V = jax.vmap(lambda k, t: sampler.sample_indexed_batch(
+            k, t, lookup, exp.train_spec, B, n))(batch_key_V, table_V)
         batch = jax.tree.map(lambda x: x[run_variant], batch_V)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(

@@ -61,8 +61,10 @@ def test_unclamped_eval_differs_only_for_clamped_runs(sweep_result):
   def final(cond, clamped):
     return [r["loss"] for r in res.metrics if r["condition"] == cond and r["seqs"] == 640
             and r["clamped"] == clamped]
-  assert final("none", 1) == final("none", 0)
-  assert final("match", 1) != final("match", 0)
+  # The clamped evaluation of an unclamped run goes through the clamp machinery with
+  # identity clamps (another op order), so equal up to float32 rounding only.
+  np.testing.assert_allclose(final("none", 1), final("none", 0), rtol=1e-6)
+  assert np.abs(np.subtract(final("match", 1), final("match", 0))).min() > 1e-3
 
 
 def test_vmap_equals_separate_runs(sweep_result):

@@ -29,8 +29,18 @@ class SequenceIndices(NamedTuple):
 
 
 class Batch(NamedTuple):
-  x: jax.Array  # [B, n+1, F] exemplar features
+  x: "jax.Array | IndexedFeatures"  # [B, n+1, F] exemplar features (or table rows)
   y: jax.Array  # [B, n+1] labels; y[:, -1] is the target and is never fed to the model
+
+
+class IndexedFeatures(NamedTuple):
+  """Features as rows of a small table: x[b, i] = table[ids[b, i]].
+
+  The model embeds each table row once and gathers (cheaper than embedding every
+  token when few distinct exemplars occur, e.g. 50 in training).
+  """
+  table: jax.Array  # [U, F]
+  ids: jax.Array    # [B, N] int32 rows of `table`
 
 
 class SamplerSpec(NamedTuple):
@@ -97,3 +107,36 @@ def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:
 def sample_batch(key: jax.Array, features_CEF: jax.Array, spec: SamplerSpec,
                  batch_size: int, num_context: int) -> Batch:
   return gather_features(features_CEF, sample_indices(key, spec, batch_size, num_context))
+
+
+def compact_table(features_CEF: jax.Array, spec: SamplerSpec) -> tuple[jax.Array, jax.Array]:
+  """(table [K*E, F] of the spec's (class, exemplar) rows, lookup [C, E] -> row id)."""
+  C, E, F = features_CEF.shape
+  K, Es = spec.classes.shape[0], spec.exemplars.shape[0]
+  table = features_CEF[spec.classes][:, spec.exemplars].reshape(K * Es, F)
+  lookup = jnp.zeros((C, E), jnp.int32).at[spec.classes[:, None], spec.exemplars[None, :]].set(
+      jnp.arange(K * Es, dtype=jnp.int32).reshape(K, Es))
+  return table, lookup
+
+
+def sample_indexed_batch(key: jax.Array, table: jax.Array, lookup: jax.Array,
+                         spec: SamplerSpec, batch_size: int, num_context: int) -> Batch:
+  """`sample_batch`'s sequences with features as rows of `compact_table`'s table."""
+  idx = sample_indices(key, spec, batch_size, num_context)
+  return Batch(x=IndexedFeatures(table, lookup[idx.classes, idx.exemplars]), y=idx.labels)
+
+
+def indexed_set(features_VCEF: jax.Array, idx: SequenceIndices) -> Batch:
+  """A fixed sequence set with features as table rows, for V feature tables.
+
+  Leaves get a leading [V] axis: table [V, U, F] holds the U distinct (class,
+  exemplar) rows the set uses (host-side np.unique), ids [V, S, N] index them.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  pairs = np.stack([np.asarray(idx.classes).ravel(), np.asarray(idx.exemplars).ravel()], 1)
+  rows, inverse = np.unique(pairs, axis=0, return_inverse=True)
+  table = features_VCEF[:, rows[:, 0], rows[:, 1]]
+  V = features_VCEF.shape[0]
+  ids = jnp.asarray(inverse.reshape(idx.classes.shape), jnp.int32)
+  return Batch(x=IndexedFeatures(table, jnp.broadcast_to(ids, (V,) + ids.shape)),
+               y=jnp.broadcast_to(idx.labels, (V,) + idx.labels.shape))
