@@ -85,18 +85,6 @@ def _restore_target(ckptr, step: int, template: dict[str, Any]) -> dict[str, Any
                          fingerprint=plain(train["fingerprint"])))
 
 
-def _host_abstract(ckptr, step: int, names: tuple[str, ...]) -> dict[str, Any]:
-  """Restore targets from the checkpoint's own metadata, on the host CPU.
-
-  Restoring to host by the saved shapes works whatever topology (device count,
-  padding of the runs axis) saved it; the caller re-pads and places the arrays.
-  """
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  meta = ckptr.checkpointables_metadata(step).metadata
-  return {n: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
-                          meta[n]) for n in names}
-
-
 def _first_line(e: BaseException) -> str:
   """The innermost cause of an Orbax error, on one line (Orbax wraps them deeply)."""
   while e.__cause__ is not None:

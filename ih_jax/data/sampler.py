@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Item type tags, per position of [context..., query].
 BURSTY, DISTRACTOR, OTHER, QUERY = 0, 1, 2, 3
@@ -132,7 +133,6 @@ def indexed_set(features_VCEF: jax.Array, idx: SequenceIndices) -> Batch:
   Leaves get a leading [V] axis: table [V, U, F] holds the U distinct (class,
   exemplar) rows the set uses (host-side np.unique), ids [V, S, N] index them.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   pairs = np.stack([np.asarray(idx.classes).ravel(), np.asarray(idx.exemplars).ravel()], 1)
   rows, inverse = np.unique(pairs, axis=0, return_inverse=True)
   table = features_VCEF[:, rows[:, 0], rows[:, 1]]
