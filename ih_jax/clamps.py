@@ -12,6 +12,11 @@ Leaves (per run; L layers, H heads):
   preserve_value    []  bool   all layers' values   := those of a clean pass
   copy_on           [H] bool   perfect copy from this last-layer head (at most one)
   perfect_l1        []  bool   synthetic block-0 residual of SPEC §4.2f
+  graft_on          []  bool   graft-in (SPEC §4.2g): the residual after block 0 := a
+                               frozen donor model's (its embeddings + its layer 0)
+  graft_donor       []  int32  which donor (index into the program's donor list)
+A program whose runs graft also carries `graft_params` (the donor's params tree per
+run, under stop_gradient); see ih_jax.program.
 
 Head names. Specs accept paper numbering `L2H3` (layers 1-based as in the paper,
 heads 0-based) and code numbering `1:3` (both 0-based); they name the same head.
@@ -25,6 +30,7 @@ Spec grammar (clauses joined by ';'):
   ih:HEADS[@s]   (alias match)  induction clamp on the query row, strength s (default 1)
   copy:HEAD                     perfect copy from one last-layer head
   perfect_l1                    perfect previous-token input into layer 1 (L >= 2)
+  graft:NAME                    graft-in from the donor named NAME (sweep.donors)
   preserve_pattern | preserve_value
 Example: "ih:L2H3;keep_only:L2H3" = perfect match on L2H3, the other L2 heads ablated.
 """
@@ -41,7 +47,8 @@ Clamps = dict[str, Any]  # leaf name -> array (numpy on the host, jax inside jit
 Head = tuple[int, int]   # (layer, head), 0-based code numbering
 
 CLAMP_KEYS = ("v_keep", "pt_on", "pt_strength", "ih_on", "ih_strength",
-              "preserve_pattern", "preserve_value", "copy_on", "perfect_l1")
+              "preserve_pattern", "preserve_value", "copy_on", "perfect_l1",
+              "graft_on", "graft_donor")
 
 
 def identity(num_layers: int, num_heads: int) -> Clamps:
@@ -51,7 +58,8 @@ def identity(num_layers: int, num_heads: int) -> Clamps:
       pt_on=np.zeros((L, H), bool), pt_strength=np.ones((L, H), np.float32),
       ih_on=np.zeros((L, H), bool), ih_strength=np.ones((L, H), np.float32),
       preserve_pattern=np.zeros((), bool), preserve_value=np.zeros((), bool),
-      copy_on=np.zeros((H,), bool), perfect_l1=np.zeros((), bool))
+      copy_on=np.zeros((H,), bool), perfect_l1=np.zeros((), bool),
+      graft_on=np.zeros((), bool), graft_donor=np.zeros((), np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,7 @@ class ClampPlan:
   preserve_value: bool = False
   copy: bool = False
   perfect_l1: bool = False
+  graft: bool = False
   # Perfect copy reads a clean pass's scores. When every copying run clamps nothing
   # else, its main pass *is* a clean pass and the extra pass is skipped.
   copy_needs_clean_pass: bool = False
@@ -77,7 +86,7 @@ class ClampPlan:
 
   @property
   def num_passes(self) -> int:
-    return 1 + int(self.needs_clean_pass) + int(self.perfect_l1)
+    return 1 + int(self.needs_clean_pass) + int(self.perfect_l1) + int(self.graft)
 
 
 NO_CLAMPS = ClampPlan()
@@ -88,12 +97,13 @@ def _other_manipulations(c: Clamps) -> np.ndarray:
   red = lambda a: a.reshape(a.shape[0], -1).any(axis=1)
   return (red(np.asarray(c["v_keep"]) != 1) | red(np.asarray(c["pt_on"]))
           | red(np.asarray(c["ih_on"])) | red(np.asarray(c["preserve_pattern"]))
-          | red(np.asarray(c["preserve_value"])) | red(np.asarray(c["perfect_l1"])))
+          | red(np.asarray(c["preserve_value"])) | red(np.asarray(c["perfect_l1"]))
+          | red(np.asarray(c["graft_on"])))
 
 
 def plan_for(stacked: Clamps) -> ClampPlan:
   """The static plan for a stack of conditions (leading runs axis, host arrays)."""
-  c = {k: np.asarray(v) for k, v in stacked.items()}
+  c = {k: np.asarray(stacked[k]) for k in CLAMP_KEYS}  # (graft_params is a tree)
   copy_runs = c["copy_on"].reshape(c["copy_on"].shape[0], -1).any(axis=1)
   pl1 = c["perfect_l1"].reshape(-1)
   others = _other_manipulations(c)
@@ -105,6 +115,7 @@ def plan_for(stacked: Clamps) -> ClampPlan:
       preserve_value=bool(c["preserve_value"].any()),
       copy=bool(copy_runs.any()),
       perfect_l1=bool(pl1.any()),
+      graft=bool(c["graft_on"].any()),
       copy_needs_clean_pass=bool((copy_runs & ~pl1 & others).any()),
   )
 
@@ -183,7 +194,7 @@ def build(num_layers: int, num_heads: int, *,
           ablate: Iterable[Head] = (), pt: Mapping[Head, float] | Iterable[Head] = (),
           ih: Mapping[Head, float] | Iterable[Head] = (), copy: Head | None = None,
           perfect_l1: bool = False, preserve_pattern: bool = False,
-          preserve_value: bool = False) -> Clamps:
+          preserve_value: bool = False, graft: int | None = None) -> Clamps:
   """Builds and validates one condition from 0-based (layer, head) pairs."""
   L, H = num_layers, num_heads
   c = identity(L, H)
@@ -228,6 +239,13 @@ def build(num_layers: int, num_heads: int, *,
     if preserve_pattern or preserve_value:
       raise ValueError("perfect_l1 cannot be combined with preserve_pattern/preserve_value")
     c["perfect_l1"] = np.ones((), bool)
+  if graft is not None:
+    if perfect_l1:
+      raise ValueError("graft and perfect_l1 both replace the residual after layer L1; "
+                       "use one of them")
+    if int(graft) < 0:
+      raise ValueError(f"graft donor index must be >= 0, got {graft}")
+    c["graft_on"], c["graft_donor"] = np.ones((), bool), np.asarray(int(graft), np.int32)
   c["preserve_pattern"] = np.asarray(bool(preserve_pattern))
   c["preserve_value"] = np.asarray(bool(preserve_value))
   return c
@@ -238,9 +256,14 @@ _FLAG_KINDS = ("perfect_l1", "preserve_pattern", "preserve_value", "none")
 _HEAD_KINDS = ("ablate", "keep_only", "pt", "ih", "match", "copy")
 
 
-def parse(spec: str, num_layers: int, num_heads: int) -> Clamps:
-  """Parses a condition spec (see the module docstring) into a validated clamp dict."""
+def parse(spec: str, num_layers: int, num_heads: int,
+          donors: Sequence[str] = ()) -> Clamps:
+  """Parses a condition spec (see the module docstring) into a validated clamp dict.
+
+  `donors` names the graft donors a `graft:NAME` clause may use (in order).
+  """
   L, H = num_layers, num_heads
+  graft: int | None = None
   ablate: set[Head] = set()
   pt: dict[Head, float] = {}
   ih: dict[Head, float] = {}
@@ -252,6 +275,15 @@ def parse(spec: str, num_layers: int, num_heads: int) -> Clamps:
   for clause in clauses:
     kind, _, arg = clause.partition(":")
     kind = kind.strip().lower()
+    if kind == "graft":
+      name = arg.strip()
+      if name not in donors:
+        raise ValueError(f"graft donor {name!r} in {spec!r} is not declared; declared donors: "
+                         f"{list(donors) or 'none'} (set sweep.donors to 'NAME=WORKDIR[:RUN]')")
+      if graft is not None:
+        raise ValueError(f"{spec!r} grafts twice; a run has one donor")
+      graft = list(donors).index(name)
+      continue
     if kind in _FLAG_KINDS:
       if arg:
         raise ValueError(f"clamp clause {clause!r}: {kind!r} takes no heads")
@@ -260,7 +292,7 @@ def parse(spec: str, num_layers: int, num_heads: int) -> Clamps:
       continue
     if kind not in _HEAD_KINDS:
       raise ValueError(f"unknown clamp kind {kind!r} in {spec!r}; allowed: "
-                       f"{', '.join(_HEAD_KINDS + _FLAG_KINDS)}")
+                       f"{', '.join(_HEAD_KINDS + _FLAG_KINDS + ('graft',))}")
     if not arg:
       raise ValueError(f"clamp clause {clause!r} needs heads, e.g. '{kind}:L2H3'")
     strength = 1.0
@@ -287,10 +319,10 @@ def parse(spec: str, num_layers: int, num_heads: int) -> Clamps:
       if len(heads) != 1 or copy is not None:
         raise ValueError(f"perfect copy takes exactly one head, got {spec!r}")
       copy = heads[0]
-  return build(L, H, ablate=sorted(ablate), pt=pt, ih=ih, copy=copy, **flags)
+  return build(L, H, ablate=sorted(ablate), pt=pt, ih=ih, copy=copy, graft=graft, **flags)
 
 
-def describe(c: Clamps) -> str:
+def describe(c: Clamps, donors: Sequence[str] = ()) -> str:
   """A canonical spec string for a (single-run) condition; parse(describe(c)) == c."""
   parts = []
   for key, kind in (("pt_on", "pt"), ("ih_on", "ih")):
@@ -304,4 +336,7 @@ def describe(c: Clamps) -> str:
   for flag in ("perfect_l1", "preserve_pattern", "preserve_value"):
     if bool(np.asarray(c[flag])):
       parts.append(flag)
+  if bool(np.asarray(c["graft_on"])):
+    d = int(np.asarray(c["graft_donor"]))
+    parts.append(f"graft:{donors[d] if d < len(donors) else d}")
   return ";".join(parts) or "none"

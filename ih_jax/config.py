@@ -12,14 +12,14 @@ import typing
 from typing import Any, Mapping
 
 from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
-from ih_jax.data.features import FeatureConfig
+from ih_jax.data.features import FeatureConfig, check_class_split
 from ih_jax.model import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   num_context: int = 2                      # n context (exemplar, label) pairs; T = 2n + 1
-  class_split: tuple[int, ...] = (50, 1473, 100)
+  class_split: tuple[int, ...] = (50, 1473, 100)   # train / val / test; one may be -1 (the rest)
   exemplar_split: tuple[int, ...] = (1, 4, 0)
   pair_weights: tuple[float, ...] = (0.8, 0.2, 0.0)
 
@@ -68,6 +68,9 @@ class SweepConfig:
   init_seeds: tuple[int, ...] = (5,)
   grid: tuple[str, ...] = ()
   max_runs_per_program: int = 0     # 0 = automatic (as many as fit in device memory)
+  # Graft-in donors (SPEC §4.2g) for "graft:NAME" conditions: "NAME=WORKDIR[:RUN][@SEQS]",
+  # a run of a finished workdir (run index 0 and its final checkpoint by default).
+  donors: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,9 @@ class ExperimentConfig:
   sweep: SweepConfig = SweepConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   evaluators: tuple[EvaluatorConfig, ...] = PAPER_EVALUATORS
+
+  def __post_init__(self):
+    check_class_split(self.data, self.task.class_split)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":

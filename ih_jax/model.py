@@ -256,28 +256,38 @@ def site_names(num_layers: int) -> tuple[str, ...]:
       f"blocks.{l}.{s}" for l in range(num_layers) for s in _LAYER_SITES)
 
 
+def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
+           value_edit=None, record: dict[str, jax.Array] | None = None) -> jax.Array:
+  """One attention block on the residual stream, with optional edits of its pattern / v."""
+  q, k, v = model.project(l, h_BTD)
+  scores = causal_scores(q, k, model.cfg.num_heads)
+  pattern = jax.nn.softmax(scores, axis=2)
+  if pattern_edit is not None:
+    pattern = pattern_edit(pattern)
+  if value_edit is not None:
+    v = value_edit(v)
+  head_out = attend(pattern, v)
+  attn_out = model.output(l, head_out)
+  out = h_BTD + attn_out
+  if record is not None:  # internal layouts; see _public_site for the SPEC layouts
+    record.update({f"blocks.{l}.{n}": a for n, a in dict(
+        resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
+        head_out=head_out, attn_out=attn_out, resid_post=out).items()})
+  return out
+
+
+def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
+  """The residual stream after block 0 (embeddings + layer 0's output), unclamped."""
+  return _layer(model, 0, model.embed(x_BNF, y_BN))
+
+
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
          plan: clamps_lib.ClampPlan, sites: Sequence[str]):
   cfg = model.cfg
   L = cfg.num_layers
   rec: dict[str, jax.Array] = {}
 
-  def layer(l, h_BTD, *, pattern_edit=None, value_edit=None, record=None):
-    q, k, v = model.project(l, h_BTD)
-    scores = causal_scores(q, k, cfg.num_heads)
-    pattern = jax.nn.softmax(scores, axis=2)
-    if pattern_edit is not None:
-      pattern = pattern_edit(pattern)
-    if value_edit is not None:
-      v = value_edit(v)
-    head_out = attend(pattern, v)
-    attn_out = model.output(l, head_out)
-    out = h_BTD + attn_out
-    if record is not None:  # internal layouts; see _public_site for the SPEC layouts
-      record.update({f"blocks.{l}.{n}": a for n, a in dict(
-          resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
-          head_out=head_out, attn_out=attn_out, resid_post=out).items()})
-    return out
+  layer = functools.partial(_layer, model)
 
   E = model.embed(x_BNF, y_BN)
   T = E.shape[1]
@@ -324,6 +334,8 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   h = E
   for l in range(L):
     h = layer(l, h, pattern_edit=pattern_edit(l), value_edit=value_edit(l), record=rec)
+    if l == 0 and plan.graft:  # a frozen donor's embeddings + layer 0 (SPEC §4.2g)
+      h = jnp.where(c["graft_on"], c["graft_resid"], h)
     if l == 0 and plan.perfect_l1:  # layer 0 contributes nothing; layer 1 reads raw E
       h = jnp.where(c["perfect_l1"], E, h)
   logits = model.logits(h)
@@ -359,6 +371,14 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   if unknown:
     raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: "
                      f"{site_names(cfg.num_layers)}")
+  if plan.graft:
+    if "graft_params" not in clamps:
+      raise ValueError("a graft condition needs the donor's params in clamps['graft_params'] "
+                       "(ih_jax.program adds them from sweep.donors)")
+    # The donor is a constant: stop_gradient keeps its params out of this model's grads.
+    donor = jax.lax.stop_gradient(clamps["graft_params"])
+    resid = Transformer(cfg).apply({"params": donor}, batch.x, batch.y, method=_block0_residual)
+    clamps = dict(clamps, graft_resid=resid)
   return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
                                 tuple(sites), method=_run)
 

@@ -313,3 +313,47 @@ def test_grad_perfect_l1_plus_copy(trained_ish, cfg, gbatch):
   nonzero = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(rest)
              if np.any(v != 0)]
   assert not nonzero
+
+
+# ----------------------------------------------------------------------------- graft-in
+
+def _graft_clamps(donor):
+  c = cl.parse("graft:d", 2, 8, donors=("d",))
+  plan = cl.plan_for(cl.stack([c]))
+  return dict(jax.tree.map(jnp.asarray, c), graft_params=donor), plan
+
+
+def test_graft_parse_and_validation():
+  c = cl.parse("graft:b;keep_only:L2H3", 2, 8, donors=("a", "b"))
+  assert bool(c["graft_on"]) and int(c["graft_donor"]) == 1
+  assert cl.describe(c, ("a", "b")) == "ablate:L2H0;ablate:L2H1;ablate:L2H2;ablate:L2H4;" \
+      "ablate:L2H5;ablate:L2H6;ablate:L2H7;graft:b"
+  assert cl.plan_for(cl.stack([c])).graft
+  with pytest.raises(ValueError, match="not declared"):
+    cl.parse("graft:zz", 2, 8, donors=("a",))
+  with pytest.raises(ValueError, match="perfect_l1"):
+    cl.parse("graft:a;perfect_l1", 2, 8, donors=("a",))
+
+
+def test_graft_replaces_block0_residual_with_the_donors(params, cfg, gbatch):
+  donor = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size + 1),
+                                                               a.shape), params)
+  c, plan = _graft_clamps(donor)
+  _, aux = model_lib.apply(params, gbatch, c, cfg, plan, sites=("blocks.1.resid_pre",))
+  _, ref = model_lib.apply(donor, gbatch, None, cfg, sites=("blocks.0.resid_post",))
+  np.testing.assert_allclose(aux["blocks.1.resid_pre"], ref["blocks.0.resid_post"],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_grad_graft(trained_ish, params, cfg, gbatch):
+  """SPEC §4.4: this model's embeddings and layer 0 get no gradient; layer 1+ learns."""
+  c, plan = _graft_clamps(params)
+  loss = lambda p: model_lib.query_loss(model_lib.apply(p, gbatch, c, cfg, plan)[0], gbatch.y)
+  g = jax.tree.map(np.asarray, jax.grad(loss)(trained_ish))
+  assert _zero(jax.tree.leaves(g["blocks_0"]) + jax.tree.leaves(g["embed_x"]) +
+               jax.tree.leaves(g["embed_y"]))
+  assert _nonzero(jax.tree.leaves(g["blocks_1"]["qkv"]) + jax.tree.leaves(g["unembed"]))
+  # And the donor is a constant: no gradient reaches it.
+  g_donor = jax.grad(lambda d: model_lib.query_loss(model_lib.apply(
+      trained_ish, gbatch, dict(c, graft_params=d), cfg, plan)[0], gbatch.y))(params)
+  assert _zero(jax.tree.leaves(jax.tree.map(np.asarray, g_donor)))

@@ -187,6 +187,8 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
 def _single_kept_head(spec: str, cfg) -> int | None:
   """The one last-layer head a plain REST-ablation run keeps, else None."""
   from ih_jax import clamps as clamps_lib  # pylint: disable=g-import-not-at-top
+  if "graft:" in spec:
+    return None
   c = clamps_lib.parse(spec, cfg.num_layers, cfg.num_heads)
   keep = np.asarray(c["v_keep"])
   plain = (keep[:-1].all() and not np.asarray(c["pt_on"]).any() and
