@@ -7,13 +7,21 @@ import os
 from collections import defaultdict
 from typing import Sequence
 
-import matplotlib
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: figures are files
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ih_jax import workdir as workdir_lib
 
-from ih_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+# Figures are built with matplotlib's object API (no pyplot state, no backend switch):
+# they save headless, and importing this module does not break a notebook's inline plots.
+TAB10 = colormaps["tab10"]
+
+
+def subplots(*args, figsize=None, **kwargs):
+  """(Figure, axes) like pyplot.subplots, without touching pyplot."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
 
 LN2 = math.log(2)
 
@@ -40,12 +48,12 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
     curves[(r["eval_set"], cond_of(r), r["seed"])].append((r["seqs"], r["loss"]))
   conditions = list(dict.fromkeys(cond_of(r) for r in rows))
   seeds = list(dict.fromkeys(r["seed"] for r in rows))
-  colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(conditions)}
+  colors = {c: TAB10(i % 10) for i, c in enumerate(conditions)}
   styles = ["-", "--", "-.", ":"]
 
   ncols = min(len(sets), 2)
   nrows = math.ceil(len(sets) / ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4 * nrows), squeeze=False)
+  fig, axes = subplots(nrows, ncols, figsize=(6.5 * ncols, 4 * nrows), squeeze=False)
   for ax, s in zip(axes.flat, sets):
     for cond in conditions:
       for j, seed in enumerate(seeds):
@@ -74,7 +82,6 @@ def _save(fig, out_dir: str, name: str) -> list[str]:
     path = os.path.join(out_dir, f"{name}.{ext}")
     fig.savefig(path, dpi=120)
     paths.append(path)
-  plt.close(fig)
   return paths
 
 
@@ -82,7 +89,7 @@ def _head_lines(ax, seqs, values_KH, prefix: str, highlight: int | None = None) 
   H = values_KH.shape[1]
   for h in range(H):
     strong = h == highlight
-    ax.plot(seqs, values_KH[:, h], lw=2.2 if strong else 1.2, color=plt.cm.tab10(h % 10),
+    ax.plot(seqs, values_KH[:, h], lw=2.2 if strong else 1.2, color=TAB10(h % 10),
             label=f"{prefix}H{h}" + (" (strongest)" if strong else ""))
 
 
@@ -90,7 +97,7 @@ def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
                            layers: tuple[int, int] = (2, 1), learning_time: float | None = None,
                            name: str = "progress_measures") -> list[str]:
   """Dense-set loss, induction strength per last-layer head, PT score per first-layer head."""
-  fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+  fig, axes = subplots(1, 3, figsize=(17, 4.2))
   ax = axes[0]
   ax.plot(seqs, loss_K, color="black", lw=1.6, label="dense-set query loss")
   _reference_lines(ax)
@@ -116,7 +123,7 @@ def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
 def plot_ablations(out_dir: str, table: dict, name: str = "head_ablations") -> list[str]:
   """Accuracy and loss of remove-one / keep-only-one ablations vs final induction strength."""
   s = np.asarray(table["induction_strength"])
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, axes = subplots(1, 2, figsize=(11, 4.2))
   for ax, metric, label in ((axes[0], "acc", "accuracy"), (axes[1], "loss", "query loss (nats)")):
     ax.scatter(s, table[f"remove_{metric}"], marker="o", label="remove head h")
     ax.scatter(s, table[f"only_{metric}"], marker="^", label="keep only head h")
@@ -135,7 +142,7 @@ def plot_heatmaps(out_dir: str, mats: dict[str, np.ndarray], name: str, row_labe
                   col_label: str) -> list[str]:
   """One annotated heatmap per matrix (e.g. the wiring and composition matrices)."""
   n = len(mats)
-  fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+  fig, axes = subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
   for ax, (title, m) in zip(axes[0], mats.items()):
     lim = np.abs(m).max() or 1.0
     signed = (m < 0).any()
@@ -157,7 +164,7 @@ def plot_pca_trajectory(out_dir: str, seqs, seq_loss_KS: np.ndarray,
   u, sv, _ = np.linalg.svd(X, full_matrices=False)
   pcs = u[:, :2] * sv[:2]
   var = (sv ** 2 / (sv ** 2).sum())[:2]
-  fig, ax = plt.subplots(figsize=(5.5, 4.6))
+  fig, ax = subplots(figsize=(5.5, 4.6))
   ax.plot(pcs[:, 0], pcs[:, 1], color="grey", lw=0.8)
   sc = ax.scatter(pcs[:, 0], pcs[:, 1], c=np.asarray(seqs), cmap="viridis", s=14)
   fig.colorbar(sc, ax=ax, label="sequences seen")
@@ -170,7 +177,7 @@ def plot_pca_trajectory(out_dir: str, seqs, seq_loss_KS: np.ndarray,
 
 def plot_toy(out_dir: str, curves, name: str = "toy_model") -> list[str]:
   """Toy-model loss per condition, and the two progress measures without clamps."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, axes = subplots(1, 2, figsize=(11, 4.2))
   steps = np.arange(curves.loss.shape[1])
   for q, cond in enumerate(curves.conditions):
     axes[0].plot(steps, curves.loss[q], label=cond)
@@ -197,7 +204,7 @@ def plot_attention_patterns(out_dir: str, patterns: dict[str, np.ndarray],
   """
   labels = list(patterns)
   L, H, T, _ = patterns[labels[0]].shape
-  fig, axes = plt.subplots(len(labels) * L, H, figsize=(1.6 * H, 1.7 * len(labels) * L),
+  fig, axes = subplots(len(labels) * L, H, figsize=(1.6 * H, 1.7 * len(labels) * L),
                            squeeze=False)
   tokens = [("x" if t % 2 == 0 else "y") + str(t // 2) for t in range(T - 1)] + ["q"]
   for r, lab in enumerate(labels):
@@ -219,7 +226,7 @@ def plot_attention_patterns(out_dir: str, patterns: dict[str, np.ndarray],
 def plot_layer_contributions(out_dir: str, seqs, base_loss, measures: dict[str, np.ndarray],
                              name: str = "layer_contributions") -> list[str]:
   """Dense-set loss under post-hoc clamps minus the unclamped loss, over training."""
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  fig, ax = subplots(figsize=(6.5, 4.2))
   for label, loss in measures.items():
     ax.plot(seqs, np.asarray(loss) - np.asarray(base_loss), label=label)
   ax.axhline(0, color="grey", lw=0.8)
@@ -238,7 +245,7 @@ def plot_learning_times(out_dir: str, phase_rows: list[dict], name: str = "learn
                              for r in phase_rows))
   finite = [r["learning_time"] for r in phase_rows if r["learning_time"] == r["learning_time"]]
   edge = max(finite) * 1.1 if finite else 1.0
-  fig, ax = plt.subplots(figsize=(7, 0.45 * len(conds) + 1.6))
+  fig, ax = subplots(figsize=(7, 0.45 * len(conds) + 1.6))
   for r in phase_rows:
     label = r["condition"] + (f" [{r['variant']}]" if r.get("variant") else "")
     y = conds.index(label)
@@ -258,12 +265,12 @@ def plot_learning_times(out_dir: str, phase_rows: list[dict], name: str = "learn
 
 def plot_scaling(out_dir: str, rows: list[dict], field: str, xs: list[float]) -> list[str]:
   """Learning time vs a grid field's value, one line per condition (mean over seeds)."""
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  fig, ax = subplots(figsize=(6.5, 4.2))
   conds = list(dict.fromkeys(r["condition"] for r in rows))
   top = max([r["learning_time"] for r in rows if r["learning_time"] == r["learning_time"]],
             default=1.0) * 1.15
   for i, cond in enumerate(conds):
-    color = plt.cm.tab10(i % 10)
+    color = TAB10(i % 10)
     pts = [(x, r["learning_time"]) for x, r in zip(xs, rows) if r["condition"] == cond]
     for x, lt in pts:
       if lt == lt:

@@ -128,14 +128,16 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
                    f"keep_only:L{L}H{kept};pt:L1H{pt_head}",
                    f"copy subcircuit (IH clamp on L{L}H{kept})":
                    f"keep_only:L{L}H{kept};ih:L{L}H{kept}"}
+      # The reference is the run's own loss, i.e. under its own clamp (REST ablated).
+      own = f"keep_only:L{L}H{kept}"
       sub = measures.measure(params_K, ctx.features, posthoc_idx, cfg,
-                             measures.conditions(list(sub_specs.values()), cfg))
+                             measures.conditions([own] + list(sub_specs.values()), cfg))
       ablation.write_csv(os.path.join(out_dir, f"subcircuits_{tag}.csv"), dict(
-          seqs=list(steps), loss=base["loss"].tolist(),
-          **{lab: sub["loss"][:, q].tolist() for q, lab in enumerate(sub_specs)}))
+          seqs=list(steps), own_loss=sub["loss"][:, 0].tolist(),
+          **{lab: sub["loss"][:, q + 1].tolist() for q, lab in enumerate(sub_specs)}))
       plots.plot_layer_contributions(
-          out_dir, steps, base["loss"], {lab: sub["loss"][:, q] for q, lab in
-                                         enumerate(sub_specs)}, name=f"subcircuits_{tag}")
+          out_dir, steps, sub["loss"][:, 0], {lab: sub["loss"][:, q + 1] for q, lab in
+                                              enumerate(sub_specs)}, name=f"subcircuits_{tag}")
 
     # Layer-1 head sets under pattern- / value-preserving ablation (SPEC §6.4): the
     # given sets, or by default the 3 strongest PT heads vs the rest.

@@ -1,0 +1,223 @@
+"""A reproduction workdir: trains (or reuses) the stages the figures need, picks heads per seed.
+
+Layout of WORKDIR:
+  repro.json              scale and features (a workdir holds one scale; refused otherwise)
+  <stage>/                one training workdir per stage (ih_jax.train; resumable)
+  heads.json              per init seed: STRONGEST and the PT heads, from its main run
+  figures/                figures made by the report (plus each stage's own loss_curves.png)
+  REPORT.md               claims, measurements and verdicts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ih_jax import checkpoint as ckpt_lib
+from ih_jax import train
+from ih_jax.analysis import measures, timing
+from ih_jax.config import ExperimentConfig
+from ih_jax.data import evalsets, features as features_lib, splits as splits_lib
+from experiments.paper.scales import Scale
+
+PAPER_SEED = 5
+
+
+def feature_overrides(text: str) -> dict[str, Any]:
+  """--features value -> data config fields.
+
+  gaussian | synthetic     the embedded correlated-Gaussian default
+  h5:PATH | file:PATH      a feature file (.h5 in the authors' layout, or .npy)
+  SOURCE                   any other data.source (e.g. omniglot_conv; see README)
+  SOURCE:k=v,k2=v2         ... with extra data.* fields
+  """
+  text = (text or "gaussian").strip()
+  name, _, arg = text.partition(":")
+  if name in ("gaussian", "synthetic"):
+    if arg:
+      raise ValueError(f"--features={text!r}: the Gaussian default takes no argument")
+    return {}
+  if name in ("h5", "file"):
+    if not arg:
+      raise ValueError(f"--features={text!r}: give the file, e.g. h5:/path/features.h5")
+    return {"source": "file", "path": arg}
+  out: dict[str, Any] = {"source": name}
+  for item in filter(None, (s.strip() for s in arg.split(","))):
+    k, sep, v = item.partition("=")
+    if not sep:
+      raise ValueError(f"--features={text!r}: {item!r} must look like field=value")
+    out[k.strip()] = v.strip()
+  return out
+
+
+class Study:
+  """Stages of one reproduction workdir, trained once and reused."""
+
+  def __init__(self, root: str, scale: Scale, features: str = "gaussian",
+               log: Callable[[str], None] = print, verbose: bool = True):
+    self.root = os.path.abspath(root)
+    self.scale = scale
+    self.features = features
+    self.data = feature_overrides(features)
+    self.log = log
+    self.verbose = verbose
+    os.makedirs(self.root, exist_ok=True)
+    self._check_identity()
+    self.figure_dir = os.path.join(self.root, "figures")
+    os.makedirs(self.figure_dir, exist_ok=True)
+    self.train_seconds = 0.0
+
+  def _check_identity(self) -> None:
+    path = os.path.join(self.root, "repro.json")
+    ident = dict(scale=self.scale.name, features=self.features)
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old != ident:
+        raise ValueError(f"{self.root} holds a reproduction at {old}; this one asks for "
+                         f"{ident}. Use another --workdir (runs of different scales or "
+                         "features are never mixed)")
+    else:
+      with open(path, "w") as f:
+        json.dump(ident, f)
+
+  # ------------------------------------------------------------------ configs
+
+  def config(self, *, paper_seqs: int, paper_eval_every: int, conditions: tuple[str, ...],
+             seeds: tuple[int, ...] = (PAPER_SEED,), ckpt_every: int = 0,
+             grid: tuple[str, ...] = (), donors: tuple[str, ...] = ()) -> ExperimentConfig:
+    """The paper's settings at this scale, with the given runs."""
+    sc = self.scale
+    d = ExperimentConfig().to_dict()
+    d["data"].update(self.data)
+    d["train"].update(num_seqs=sc.seqs(paper_seqs), eval_every=sc.every(paper_eval_every),
+                      learning_rate=sc.learning_rate, progress_every_s=30.0)
+    d["evaluators"] = [dict(e, size=sc.eval_size) for e in d["evaluators"]]
+    d["sweep"].update(conditions=list(conditions), init_seeds=list(seeds), grid=list(grid),
+                      donors=list(donors))
+    # Start + end are always kept (analysis needs the final params); dense ones on request.
+    d["checkpoint"].update(every=ckpt_every, at=[0])
+    return ExperimentConfig.from_dict(d)
+
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  def stage(self, name: str, cfg: ExperimentConfig) -> list[train.TrainResult]:
+    """Trains the stage (or reuses / resumes it) and returns one result per program."""
+    wd = self.stage_dir(name)
+    t = time.time()
+    self.log(f"[reproduce] stage {name}: {len(cfg.sweep.conditions)} condition(s) x "
+             f"{len(cfg.sweep.init_seeds)} seed(s), {cfg.train.num_seqs:,d} seqs -> {wd}")
+    res = train.train_and_evaluate(cfg, wd, verbose=self.verbose)
+    self.train_seconds += time.time() - t
+    return res if isinstance(res, list) else [res]
+
+  # ------------------------------------------------------------------ main runs and heads
+
+  def main_config(self, seeds: tuple[int, ...], dense: bool) -> ExperimentConfig:
+    return self.config(paper_seqs=1_000_000, paper_eval_every=5000, conditions=("none",),
+                       seeds=seeds, ckpt_every=self.scale.main_ckpt_every if dense else 0)
+
+  def main_location(self, seed: int) -> tuple[str, ExperimentConfig, int]:
+    """(stage name, its config, run index) of `seed`'s main run (nothing is trained).
+
+    Seed 5's main run has dense checkpoints for the progress measures; the extra
+    seeds' main runs share one program (stage "seeds").
+    """
+    if seed == PAPER_SEED:
+      return "main", self.main_config((PAPER_SEED,), dense=True), 0
+    seeds = self.scale.extra_seeds
+    if seed not in seeds:
+      raise ValueError(f"seed {seed} is not part of scale {self.scale.name!r} "
+                       f"(seeds {PAPER_SEED} and {seeds})")
+    return "seeds", self.main_config(seeds, dense=False), seeds.index(seed)
+
+  def main_stage(self, seed: int) -> tuple[str, int]:
+    """(workdir, run index) of `seed`'s main run, training it if needed."""
+    name, cfg, run = self.main_location(seed)
+    self.stage(name, cfg)
+    return self.stage_dir(name), run
+
+  def heads(self, seed: int) -> dict[str, Any]:
+    """STRONGEST (highest final IS in the last layer) and PT heads (by PT score) of a seed.
+
+    Computed from the seed's own main run on a dense subset, then cached in heads.json.
+    """
+    path = os.path.join(self.root, "heads.json")
+    cache = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        cache = json.load(f)
+    if str(seed) in cache:
+      return cache[str(seed)]
+    wd, run = self.main_stage(seed)
+    with open(os.path.join(wd, "config.json")) as f:
+      meta = json.load(f)
+    cfg = ExperimentConfig.from_dict(meta.get("program_config", meta["config"]))
+    params = ckpt_lib.load_params(wd, run)
+    feats = features_lib.load_features(cfg.data)
+    idx = self.dense_subset(cfg, self.scale.head_size)
+    m = measures.measure(jax.tree.map(lambda x: np.asarray(x)[None], params), feats, idx,
+                         cfg.model)
+    L = cfg.model.num_layers
+    is_h = m["induction_strength"][0, L - 1]
+    pt_h = m["pt_score"][0, 0]
+    info = dict(strongest=int(np.argmax(is_h)), pt_order=[int(h) for h in np.argsort(-pt_h)],
+                induction_strength=[round(float(v), 4) for v in is_h],
+                pt_score=[round(float(v), 4) for v in pt_h])
+    cache[str(seed)] = info
+    with open(path, "w") as f:
+      json.dump(cache, f, indent=1)
+    self.log(f"[reproduce] seed {seed}: STRONGEST = L{L}H{info['strongest']} "
+             f"(IS {is_h.max():.2f}), PT head = L1H{info['pt_order'][0]} "
+             f"(score {pt_h.max():.2f})")
+    return info
+
+  @staticmethod
+  def dense_subset(cfg: ExperimentConfig, size: int | None):
+    feats_shape = features_lib.load_features(cfg.data).shape
+    sp = splits_lib.make_splits(feats_shape[0], feats_shape[1], cfg.model.num_labels,
+                                cfg.task.class_split, cfg.task.exemplar_split,
+                                cfg.task.pair_weights)
+    idx = evalsets.dense_indices(sp)
+    n = idx.classes.shape[0]
+    if size is None or size >= n:
+      return idx
+    keep = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+    return jax.tree.map(lambda x: x[keep], idx)
+
+
+# ------------------------------------------------------------------ curves
+
+def curves(results: list[train.TrainResult], eval_set: str = "fsl_train",
+           clamped: int = 1) -> dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]]:
+  """(condition, seed, variant) -> (seqs, loss) of every run in the results."""
+  out = {}
+  for res in results:
+    rows: dict[int, list] = {}
+    for r in res.metrics:
+      if r["eval_set"] == eval_set and r["clamped"] == clamped:
+        rows.setdefault(r["run"], []).append(r)
+    for run in res.runs:
+      rs = sorted(rows.get(run.index, []), key=lambda r: r["seqs"])
+      key = (run.condition, run.init_seed, run.variant)
+      out[key] = (np.array([r["seqs"] for r in rs], float), np.array([r["loss"] for r in rs]))
+  return out
+
+
+def learning_times(results: list[train.TrainResult]) -> dict[tuple[str, int, str], float]:
+  return {k: timing.learning_time(s, l) for k, (s, l) in curves(results).items()}
+
+
+def horizon(results: list[train.TrainResult]) -> float:
+  return float(max(s.max() for s, _ in curves(results).values()))
+
+
+def nan_to_none(x: float) -> float | None:
+  return None if isinstance(x, float) and math.isnan(x) else x
