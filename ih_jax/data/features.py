@@ -4,6 +4,9 @@ Sources:
   * "synthetic": the embedded correlated-Gaussian family (no download).
   * "file": a user-supplied `.npy` or HDF5 file in the authors' layout
     (HDF5 dataset path configurable, default `resnet18/224/feat`).
+  * "omniglot_pixels", "omniglot_conv": real Omniglot characters (official zip
+    archives or tensorflow-datasets) through a pixel projection or a conv encoder
+    trained here; see `ih_jax.data.encoders` for the protocol.
 """
 
 from __future__ import annotations
@@ -20,21 +23,42 @@ PAPER_NUM_CLASSES = 1623
 PAPER_NUM_EXEMPLARS = 5
 PAPER_FEATURE_DIM = 512
 AUTHORS_H5_DATASET = "resnet18/224/feat"
+OMNIGLOT_SOURCES = ("omniglot_pixels", "omniglot_conv")
+SOURCES = ("synthetic", "file", *OMNIGLOT_SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
-  source: str = "synthetic"          # "synthetic" | "file"
+  source: str = "synthetic"          # "synthetic" | "file" | "omniglot_pixels" | "omniglot_conv"
   # synthetic family (SPEC §2)
   rho: float = 0.8                   # shared-direction fraction: pairwise cosine ≈ rho
   eta: float = 0.2                   # held-out exemplar perturbation (exemplars 1..)
   feature_seed: int = 0
-  num_classes: int = PAPER_NUM_CLASSES
-  num_exemplars: int = PAPER_NUM_EXEMPLARS
-  dim: int = PAPER_FEATURE_DIM
+  num_classes: int = PAPER_NUM_CLASSES  # synthetic only (Omniglot: set by the data)
+  num_exemplars: int = PAPER_NUM_EXEMPLARS  # synthetic; Omniglot: drawings kept per character
+  dim: int = PAPER_FEATURE_DIM       # synthetic; Omniglot: output dim (PCA / random / conv width)
   # file source
   path: str = ""
   h5_dataset: str = AUTHORS_H5_DATASET
+  # Omniglot sources (ih_jax/data/encoders.py has the protocol)
+  omniglot_reader: str = "archives"  # "archives" (zip files, no TF) | "tfds" (tensorflow-datasets)
+  omniglot_dir: str = ""             # folder of official zips: read directly, or TFDS manual_dir
+  omniglot_archives: tuple[str, ...] = ()  # zips to read ("" = every official one in the folder)
+  tfds_data_dir: str = ""            # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+  tfds_splits: tuple[str, ...] = ("train", "test")  # train + test = all 1623 characters
+  tfds_download: bool = False        # let TFDS download the archives (needs internet)
+  class_perm_seed: int = 0           # seeded class order (-1 = TFDS label order)
+  encoder_holdout: int = 100         # last N classes: never seen by PCA / encoder (>= test split)
+  image_size: int = 28               # area-downsampled side (from 105)
+  pixel_projection: str = "pca"      # omniglot_pixels: "pca" | "random" | "none" (dim = size^2)
+  encoder_width: int = 16            # omniglot_conv: conv widths w, 2w, 4w, 8w
+  encoder_steps: int = 1000          # Adam steps (batch below) to train the conv encoder
+  encoder_batch_size: int = 64
+  encoder_lr: float = 1e-3
+  encoder_seed: int = 0              # conv init + batches; "random" projection
+  encoder_augment: int = 2           # random shifts up to this many pixels while training
+  feature_scale: float = 1.0         # rescale to mean squared norm scale^2 * dim (0 = raw)
+  cache_dir: str = ""                # "" = $IH_JAX_CACHE_DIR or ~/.cache/ih_jax; "none" = off
 
 
 def synthetic_features(rho: float = 0.8, eta: float = 0.2, seed: int = 0,
@@ -100,10 +124,34 @@ def load_features(cfg: FeatureConfig) -> jax.Array:
                               cfg.num_exemplars, cfg.dim)
   if cfg.source == "file":
     return jnp.asarray(load_feature_file(cfg.path, cfg.h5_dataset))
-  raise ValueError(f"unknown data.source {cfg.source!r}; allowed: 'synthetic', 'file'")
+  if cfg.source in OMNIGLOT_SOURCES:
+    from ih_jax.data import encoders  # pylint: disable=g-import-not-at-top
+    feats, _ = encoders.omniglot_features(cfg)
+    return jnp.asarray(feats)
+  raise ValueError(f"unknown data.source {cfg.source!r}; allowed: "
+                   f"{', '.join(repr(s) for s in SOURCES)}")
 
 
 def feature_metadata(cfg: FeatureConfig) -> dict[str, Any]:
   if cfg.source == "synthetic":
     return dict(source="synthetic", rho=cfg.rho, eta=cfg.eta, feature_seed=cfg.feature_seed)
+  if cfg.source in OMNIGLOT_SOURCES:
+    from ih_jax.data import encoders  # pylint: disable=g-import-not-at-top
+    settings = encoders.table_settings(cfg, encoders.image_source_id(cfg))
+    return dict(source=cfg.source, cache_key=encoders.digest(settings), **settings)
   return dict(source="file", path=os.path.abspath(cfg.path), h5_dataset=cfg.h5_dataset)
+
+
+def check_class_split(cfg: FeatureConfig, class_split: tuple[int, ...]) -> None:
+  """Omniglot encoders must not see the task's test classes (the last class_split[-1])."""
+  if cfg.source not in OMNIGLOT_SOURCES:
+    return
+  if len(class_split) != 3 or class_split[-1] < 0:
+    raise ValueError(f"with data.source={cfg.source!r}, task.class_split must be "
+                     f"(train, val, test) with an explicit test size; got {tuple(class_split)}")
+  if class_split[-1] > cfg.encoder_holdout:
+    raise ValueError(
+        f"task.class_split puts {class_split[-1]} classes in the test split, but the Omniglot "
+        f"encoder only holds out the last data.encoder_holdout={cfg.encoder_holdout}: test "
+        "classes would be seen by the encoder. Raise data.encoder_holdout to at least "
+        f"{class_split[-1]}")

@@ -35,12 +35,16 @@ class Splits:
 
 
 def _split_range(sizes: Sequence[int], total: int, what: str) -> list[np.ndarray]:
+  sizes = list(sizes)
+  if sizes.count(-1) == 1:  # -1: whatever the others leave (e.g. (50, -1, 100))
+    sizes[sizes.index(-1)] = total - sum(s for s in sizes if s != -1)
   if any(s < 0 for s in sizes):
     raise ValueError(f"{what} split sizes must be non-negative, got {tuple(sizes)}")
   if sum(sizes) != total:
     raise ValueError(
         f"{what} split sizes {tuple(sizes)} sum to {sum(sizes)}, but the feature table "
-        f"has {total} {what}; they must sum exactly to {total}")
+        f"has {total} {what}; they must sum exactly to {total} (one size may be -1 for "
+        "the rest, e.g. task.class_split=(50, -1, 100))")
   edges = np.cumsum([0, *sizes])
   return [np.arange(edges[i], edges[i + 1]) for i in range(len(sizes))]
 
