@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo_workdir
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench reproduce clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# One figure of the paper (or all) with its REPORT.md: make reproduce FIGURE=5b SCALE=quick
+FIGURE ?= all
+SCALE ?= quick
+REPRO_DIR ?= repro_$(SCALE)
+reproduce: install
+	$(PY) -m experiments.reproduce --figure=$(FIGURE) --scale=$(SCALE) --workdir=$(REPRO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -88,7 +88,9 @@ def naive_baseline(steps: int, repeats: int) -> dict:
 
   @jax.jit
   def step(params, opt_state, batch):
-    loss_fn = lambda p: model_lib.query_loss(model_lib.apply(p, batch, None, cfg.model)[0], batch.y)
+    # The same model computation as ih_jax's step (query-only last layer).
+    loss_fn = lambda p: model_lib.query_loss(
+        model_lib.apply(p, batch, None, cfg.model, query_only=True)[0], batch.y)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

@@ -102,21 +102,25 @@ def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
 
 
 def causal_scores(q_BTD: jax.Array, k_BTD: jax.Array, num_heads: int) -> jax.Array:
-  """Scaled, causally masked scores [B, Tq, Tk, H] from packed q, k."""
-  T, D = q_BTD.shape[-2:]
+  """Scaled, causally masked scores [B, Tq, Tk, H] from packed q, k.
+
+  q may hold only the last Tq <= Tk positions (e.g. the query row alone).
+  """
+  Tq, D = q_BTD.shape[-2:]
+  Tk = k_BTD.shape[1]
   K = D // num_heads
   # Unrolled over the (few) keys: XLA:CPU is slow at reducing a middle axis.
-  prod_BTTD = jnp.stack([q_BTD * k_BTD[:, j:j + 1] for j in range(T)], axis=2)
+  prod_BTTD = jnp.stack([q_BTD * k_BTD[:, j:j + 1] for j in range(Tk)], axis=2)
   s = prod_BTTD @ (head_sum_matrix(num_heads, K) / np.sqrt(K))
-  causal_TT = np.tril(np.ones((T, T), bool))
+  causal_TT = np.tril(np.ones((Tk, Tk), bool))[Tk - Tq:]
   return jnp.where(causal_TT[None, :, :, None], s, MASK_FILL)
 
 
 def attend(pattern_BTTH: jax.Array, v_BTD: jax.Array) -> jax.Array:
   """Heads' outputs concatenated in head order, [B, T, H*K]."""
-  T, H, D = pattern_BTTH.shape[1], pattern_BTTH.shape[-1], v_BTD.shape[-1]
+  Tk, H, D = pattern_BTTH.shape[2], pattern_BTTH.shape[-1], v_BTD.shape[-1]
   weights_BTTD = pattern_BTTH @ head_sum_matrix(H, D // H).T
-  return sum(weights_BTTD[:, :, j] * v_BTD[:, j:j + 1] for j in range(T))
+  return sum(weights_BTTD[:, :, j] * v_BTD[:, j:j + 1] for j in range(Tk))
 
 
 def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
@@ -257,9 +261,17 @@ def site_names(num_layers: int) -> tuple[str, ...]:
 
 
 def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
-           value_edit=None, record: dict[str, jax.Array] | None = None) -> jax.Array:
-  """One attention block on the residual stream, with optional edits of its pattern / v."""
+           value_edit=None, record: dict[str, jax.Array] | None = None,
+           query_only: bool = False) -> jax.Array:
+  """One attention block on the residual stream, with optional edits of its pattern / v.
+
+  query_only: compute the block's output at the last (query) position only; its
+  pattern, scores, q and outputs then have one row ([B, 1, ...]). Exact for the last
+  layer when only the query logits are needed (the loss and every eval metric).
+  """
   q, k, v = model.project(l, h_BTD)
+  if query_only:
+    q, h_BTD = q[:, -1:], h_BTD[:, -1:]
   scores = causal_scores(q, k, model.cfg.num_heads)
   pattern = jax.nn.softmax(scores, axis=2)
   if pattern_edit is not None:
@@ -282,12 +294,16 @@ def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
 
 
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
-         plan: clamps_lib.ClampPlan, sites: Sequence[str]):
+         plan: clamps_lib.ClampPlan, sites: Sequence[str], query_only: bool = False):
   cfg = model.cfg
   L = cfg.num_layers
   rec: dict[str, jax.Array] = {}
+  # The last layer only at the query position, unless a recorded site needs its rows.
+  last_qo = query_only and not any(s == "logits" or s.startswith(f"blocks.{L - 1}.")
+                                   for s in sites)
 
-  layer = functools.partial(_layer, model)
+  def layer(l, h, **kw):
+    return _layer(model, l, h, query_only=last_qo and l == L - 1, **kw)
 
   E = model.embed(x_BNF, y_BN)
   T = E.shape[1]
@@ -312,12 +328,12 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
         A = jnp.where(c["preserve_pattern"], clean[f"blocks.{l}.pattern"], A)
       if plan.perfect_l1 and l >= 1:
         A = jnp.where(c["perfect_l1"], ppass[f"blocks.{l}.pattern"], A)
-      if plan.pt:
+      if plan.pt:  # (A may hold only the last rows: query_only)
         P_TTH = prev_token_pattern(T, c["pt_strength"][l]).transpose(1, 2, 0)
-        A = jnp.where(c["pt_on"][l], P_TTH[None], A)
+        A = jnp.where(c["pt_on"][l], P_TTH[None, T - A.shape[1]:], A)
       if plan.ih:
         row_BTH = induction_row(y_BN, c["ih_strength"][l]).transpose(0, 2, 1)
-        A = A.at[:, T - 1].set(jnp.where(c["ih_on"][l], row_BTH, A[:, T - 1]))
+        A = A.at[:, -1].set(jnp.where(c["ih_on"][l], row_BTH, A[:, -1]))
       return A
     return edit
 
@@ -363,8 +379,13 @@ def _public_site(name: str, a: jax.Array, num_heads: int) -> jax.Array:
 
 def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: ModelConfig,
           plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
-          sites: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Forward pass of one run on a batch. Returns (query-and-context logits [B, n+1, C], aux)."""
+          sites: Sequence[str] = (), query_only: bool = False
+          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Forward pass of one run on a batch. Returns (query-and-context logits [B, n+1, C], aux).
+
+  query_only=True returns the query row only ([B, 1, C]) and computes the last layer
+  at the query position alone: the same query logits for less work (training, eval).
+  """
   if plan != clamps_lib.NO_CLAMPS and clamps is None:
     raise ValueError(f"plan {plan} needs clamps")
   unknown = set(sites) - set(site_names(cfg.num_layers))
@@ -380,7 +401,7 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
     resid = Transformer(cfg).apply({"params": donor}, batch.x, batch.y, method=_block0_residual)
     clamps = dict(clamps, graft_resid=resid)
   return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
-                                tuple(sites), method=_run)
+                                tuple(sites), query_only, method=_run)
 
 
 def query_loss(logits_BNC: jax.Array, y_BN: jax.Array) -> jax.Array:

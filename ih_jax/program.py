@@ -303,9 +303,9 @@ def make_evaluate(exp: Experiment) -> Callable:
 
   def one_run(params, clamps, batch, clamped: bool):
     if clamped:
-      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True)
     else:
-      logits, _ = model_lib.apply(params, batch, None, cfg.model)
+      logits, _ = model_lib.apply(params, batch, None, cfg.model, query_only=True)
     return {k: v.mean() for k, v in query_metrics(logits, batch.y).items()}
 
   def block(params_R, clamps_R, batch):
@@ -349,7 +349,8 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
       (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rs), t))
 
   def loss_fn(params, batch, clamps):
-    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+    # Only the query row is scored: the last layer runs at the query position alone.
+    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True)
     return model_lib.query_loss(logits, batch.y)
 
   def run_step(params, opt_state, batch, clamps):
