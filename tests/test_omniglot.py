@@ -160,6 +160,28 @@ def test_tfds_and_archive_paths_give_identical_arrays(images, tmp_path):
     np.testing.assert_array_equal(load_features(cfg), load_features(_cfg(tmp_path, dim=64)))
 
 
+def test_tfds_real_build_from_manual_dir_matches_archives(tmp_path):
+  """A real TFDS build (TensorFlow) from the four official archives, read back without TF
+  and compared with the archive reader. Needs IH_JAX_OMNIGLOT_FULL_DIR = a folder with all
+  four archives (TFDS's builder reads every split and checks their checksums)."""
+  full = os.environ.get("IH_JAX_OMNIGLOT_FULL_DIR", "")
+  if not full or not all(os.path.exists(os.path.join(full, n + ".zip"))
+                         for n in omniglot.OFFICIAL_ARCHIVES):
+    pytest.skip("set IH_JAX_OMNIGLOT_FULL_DIR to a folder holding all four official Omniglot "
+                "archives to build TFDS omniglot for real (not available offline here)")
+  _tfds()
+  pytest.importorskip("tensorflow", reason="building TFDS omniglot needs TensorFlow "
+                      "(pip install -e '.[omniglot]')")
+  via_tfds = omniglot.read_tfds(("train", "test"), data_dir=str(tmp_path / "tfds"),
+                                manual_dir=full)
+  via_zip = omniglot.read_archives(omniglot.find_archives(full, ["images_background",
+                                                                 "images_evaluation"]))
+  assert via_tfds.ink.shape == (1623, 20, 105, 105)
+  np.testing.assert_array_equal(via_tfds.labels, via_zip.labels)
+  assert via_tfds.names == via_zip.names
+  np.testing.assert_array_equal(via_tfds.ink, via_zip.ink)
+
+
 # ----------------------------------------------------------------------------- order, pixels
 
 def test_class_order_is_seeded_and_subset_stable():
