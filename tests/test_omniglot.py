@@ -281,7 +281,7 @@ def test_conv_features_separate_held_out_classes(images, tmp_path):
   params, info = encoders.load_or_train_encoder(cfg, x[:142], images.labels[order][:142], src,
                                                 progress=False)
   assert info["cache"] == "miss"
-  held = encoders.conv_features(params, x[142:].reshape(-1, 28, 28), 8, 64).reshape(100, 20, -1)
+  held = encoders.conv_features(params, x[142:].reshape(-1, 28, 28)).reshape(100, 20, -1)
   acc = encoders.nearest_neighbour_accuracy(held)
   pixel_acc = encoders.nearest_neighbour_accuracy(x[142:].reshape(100, 20, -1))
   assert acc > 0.1 and acc > pixel_acc, (acc, pixel_acc)
@@ -294,7 +294,7 @@ def test_conv_features_separate_held_out_classes(images, tmp_path):
   table, tinfo = encoders.omniglot_features(cfg, progress=False)
   assert tinfo["encoder"]["cache"] == "hit" and table.shape == (242, 5, 64)
   assert (table >= 0).all()  # post-ReLU, like the paper's ResNet features
-  direct = encoders.conv_features(params, x[:, 0], 8, 64)   # exemplar 0 = drawing 0
+  direct = encoders.conv_features(params, x[:, 0])   # exemplar 0 = drawing 0
   ratio = table[:, 0][direct > 0] / direct[direct > 0]         # one global scale
   np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
 

@@ -14,10 +14,10 @@ Protocol (sources "omniglot_pixels" and "omniglot_conv"):
        pixels: project onto the fit set's top-`dim` principal axes ("pca", the
                uncentred projection, so the shared mean direction stays as in
                raw pixels), a fixed seeded Gaussian map ("random"), or nothing ("none");
-       conv:   a 4-block CNN trained here (Flax, Adam, seeded, random shifts) to
-               classify the fit characters; its penultimate layer (global average
-               of the last ReLU conv map, `dim` channels: non-negative, like the
-               paper's ResNet-18 avgpool features) is the feature.
+       conv:   a small CNN trained here (Flax; four 3x3 conv blocks, global average,
+               ReLU(Dense(dim)), classifier; Adam, seeded, random shifts) to classify
+               the fit characters; its penultimate layer ReLU(Dense(dim)) is the
+               feature (non-negative, like the paper's ResNet-18 avgpool features).
   5. Scale by one global constant so that the fit rows have mean squared norm
      `feature_scale`^2 * dim (the synthetic family's scale; 0 = raw). The model
      itself never normalises its inputs (SPEC §1.1).
@@ -130,9 +130,9 @@ def pixel_projection(x_NP: np.ndarray, dim: int, kind: str, seed: int = 0) -> np
                        "data.image_size")
     x = x_NP.astype(np.float64)
     xc = x - x.mean(0)
-    evals, evecs = np.linalg.eigh(xc.T @ xc)                 # ascending
+    _, evecs = np.linalg.eigh(xc.T @ xc)                     # ascending eigenvalues
     vt = evecs[:, ::-1][:, :dim].T
-    # Fix each axis' sign (SVD's is arbitrary): the larger-magnitude loading positive.
+    # Fix each axis' sign (arbitrary in eigh): the larger-magnitude loading positive.
     signs = np.sign(vt[np.arange(dim), np.abs(vt).argmax(1)])
     return (vt * signs[:, None]).T.astype(np.float32)
   raise ValueError(f"unknown pixel projection {kind!r}; allowed: {PIXEL_PROJECTIONS}")
@@ -203,7 +203,7 @@ def train_conv_encoder(x_NHW: np.ndarray, y_N: np.ndarray, num_classes: int, *, 
   init_key, data_key = jax.random.split(jax.random.key(seed))
   params = model.init(init_key, x[:1])["params"]
   opt = tx.init(params)
-  bar = _progress_bar(steps, "training the Omniglot conv encoder", "step", progress)
+  bar = _Progress(steps, "training the Omniglot conv encoder", "step", progress)
   t0, losses = time.time(), []
   for i in range(steps):
     params, opt, loss = step(params, opt, data_key, i, x, y)
@@ -221,14 +221,15 @@ def _feature_fn(width: int, dim: int, num_classes: int) -> Callable[..., jax.Arr
   return jax.jit(lambda p, xb: model.apply({"params": p}, xb)[1])
 
 
-def conv_features(params: dict[str, Any], x_NHW: np.ndarray, width: int, dim: int,
-                  progress: bool = False, batch: int = 512) -> np.ndarray:
-  """Penultimate features [N, dim] of a trained ConvEncoder."""
-  num_classes = params["classifier"]["kernel"].shape[-1]
+def conv_features(params: dict[str, Any], x_NHW: np.ndarray, progress: bool = False,
+                  batch: int = 512) -> np.ndarray:
+  """Penultimate features [N, dim] of a trained ConvEncoder (sizes read from params)."""
+  width = params["Conv_0"]["kernel"].shape[-1]
+  dim, num_classes = params["classifier"]["kernel"].shape
   fn = _feature_fn(width, dim, num_classes)
   n = x_NHW.shape[0]
   out = np.zeros((n, dim), np.float32)
-  bar = _progress_bar(n, "encoding Omniglot images", "img", progress)
+  bar = _Progress(n, "encoding Omniglot images", "img", progress)
   for s in range(0, n, batch):
     xb = np.zeros((batch, *x_NHW.shape[1:]), np.float32)  # one shape: one compile
     xb[:min(batch, n - s)] = x_NHW[s:s + batch]
@@ -342,8 +343,8 @@ def build_table(cfg: Any, images: omniglot.OmniglotImages, source_id: dict[str, 
                                              progress)
     info["encoder"] = {k: v for k, v in enc_info.items() if k != "settings"}
     e = cfg.num_exemplars
-    feats = conv_features(params, x[:, :e].reshape(c * e, *x.shape[2:]), cfg.encoder_width,
-                          cfg.dim, progress).reshape(c, e, cfg.dim)
+    feats = conv_features(params, x[:, :e].reshape(c * e, *x.shape[2:]),
+                          progress).reshape(c, e, cfg.dim)
   feats = np.asarray(feats, np.float32)
   if cfg.feature_scale > 0:
     ms = float((feats[:n_fit].astype(np.float64) ** 2).sum(-1).mean())
@@ -388,8 +389,8 @@ def nearest_neighbour_accuracy(feats_CDF: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- progress
 
-class _progress_bar:  # pylint: disable=invalid-name
-  """tqdm when available and wanted, else silent (tqdm comes with the package deps)."""
+class _Progress:
+  """A tqdm bar on stderr when wanted (silent if tqdm is missing)."""
 
   def __init__(self, total: int, desc: str, unit: str, enabled: bool):
     self._bar = None
