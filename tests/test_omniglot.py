@@ -317,6 +317,18 @@ def test_class_split_rest_and_fit_errors():
     encoders.validate(FeatureConfig(source="omniglot_pixels", pixel_projection="pcaa"))
 
 
+def test_omniglot_config_arguments():
+  from experiments.configs import common, omniglot as omni_cfg
+  cfg = common.to_experiment(omni_cfg.get_config(None))
+  assert cfg.data.source == "omniglot_conv" and cfg.data.omniglot_reader == "archives"
+  assert cfg.task.class_split == (50, -1, 100) and cfg.data.encoder_holdout == 100
+  tf = common.to_experiment(omni_cfg.get_config("reader=tfds,encoder=pixels"))
+  assert tf.data.omniglot_dir == "" and tf.data.source == "omniglot_pixels"  # no manual_dir
+  assert omni_cfg.get_config("reader=tfds,dir=/x").data.omniglot_dir == "/x"
+  with pytest.raises(ValueError, match="encoder"):
+    omni_cfg.get_config("encoder=resnet")
+
+
 def test_experiment_config_and_short_training(tmp_path):
   """experiments/configs/omniglot.py, shortened, through train_and_evaluate."""
   _need_shared()

@@ -1,9 +1,10 @@
 """The paper's main run on real Omniglot features (issue #4).
 
 Arguments (after ':'): encoder=conv|pixels (default conv), reader=archives|tfds
-(default archives), dir=FOLDER of official zip archives (default: the shared
-folder ../shared/data/omniglot next to the repository; it holds the two small
-archives: 242 distinct characters). Classes: 50 train / the rest unused / 100 test;
+(default archives), dir=FOLDER of official zip archives (reader archives: default
+the shared folder ../shared/data/omniglot next to the repository, which holds the
+two small archives = 242 distinct characters; reader tfds: the manual_dir for an
+offline build, default none). Classes: 50 train / the rest unused / 100 test;
 the encoder never sees the 100 test characters (data.encoder_holdout).
 
   python -m experiments.train --config=experiments/configs/omniglot.py --workdir=/tmp/ih_omni_conv
@@ -32,7 +33,10 @@ def get_config(arg: str | None = None):
   cfg = common.base_config()
   cfg.data.source = f"omniglot_{encoder}"
   cfg.data.omniglot_reader = args.get("reader", "archives")
-  cfg.data.omniglot_dir = args.get("dir", SHARED_OMNIGLOT)
+  # For TFDS the folder is the manual_dir of an offline build (all four archives);
+  # without dir= TFDS uses an already built copy or downloads (data.tfds_download).
+  default_dir = SHARED_OMNIGLOT if cfg.data.omniglot_reader == "archives" else ""
+  cfg.data.omniglot_dir = args.get("dir", default_dir)
   cfg.data.encoder_holdout = 100
   cfg.task.class_split = (50, -1, 100)   # -1: every character not in train or test
   cfg.train.num_seqs = 1_000_000
