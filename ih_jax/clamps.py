@@ -11,7 +11,8 @@ Leaves (per run; L layers, H heads):
   preserve_pattern  []  bool   all layers' patterns := those of a clean pass
   preserve_value    []  bool   all layers' values   := those of a clean pass
   copy_on           [H] bool   perfect copy from this last-layer head (at most one)
-  perfect_l1        []  bool   synthetic block-0 residual of SPEC §4.2f
+  perfect_l1        []  bool   synthetic block-0 residual of SPEC §4.2f (any L >= 2: every
+                               layer >= 1 takes its pattern from the shifted-input pass)
   graft_on          []  bool   graft-in (SPEC §4.2g): the residual after block 0 := a
                                frozen donor model's (its embeddings + its layer 0)
   graft_donor       []  int32  which donor (index into the program's donor list)
@@ -33,6 +34,12 @@ Spec grammar (clauses joined by ';'):
   graft:NAME                    graft-in from the donor named NAME (sweep.donors)
   preserve_pattern | preserve_value
 Example: "ih:L2H3;keep_only:L2H3" = perfect match on L2H3, the other L2 heads ablated.
+
+Any depth (#8): ablate and pt take heads of any layer; ih heads of any layer but the
+first; copy one head of the last layer; perfect_l1 needs L >= 2 and refuses layer-L1
+clamps, as graft does. A block's MLP (ModelConfig.mlp_ratio > 0) belongs to its block:
+perfect_l1 and graft replace block L1's attention *and* MLP; copy replaces the query
+logits, so the last block's MLP no longer reaches the loss. Clamps never touch MLPs.
 """
 
 from __future__ import annotations
@@ -222,7 +229,8 @@ def build(num_layers: int, num_heads: int, *,
   for hd, s in strengths(ih, "ih clamp").items():
     if hd[0] == 0:
       raise ValueError(f"ih clamp on {head_name(hd)}: an induction (match) clamp needs a "
-                       "previous layer to compose with; use a head in layer L2 or later")
+                       "previous layer to compose with; use a head in layer L2 or later"
+                       + (" (this model has a single layer)" if L == 1 else ""))
     c["ih_on"][hd], c["ih_strength"][hd] = True, s
   if copy is not None:
     l, h = check(copy, "copy")
@@ -243,6 +251,10 @@ def build(num_layers: int, num_heads: int, *,
     if perfect_l1:
       raise ValueError("graft and perfect_l1 both replace the residual after layer L1; "
                        "use one of them")
+    if (c["v_keep"][0] != 1).any() or c["pt_on"][0].any():
+      raise ValueError("graft replaces the residual after layer L1 (the donor's embeddings and "
+                       "block L1), so clamps or ablations on L1 heads make no sense with it; "
+                       "name L2+ heads only")
     if int(graft) < 0:
       raise ValueError(f"graft donor index must be >= 0, got {graft}")
     c["graft_on"], c["graft_donor"] = np.ones((), bool), np.asarray(int(graft), np.int32)

@@ -31,8 +31,19 @@ COPY_FILL = -1e9    # perfect-copy logits for labels absent from the context
 # pylint: disable=invalid-name
 
 
+POS_EMB_KINDS = ("rope", "learned", "rope+learned")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """The paper's model by default (SPEC §3.1); the other fields generalise it (#8).
+
+  mlp_ratio: 0 = attention-only (the paper); r > 0 adds a pre-LN MLP block
+    d -> r*d -> d (GELU, with biases, its own LayerNorm) after each attention block.
+  pos_emb: "rope" (the paper), "learned" (learned absolute positions added to the
+    embeddings, no RoPE) or "rope+learned" (both). The learned table has one row per
+    token of the init sequence, T = 2*num_context + 1 (see init_params).
+  """
   num_layers: int = 2
   num_heads: int = 8
   d_model: int = 64
@@ -40,18 +51,35 @@ class ModelConfig:
   attn_bias: bool = True   # paper version: zero-initialised QKV and output biases
   rope_base: float = 10000.0
   ln_eps: float = 1e-5     # not Flax's 1e-6 default
+  mlp_ratio: int = 0       # 0 = no MLP (the paper)
+  pos_emb: str = "rope"    # one of POS_EMB_KINDS
 
   def __post_init__(self):
-    if self.num_layers < 1 or self.num_heads < 1 or self.num_labels < 2:
-      raise ValueError(f"need num_layers >= 1, num_heads >= 1, num_labels >= 2; got {self}")
+    if self.num_layers < 1 or self.num_heads < 1 or self.num_labels < 2 or self.d_model < 1:
+      raise ValueError(f"need num_layers >= 1, num_heads >= 1, d_model >= 1, num_labels >= 2; "
+                       f"got {self}")
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head width; d_model/num_heads = {self.head_dim}")
+    if self.pos_emb not in POS_EMB_KINDS:
+      raise ValueError(f"unknown pos_emb {self.pos_emb!r}; allowed: {', '.join(POS_EMB_KINDS)}")
+    if self.use_rope and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head width; d_model/num_heads = {self.head_dim} "
+                       f"(use pos_emb='learned' for odd head widths)")
+    if isinstance(self.mlp_ratio, bool) or int(self.mlp_ratio) != self.mlp_ratio \
+        or self.mlp_ratio < 0:
+      raise ValueError(f"mlp_ratio must be an integer >= 0 (0 = no MLP), got {self.mlp_ratio!r}")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def use_rope(self) -> bool:
+    return "rope" in self.pos_emb
+
+  @property
+  def learned_pos(self) -> bool:
+    return "learned" in self.pos_emb
 
 
 # Layout note. With T = 5 tokens and 8-wide heads, XLA:CPU runs per-head batched
@@ -137,17 +165,43 @@ class Block(nn.Module):
     self.ln = nn.LayerNorm(epsilon=cfg.ln_eps)
     self.qkv = nn.Dense(3 * cfg.d_model, use_bias=cfg.attn_bias)
     self.out = nn.Dense(cfg.d_model, use_bias=cfg.attn_bias)
+    if cfg.mlp_ratio:
+      self.mlp_ln = nn.LayerNorm(epsilon=cfg.ln_eps)
+      self.mlp_in = nn.Dense(cfg.mlp_ratio * cfg.d_model)
+      self.mlp_out = nn.Dense(cfg.d_model)
 
   def project(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K."""
     cfg, D = self.cfg, self.cfg.d_model
     qkv = self.qkv(self.ln(h_BTD))
     q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    if not cfg.use_rope:
+      return q, k, v
     r = lambda x: rope_packed(x, cfg.num_heads, cfg.head_dim, cfg.rope_base)
     return r(q), r(k), v
 
   def output(self, head_out_BTD: jax.Array) -> jax.Array:
     return self.out(head_out_BTD)
+
+  def mlp(self, h_BTD: jax.Array) -> jax.Array:
+    """The MLP branch (per position): W_out gelu(W_in LN(h) + b_in) + b_out."""
+    return self.mlp_out(nn.gelu(self.mlp_in(self.mlp_ln(h_BTD))))
+
+
+class LearnedPositions(nn.Module):
+  """Learned absolute position embeddings [T_max, d]; T_max = the init sequence length."""
+  d_model: int
+
+  @nn.compact
+  def __call__(self, T: int) -> jax.Array:
+    if self.has_variable("params", "embedding"):
+      table = self.get_variable("params", "embedding")
+      if T > table.shape[0]:
+        raise ValueError(f"sequence of {T} tokens, but the learned position table has "
+                         f"{table.shape[0]} rows (init_params(num_context=...) sets it: "
+                         f"T = 2 * num_context + 1)")
+      return table[:T]
+    return self.param("embedding", nn.initializers.truncated_normal(0.02), (T, self.d_model))
 
 
 class Transformer(nn.Module):
@@ -159,6 +213,8 @@ class Transformer(nn.Module):
     self.embed_y = nn.Dense(cfg.d_model, use_bias=False,      # label embedding, no bias
                             kernel_init=nn.initializers.truncated_normal(0.02))
     self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
+    if cfg.learned_pos:
+      self.pos_embed = LearnedPositions(cfg.d_model)
     self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps)
     self.unembed = nn.Dense(cfg.num_labels)
 
@@ -179,11 +235,24 @@ class Transformer(nn.Module):
     pairs = jnp.stack([ex_BND[:, :-1], ey_BND], axis=2).reshape(B, 2 * (N - 1), -1)
     return jnp.concatenate([pairs, ex_BND[:, -1:]], axis=1)
 
+  def positions(self, T: int):
+    """Learned absolute positions [T, d], or None (RoPE only: the paper)."""
+    return self.pos_embed(T) if self.cfg.learned_pos else None
+
+  def embed_with_positions(self, x_BNF, y_BN) -> tuple[jax.Array, jax.Array | None]:
+    """(E, P): the residual stream's input E (token embeddings + P) and P (or None)."""
+    E = self.embed(x_BNF, y_BN)
+    P = self.positions(E.shape[1])
+    return (E if P is None else E + P), P
+
   def project(self, layer: int, h_BTD):
     return self.blocks[layer].project(h_BTD)
 
   def output(self, layer: int, head_out_BTZ):
     return self.blocks[layer].output(head_out_BTZ)
+
+  def mlp(self, layer: int, h_BTD):
+    return self.blocks[layer].mlp(h_BTD)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     return self.unembed(self.ln_f(h_BTD))[:, 0::2]  # exemplar positions 0, 2, ..., 2n
@@ -252,22 +321,29 @@ def copy_logits(scores_BTTH: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
 
 _LAYER_SITES = ("resid_pre", "q", "k", "v", "scores", "pattern", "head_out", "attn_out",
                 "resid_post")
+_MLP_SITES = ("resid_mid", "mlp_out")  # only in models with MLPs (mlp_ratio > 0)
 
 
-def site_names(num_layers: int) -> tuple[str, ...]:
-  """Every recordable activation site (SPEC §3.7)."""
+def site_names(num_layers: int, mlp: bool = False) -> tuple[str, ...]:
+  """Every recordable activation site (SPEC §3.7); `mlp` adds the MLP sites.
+
+  With MLPs, blocks.l.resid_mid = resid_pre + attn_out (the MLP's input) and
+  resid_post = resid_mid + mlp_out; without, resid_post = resid_pre + attn_out.
+  """
+  per_layer = _LAYER_SITES + (_MLP_SITES if mlp else ())
   return ("embed", "logits") + tuple(
-      f"blocks.{l}.{s}" for l in range(num_layers) for s in _LAYER_SITES)
+      f"blocks.{l}.{s}" for l in range(num_layers) for s in per_layer)
 
 
 def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
            value_edit=None, record: dict[str, jax.Array] | None = None,
            query_only: bool = False) -> jax.Array:
-  """One attention block on the residual stream, with optional edits of its pattern / v.
+  """One block (attention, then the MLP if any) with optional edits of its pattern / v.
 
   query_only: compute the block's output at the last (query) position only; its
   pattern, scores, q and outputs then have one row ([B, 1, ...]). Exact for the last
-  layer when only the query logits are needed (the loss and every eval metric).
+  layer when only the query logits are needed (the loss and every eval metric): keys
+  and values still see every position, and the MLP is per position.
   """
   q, k, v = model.project(l, h_BTD)
   if query_only:
@@ -281,16 +357,20 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
   head_out = attend(pattern, v)
   attn_out = model.output(l, head_out)
   out = h_BTD + attn_out
+  sites = dict(resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
+               head_out=head_out, attn_out=attn_out)
+  if model.cfg.mlp_ratio:
+    mlp_out = model.mlp(l, out)
+    sites.update(resid_mid=out, mlp_out=mlp_out)
+    out = out + mlp_out
   if record is not None:  # internal layouts; see _public_site for the SPEC layouts
-    record.update({f"blocks.{l}.{n}": a for n, a in dict(
-        resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
-        head_out=head_out, attn_out=attn_out, resid_post=out).items()})
+    record.update({f"blocks.{l}.{n}": a for n, a in dict(sites, resid_post=out).items()})
   return out
 
 
 def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
-  """The residual stream after block 0 (embeddings + layer 0's output), unclamped."""
-  return _layer(model, 0, model.embed(x_BNF, y_BN))
+  """The residual stream after block 0 (embeddings + block 0's output), unclamped."""
+  return _layer(model, 0, model.embed_with_positions(x_BNF, y_BN)[0])
 
 
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
@@ -305,8 +385,10 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   def layer(l, h, **kw):
     return _layer(model, l, h, query_only=last_qo and l == L - 1, **kw)
 
-  E = model.embed(x_BNF, y_BN)
-  T = E.shape[1]
+  E_tok = model.embed(x_BNF, y_BN)
+  T = E_tok.shape[1]
+  P = model.positions(T)
+  E = E_tok if P is None else E_tok + P
   rec["embed"] = E
 
   clean: dict[str, jax.Array] = {}
@@ -317,7 +399,8 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
 
   ppass: dict[str, jax.Array] = {}
   if plan.perfect_l1:  # layer 1+ patterns from the shifted residual
-    h = shifted_embedding(E)
+    # Token content shifts; learned absolute positions (if any) stay at their slots.
+    h = shifted_embedding(E) if P is None else shifted_embedding(E_tok) + P
     for l in range(1, L):
       h = layer(l, h, record=ppass)
 
@@ -350,9 +433,9 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   h = E
   for l in range(L):
     h = layer(l, h, pattern_edit=pattern_edit(l), value_edit=value_edit(l), record=rec)
-    if l == 0 and plan.graft:  # a frozen donor's embeddings + layer 0 (SPEC §4.2g)
+    if l == 0 and plan.graft:  # a frozen donor's embeddings + block 0 (SPEC §4.2g)
       h = jnp.where(c["graft_on"], c["graft_resid"], h)
-    if l == 0 and plan.perfect_l1:  # layer 0 contributes nothing; layer 1 reads raw E
+    if l == 0 and plan.perfect_l1:  # block 0 (attention and MLP) contributes nothing
       h = jnp.where(c["perfect_l1"], E, h)
   logits = model.logits(h)
 
@@ -388,10 +471,10 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   """
   if plan != clamps_lib.NO_CLAMPS and clamps is None:
     raise ValueError(f"plan {plan} needs clamps")
-  unknown = set(sites) - set(site_names(cfg.num_layers))
+  allowed = site_names(cfg.num_layers, mlp=cfg.mlp_ratio > 0)
+  unknown = set(sites) - set(allowed)
   if unknown:
-    raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: "
-                     f"{site_names(cfg.num_layers)}")
+    raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: {allowed}")
   if plan.graft:
     if "graft_params" not in clamps:
       raise ValueError("a graft condition needs the donor's params in clamps['graft_params'] "
