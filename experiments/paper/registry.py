@@ -230,7 +230,7 @@ def _clamp_verdicts(lts: dict, hz: float, seed: int) -> list[V.Verdict]:
   return [
       # A whole subcircuit: A (steps 1, 2) = perfect L1, C (3v, 5) = perfect copy. The PT
       # clamp fixes step 1 only; its learning time is reported without a claim.
-      V.earlier_than(f"Fig. 5b (seed {seed}): clamping one whole subcircuit (A = perfect L1, "
+      V.earlier_than(f"Fig. 5b (seed {seed}, our reading): clamping one whole subcircuit (A = perfect L1, "
                      "or C = perfect copy) shortens the plateau",
                      {k: lt[k] for k in ("perfect_l1", "copy")},
                      "none (REST ablated)", lt["none"], hz),
@@ -346,7 +346,7 @@ def _pt_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   res = results["pt_variants"]
   lts, hz = {k[0]: v for k, v in learning_times(res).items()}, horizon(res)
   out = Outcome([V.earlier_than(
-      "App. 8: a PT clamp on another Layer-1 head, on a set of PT heads, or on all Layer-1 "
+      "App. 8 (our reading): a PT clamp on another Layer-1 head, on a set of PT heads, or on all Layer-1 "
       "heads also shortens the plateau", {k: v for k, v in lts.items() if k != "none"},
       "none (REST ablated)", lts["none"], hz)])
   out.notes.append(f"PT heads by score: {heads[PAPER_SEED]['pt_order']}.\n\n" +
@@ -381,7 +381,7 @@ def _a10_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   own = "own loss (REST ablated)"
   hz = float(steps[-1])
   out = Outcome([V.earlier_than(
-      "App. 10: measured on the unclamped baseline's checkpoints, the subcircuit clamps reveal "
+      "App. 10 (our reading): measured on the unclamped baseline's checkpoints, the subcircuit clamps reveal "
       "progress before the baseline's own loss drops", {k: v for k, v in lt.items() if k != own},
       "the baseline's own dense-set loss", lt[own], hz)])
   res = results[stage]

@@ -84,8 +84,10 @@ def write_report(study: Study, command: str) -> str:
       "",
       "Every verdict is computed by `ih_jax/analysis/verdicts.py` from this workdir's runs; the "
       "criterion and its threshold are printed next to it. A censored learning time means the "
-      "loss never crossed 0.4 ln 2 within the run. Claims are paraphrased from the paper; at "
-      "`quick` scale they are tested on shorter, faster-learning runs (see the scale).",
+      "loss never crossed 0.4 ln 2 within the run. Claims are paraphrased from the paper; "
+      "those marked *our reading* are our interpretation of a figure whose text we could not "
+      "quote exactly. At `quick` scale they are tested on shorter, faster-learning runs (see "
+      "the scale).",
       "",
       "## Summary",
       "",

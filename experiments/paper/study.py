@@ -96,6 +96,10 @@ class Study:
     sc = self.scale
     d = ExperimentConfig().to_dict()
     d["data"].update(self.data)
+    if str(self.data.get("source", "")).startswith("omniglot"):
+      # Omniglot tables hold only the characters that were loaded (242 from the shared
+      # archives): keep 50 train and 100 test classes, the rest in the middle split.
+      d["task"]["class_split"] = [50, -1, 100]
     d["train"].update(num_seqs=sc.seqs(paper_seqs), eval_every=sc.every(paper_eval_every),
                       learning_rate=sc.learning_rate, progress_every_s=30.0)
     d["evaluators"] = [dict(e, size=sc.eval_size) for e in d["evaluators"]]
