@@ -77,6 +77,19 @@ def _as_json(tree: Any) -> Any:
   return json.loads(json.dumps(tree))
 
 
+def _with_defaults(stored: dict[str, Any]) -> Any:
+  """A stored config with the fields added since it was written set to their defaults.
+
+  A run made before an option existed behaved like the option's default, so the
+  new field must not count as a difference (reuse / resume keep working).
+  """
+  from ih_jax.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  try:
+    return _as_json(ExperimentConfig.from_dict(stored).to_dict())
+  except (ValueError, TypeError):
+    return stored  # e.g. written by a newer version: compare as stored
+
+
 def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", runs: list[Any], *,
                    overwrite: bool) -> str:
   """'fresh', 'resume' or 'done'. Refuses a workdir holding a different config or runs."""
@@ -100,7 +113,7 @@ def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", runs: list[Any],
   except (OSError, ValueError, KeyError) as e:
     raise FileExistsError(f"{path} is unreadable ({e}); use a new --workdir or pass "
                           "overwrite=True (--overwrite)") from None
-  diff = [d for d in config_diff(old, _as_json(sweep_cfg.to_dict()))
+  diff = [d for d in config_diff(_with_defaults(old), _as_json(sweep_cfg.to_dict()))
           if d not in RESUMABLE_CHANGES]
   if diff:
     raise FileExistsError(

@@ -1,5 +1,7 @@
 """The scanned, vmapped trainer: outputs, vmap equivalence, determinism, freezing, errors."""
 import csv
+import dataclasses
+import json
 import math
 import os
 
@@ -122,6 +124,24 @@ def test_workdir_with_other_config_is_refused_naming_fields(tmp_path, capsys):
   chex.assert_trees_all_equal(again.params, first.params)
   train.train_and_evaluate(tiny(num_seqs=64), wd, overwrite=True, verbose=False)
   assert max(r["seqs"] for r in workdir_lib.read_metrics(wd)) == 64
+
+
+def test_workdir_from_before_an_option_existed_is_reused(tmp_path, capsys):
+  """A config field added later (absent from an old config.json) counts as its default."""
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=False)
+  path = os.path.join(wd, workdir_lib.CONFIG_JSON)
+  with open(path) as f:
+    stored = json.load(f)
+  del stored["config"]["model"]["mlp_ratio"], stored["config"]["sweep"]["donors"]
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  train.train_and_evaluate(tiny(num_seqs=32), wd, verbose=True)
+  assert "already holds this finished run" in capsys.readouterr().out
+  with pytest.raises(FileExistsError, match="differing fields: model.mlp_ratio"):
+    bad = tiny(num_seqs=32)
+    train.train_and_evaluate(dataclasses.replace(
+        bad, model=dataclasses.replace(bad.model, mlp_ratio=2)), wd, verbose=False)
 
 
 @pytest.mark.parametrize("change,match", [
