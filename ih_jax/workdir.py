@@ -77,6 +77,19 @@ def _as_json(tree: Any) -> Any:
   return json.loads(json.dumps(tree))
 
 
+# The data fields that shape the embedded synthetic features; the others (file path,
+# Omniglot reader / encoder settings) do not affect a synthetic run.
+_SYNTHETIC_FIELDS = ("source", "rho", "eta", "feature_seed", "num_classes", "num_exemplars",
+                     "dim")
+
+
+def _relevant(cfg_json: Any) -> Any:
+  data = cfg_json.get("data") if isinstance(cfg_json, dict) else None
+  if isinstance(data, dict) and data.get("source") == "synthetic":
+    cfg_json = dict(cfg_json, data={k: data[k] for k in _SYNTHETIC_FIELDS if k in data})
+  return cfg_json
+
+
 def _with_defaults(stored: dict[str, Any]) -> Any:
   """A stored config with the fields added since it was written set to their defaults.
 
@@ -113,7 +126,8 @@ def workdir_status(workdir: str, sweep_cfg: "ExperimentConfig", runs: list[Any],
   except (OSError, ValueError, KeyError) as e:
     raise FileExistsError(f"{path} is unreadable ({e}); use a new --workdir or pass "
                           "overwrite=True (--overwrite)") from None
-  diff = [d for d in config_diff(_with_defaults(old), _as_json(sweep_cfg.to_dict()))
+  diff = [d for d in config_diff(_relevant(_with_defaults(old)),
+                                 _relevant(_as_json(sweep_cfg.to_dict())))
           if d not in RESUMABLE_CHANGES]
   if diff:
     raise FileExistsError(
