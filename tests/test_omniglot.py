@@ -18,8 +18,9 @@ from ih_jax.data import encoders, omniglot
 from ih_jax.data.features import FeatureConfig, feature_metadata, load_features
 from ih_jax.data.splits import make_splits
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                       "omniglot"))
+# IH_JAX_OMNIGLOT_ARCHIVES overrides the location (e.g. a checkout elsewhere).
+SHARED = os.environ.get("IH_JAX_OMNIGLOT_ARCHIVES") or os.path.normpath(os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot"))
 SMALL = ("images_background_small1", "images_background_small2")
 LN2 = float(np.log(2))
 
@@ -27,7 +28,7 @@ LN2 = float(np.log(2))
 def _need_shared():
   if not all(os.path.exists(os.path.join(SHARED, a + ".zip")) for a in SMALL):
     pytest.skip(f"the shared Omniglot archives ({', '.join(a + '.zip' for a in SMALL)}) are not "
-                f"in {SHARED}; see ../shared/data/omniglot/README.md")
+                f"in {SHARED}; see ../shared/data/omniglot/README.md, or set IH_JAX_OMNIGLOT_ARCHIVES")
 
 
 def _tfds():
