@@ -129,6 +129,18 @@ def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
                    axis=-1).reshape(x_BHTK.shape)
 
 
+def _causal_TT(Tq: int, Tk: int) -> np.ndarray:
+  return np.tril(np.ones((Tk, Tk), bool))[Tk - Tq:]
+
+
+# The two attention contractions below have hand-written backward passes. With T = 5
+# they are written as sums over slices of the (few) positions: XLA:CPU is slow at
+# reducing a middle axis. Autodiff of those slice-sums pads every slice's cotangent to
+# full size and adds them (two ~100 us pad+add fusions per step); the backward passes
+# here are the same slice-sums transposed, ~13% faster per training step
+# (BUILD_NOTES.md). tests/test_model.py checks them against autodiff of an einsum form.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def causal_scores(q_BTD: jax.Array, k_BTD: jax.Array, num_heads: int) -> jax.Array:
   """Scaled, causally masked scores [B, Tq, Tk, H] from packed q, k.
 
@@ -137,18 +149,55 @@ def causal_scores(q_BTD: jax.Array, k_BTD: jax.Array, num_heads: int) -> jax.Arr
   Tq, D = q_BTD.shape[-2:]
   Tk = k_BTD.shape[1]
   K = D // num_heads
-  # Unrolled over the (few) keys: XLA:CPU is slow at reducing a middle axis.
   prod_BTTD = jnp.stack([q_BTD * k_BTD[:, j:j + 1] for j in range(Tk)], axis=2)
   s = prod_BTTD @ (head_sum_matrix(num_heads, K) / np.sqrt(K))
-  causal_TT = np.tril(np.ones((Tk, Tk), bool))[Tk - Tq:]
-  return jnp.where(causal_TT[None, :, :, None], s, MASK_FILL)
+  return jnp.where(_causal_TT(Tq, Tk)[None, :, :, None], s, MASK_FILL)
 
 
+def _causal_scores_fwd(q_BTD, k_BTD, num_heads):
+  return causal_scores(q_BTD, k_BTD, num_heads), (q_BTD, k_BTD)
+
+
+def _causal_scores_bwd(num_heads, res, g_BTTH):
+  q_BTD, k_BTD = res
+  Tq, D = q_BTD.shape[-2:]
+  Tk = k_BTD.shape[1]
+  K = D // num_heads
+  g_BTTH = jnp.where(_causal_TT(Tq, Tk)[None, :, :, None], g_BTTH, 0.0)  # masked: constant
+  g_BTTD = g_BTTH @ (head_sum_matrix(num_heads, K).T / np.sqrt(K))
+  g_q = sum(g_BTTD[:, :, j] * k_BTD[:, j:j + 1] for j in range(Tk))
+  g_k = jnp.stack([sum(g_BTTD[:, i, j] * q_BTD[:, i] for i in range(Tq)) for j in range(Tk)],
+                  axis=1)
+  return g_q, g_k
+
+
+causal_scores.defvjp(_causal_scores_fwd, _causal_scores_bwd)
+
+
+@jax.custom_vjp
 def attend(pattern_BTTH: jax.Array, v_BTD: jax.Array) -> jax.Array:
-  """Heads' outputs concatenated in head order, [B, T, H*K]."""
+  """Heads' outputs concatenated in head order, [B, Tq, H*K]."""
   Tk, H, D = pattern_BTTH.shape[2], pattern_BTTH.shape[-1], v_BTD.shape[-1]
   weights_BTTD = pattern_BTTH @ head_sum_matrix(H, D // H).T
   return sum(weights_BTTD[:, :, j] * v_BTD[:, j:j + 1] for j in range(Tk))
+
+
+def _attend_fwd(pattern_BTTH, v_BTD):
+  return attend(pattern_BTTH, v_BTD), (pattern_BTTH, v_BTD)
+
+
+def _attend_bwd(res, g_BTD):
+  pattern_BTTH, v_BTD = res
+  Tq, Tk, H = pattern_BTTH.shape[1:]
+  hs_DH = head_sum_matrix(H, v_BTD.shape[-1] // H)
+  weights_BTTD = pattern_BTTH @ hs_DH.T
+  g_weights_BTTD = jnp.stack([g_BTD * v_BTD[:, j:j + 1] for j in range(Tk)], axis=2)
+  g_v = jnp.stack([sum(weights_BTTD[:, i, j] * g_BTD[:, i] for i in range(Tq))
+                   for j in range(Tk)], axis=1)
+  return g_weights_BTTD @ hs_DH, g_v
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
