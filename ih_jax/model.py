@@ -200,6 +200,21 @@ def _attend_bwd(res, g_BTD):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+@jax.custom_vjp
+def split3(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Splits the last axis into three equal parts (fused Q | K | V).
+
+  Its backward concatenates the three cotangents; autodiff of slicing would pad each
+  to full width and add them (a ~50-90 us fusion per layer on CPU).
+  """
+  D = x.shape[-1] // 3
+  return x[..., :D], x[..., D:2 * D], x[..., 2 * D:]
+
+
+split3.defvjp(lambda x: (split3(x), None),
+              lambda _, g: (jnp.concatenate(g, axis=-1),))
+
+
 def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
   B, T, D = x_BTD.shape
   return x_BTD.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
@@ -222,8 +237,7 @@ class Block(nn.Module):
   def project(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K."""
     cfg, D = self.cfg, self.cfg.d_model
-    qkv = self.qkv(self.ln(h_BTD))
-    q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    q, k, v = split3(self.qkv(self.ln(h_BTD)))
     if not cfg.use_rope:
       return q, k, v
     r = lambda x: rope_packed(x, cfg.num_heads, cfg.head_dim, cfg.rope_base)
