@@ -85,3 +85,12 @@ def test_cli_end_to_end_reuses_runs_and_writes_report(tmp_path):
   # A workdir holds one scale: mixing is refused with a clear message.
   bad = _reproduce("--figure=5a", "--scale=quick", f"--workdir={wd}", check=False)
   assert bad.returncode != 0 and "holds a reproduction at" in bad.stderr + bad.stdout
+
+
+def test_cli_quick_scale_toy_figure(tmp_path):
+  """--scale=quick for a cheap figure (the toy model of Fig. 5a) end to end."""
+  wd = str(tmp_path / "quick")
+  out = _reproduce("--figure=5a", "--scale=quick", f"--workdir={wd}")
+  assert "5a: held" in out.stdout
+  report = open(os.path.join(wd, "REPORT.md")).read()
+  assert "scale: `quick`" in report and "| 5a | 5a, A9 |" in report
