@@ -1,5 +1,6 @@
 """Shared fixtures: a paper-sized model, its params and small batches."""
 import ih_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
+import chex
 import jax
 import numpy as np
 import pytest
@@ -40,3 +41,15 @@ def batch(feature_table, paper_splits):
 
 def as_np(tree):
   return jax.tree.map(np.asarray, tree)
+
+
+def assert_query_only_exact(params, batch, clamps, cfg, plan):
+  """apply(query_only=True) gives the full forward's query logits and the same grads."""
+  full, _ = model_lib.apply(params, batch, clamps, cfg, plan)
+  qo, _ = model_lib.apply(params, batch, clamps, cfg, plan, query_only=True)
+  assert qo.shape == (full.shape[0], 1, full.shape[2])
+  np.testing.assert_allclose(qo[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+  loss = lambda p, q: model_lib.query_loss(model_lib.apply(p, batch, clamps, cfg, plan,
+                                                           query_only=q)[0], batch.y)
+  g_full, g_qo = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+  chex.assert_trees_all_close(g_qo, g_full, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.data import sampler
 
-from conftest import make_batch
+from conftest import assert_query_only_exact, make_batch
 
 L, H, K, D = 2, 8, 8, 64
 
@@ -365,12 +365,4 @@ def test_grad_graft(trained_ish, params, cfg, gbatch):
     "preserve_pattern;ablate:L1H0", "preserve_value;ablate:L1H2"])
 def test_query_only_forward_gives_the_same_query_logits(trained_ish, cfg, gbatch, spec):
   c = jax.tree.map(jnp.asarray, cl.parse(spec, 2, 8))
-  plan = cl.plan_for(cl.stack([cl.parse(spec, 2, 8)]))
-  full, _ = model_lib.apply(trained_ish, gbatch, c, cfg, plan)
-  qo, _ = model_lib.apply(trained_ish, gbatch, c, cfg, plan, query_only=True)
-  assert qo.shape == (full.shape[0], 1, full.shape[2])
-  np.testing.assert_allclose(qo[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
-  loss = lambda p, q: model_lib.query_loss(model_lib.apply(p, gbatch, c, cfg, plan,
-                                                           query_only=q)[0], gbatch.y)
-  g_full, g_qo = jax.grad(loss)(trained_ish, False), jax.grad(loss)(trained_ish, True)
-  chex.assert_trees_all_close(g_qo, g_full, rtol=1e-4, atol=1e-6)
+  assert_query_only_exact(trained_ish, gbatch, c, cfg, cl.plan_for(cl.stack([cl.parse(spec, 2, 8)])))

@@ -1,7 +1,6 @@
 """Model generality (#8, part 1): depth L >= 1, MLP blocks, any width/heads, learned
 absolute positions, and every clamp kind at any valid layer (SPEC §4 semantics and the
 §4.4 zero-gradient oracles at depth > 2 with MLPs)."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.config import ExperimentConfig
 
-from conftest import make_batch
+from conftest import assert_query_only_exact, make_batch
 
 F = 512  # feature width of the synthetic features
 
@@ -148,14 +147,7 @@ def _parse(spec, cfg=CFG3):
 @pytest.mark.parametrize("spec", SPECS3)
 def test_query_only_forward_is_exact_at_depth3_with_mlp(p3, batch, spec):
   c, plan = _parse(spec)
-  full, _ = model_lib.apply(p3, batch, c, CFG3, plan)
-  qo, _ = model_lib.apply(p3, batch, c, CFG3, plan, query_only=True)
-  assert qo.shape == (full.shape[0], 1, full.shape[2])
-  np.testing.assert_allclose(qo[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
-  loss = lambda p, q: model_lib.query_loss(model_lib.apply(p, batch, c, CFG3, plan,
-                                                           query_only=q)[0], batch.y)
-  g_full, g_qo = jax.grad(loss)(p3, False), jax.grad(loss)(p3, True)
-  chex.assert_trees_all_close(g_qo, g_full, rtol=1e-4, atol=1e-6)
+  assert_query_only_exact(p3, batch, c, CFG3, plan)
 
 
 def test_clamps_act_in_middle_and_last_layers(p3, batch):

@@ -81,6 +81,17 @@ def _curve_figure(study: Study, name: str, groups: dict[str, tuple[np.ndarray, n
   return _png(plots._save(fig, study.figure_dir, name))  # pylint: disable=protected-access
 
 
+def _versus_none(study: Study, res: list, claim: str, baseline: str, fig: str, title: str,
+                 note: str = "") -> Outcome:
+  """Every condition of a program against its "none" run: verdict, table and curves."""
+  lts, hz = {k[0]: v for k, v in learning_times(res).items()}, horizon(res)
+  out = Outcome([V.earlier_than(claim, {k: v for k, v in lts.items() if k != "none"},
+                                baseline, lts["none"], hz)])
+  out.notes.append(note + _lt_table(learning_times(res), hz))
+  out.figures += _curve_figure(study, fig, {k[0]: v for k, v in curves(res).items()}, title)
+  return out
+
+
 # ============================================================================ main run
 
 def _main_stages(study: Study, heads: dict) -> Stages:
@@ -150,10 +161,10 @@ def _final_is(study: Study, stage: str, results: list) -> dict[tuple[str, int], 
   wd = study.stage_dir(stage)
   _, stacked = ckpt_lib.load_stacked_params(wd)
   res = results[0]
-  cfg = context.load_context(wd).cfg
-  idx = study.dense_subset(cfg, study.scale.head_size)
-  m = measures.measure(jax.tree.map(np.asarray, stacked), context.load_context(wd).features,
-                       idx, cfg.model)
+  ctx = context.load_context(wd)
+  idx = ctx.dense_set(study.scale.head_size)
+  # The runs axis stands in for measure()'s checkpoint axis.
+  m = measures.measure(jax.tree.map(np.asarray, stacked), ctx.features, idx, ctx.cfg.model)
   out = {}
   for run in res.runs:
     h = int(run.condition[3:]) if run.condition.startswith("L2H") else None
@@ -319,16 +330,11 @@ def _graft_stages(study: Study, heads: dict) -> Stages:
 
 def _graft_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   del heads
-  res = results["graft"]
-  lts, hz = {k[0]: v for k, v in learning_times(res).items()}, horizon(res)
-  out = Outcome([V.earlier_than(
+  return _versus_none(
+      study, results["graft"],
       "App. 7: grafting in a fully trained Layer 1 (with its embeddings), from the same seed "
-      "or another, shortens the plateau", {k: v for k, v in lts.items() if k != "none"},
-      "none (all heads, no graft)", lts["none"], hz)])
-  out.notes.append(_lt_table(learning_times(res), hz))
-  out.figures += _curve_figure(study, "appendix7_graft", {k[0]: v for k, v in curves(res).items()},
-                               "App. 7: graft-in of a trained Layer 1")
-  return out
+      "or another, shortens the plateau", "none (all heads, no graft)", "appendix7_graft",
+      "App. 7: graft-in of a trained Layer 1")
 
 
 # ============================================================================ App. 8 PT variants
@@ -343,18 +349,12 @@ def _pt_stages(study: Study, heads: dict) -> Stages:
 
 
 def _pt_analyze(study: Study, results: dict, heads: dict) -> Outcome:
-  res = results["pt_variants"]
-  lts, hz = {k[0]: v for k, v in learning_times(res).items()}, horizon(res)
-  out = Outcome([V.earlier_than(
-      "App. 8 (our reading): a PT clamp on another Layer-1 head, on a set of PT heads, or on all Layer-1 "
-      "heads also shortens the plateau", {k: v for k, v in lts.items() if k != "none"},
-      "none (REST ablated)", lts["none"], hz)])
-  out.notes.append(f"PT heads by score: {heads[PAPER_SEED]['pt_order']}.\n\n" +
-                   _lt_table(learning_times(res), hz))
-  out.figures += _curve_figure(study, "appendix8_pt_variants",
-                               {k[0]: v for k, v in curves(res).items()},
-                               "App. 8: PT clamps on other / several / all Layer-1 heads")
-  return out
+  return _versus_none(
+      study, results["pt_variants"],
+      "App. 8 (our reading): a PT clamp on another Layer-1 head, on a set of PT heads, or on "
+      "all Layer-1 heads also shortens the plateau", "none (REST ablated)",
+      "appendix8_pt_variants", "App. 8: PT clamps on other / several / all Layer-1 heads",
+      note=f"PT heads by score: {heads[PAPER_SEED]['pt_order']}.\n\n")
 
 
 # ============================================================================ App. 10 progress measures
@@ -370,7 +370,7 @@ def _a10_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   S, P = _S(heads), _P(heads)
   steps = context.subsample_steps(ckpt_lib.list_steps(wd), study.scale.num_checkpoints)
   params_K = ctx.stacked_params(0, steps)   # run 0 = "none" (REST ablated)
-  idx = study.dense_subset(ctx.cfg, study.scale.head_size)
+  idx = ctx.dense_set(study.scale.head_size)
   specs = {"own loss (REST ablated)": f"keep_only:{S}",
            f"composite subcircuit (PT clamp on {P})": f"keep_only:{S};pt:{P}",
            f"copy subcircuit (IH clamp on {S})": f"keep_only:{S};ih:{S}"}
@@ -441,9 +441,8 @@ def _pairs_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   res = results["pairs"]
   lts, hz = learning_times(res), horizon(res)
   alone = {k[0]: v for k, v in learning_times(results["single_head"]).items()}[_S(heads)]
-  finite = [v for v in lts.values()]
-  med = float(np.median([V.effective_lt(v, hz) for v in finite]))
-  med = math.nan if med > hz else med
+  med = float(np.median([V.effective_lt(v, hz) for v in lts.values()]))
+  med = math.nan if med > hz else med  # most pairs censored: the median is censored too
   out = Outcome([V.earlier_than(
       "App. 17 (our reading): with STRONGEST plus one other Layer-2 head active, the phase "
       "change comes no later than with STRONGEST alone", {"median over pairs": med},

@@ -21,9 +21,8 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import train
-from ih_jax.analysis import measures, timing
+from ih_jax.analysis import context, measures, timing
 from ih_jax.config import ExperimentConfig
-from ih_jax.data import evalsets, features as features_lib, splits as splits_lib
 from experiments.paper.scales import Scale
 
 PAPER_SEED = 5
@@ -161,14 +160,11 @@ class Study:
     if str(seed) in cache:
       return cache[str(seed)]
     wd, run = self.main_stage(seed)
-    with open(os.path.join(wd, "config.json")) as f:
-      meta = json.load(f)
-    cfg = ExperimentConfig.from_dict(meta.get("program_config", meta["config"]))
+    ctx = context.load_context(wd)
+    cfg = ctx.cfg
     params = ckpt_lib.load_params(wd, run)
-    feats = features_lib.load_features(cfg.data)
-    idx = self.dense_subset(cfg, self.scale.head_size)
-    m = measures.measure(jax.tree.map(lambda x: np.asarray(x)[None], params), feats, idx,
-                         cfg.model)
+    m = measures.measure(jax.tree.map(lambda x: np.asarray(x)[None], params), ctx.features,
+                         ctx.dense_set(self.scale.head_size), cfg.model)
     L = cfg.model.num_layers
     is_h = m["induction_strength"][0, L - 1]
     pt_h = m["pt_score"][0, 0]
@@ -182,19 +178,6 @@ class Study:
              f"(IS {is_h.max():.2f}), PT head = L1H{info['pt_order'][0]} "
              f"(score {pt_h.max():.2f})")
     return info
-
-  @staticmethod
-  def dense_subset(cfg: ExperimentConfig, size: int | None):
-    feats_shape = features_lib.load_features(cfg.data).shape
-    sp = splits_lib.make_splits(feats_shape[0], feats_shape[1], cfg.model.num_labels,
-                                cfg.task.class_split, cfg.task.exemplar_split,
-                                cfg.task.pair_weights)
-    idx = evalsets.dense_indices(sp)
-    n = idx.classes.shape[0]
-    if size is None or size >= n:
-      return idx
-    keep = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
-    return jax.tree.map(lambda x: x[keep], idx)
 
 
 # ------------------------------------------------------------------ curves
