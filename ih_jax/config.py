@@ -22,6 +22,16 @@ class TaskConfig:
   class_split: tuple[int, ...] = (50, 1473, 100)   # train / val / test; one may be -1 (the rest)
   exemplar_split: tuple[int, ...] = (1, 4, 0)
   pair_weights: tuple[float, ...] = (0.8, 0.2, 0.0)
+  # Data properties beyond the paper (Chan et al. 2022; ih_jax.data.sampler):
+  bursty: int = 1                 # copies of the query class in the context (1 = the paper)
+  zipf_exponent: float = 0.0      # training classes ~ Zipf(rank)^-a (0 = uniform, the paper)
+  relabel_fraction: float = 1.0   # share of relabelled sequences (1 = ICL-only, the paper);
+                                  # the rest carry fixed labels, class id mod num_labels
+
+  def layout(self, num_labels: int, training: bool = True) -> dict:
+    """sample_indices' keyword arguments; evaluation sets use uniform classes."""
+    return dict(bursty=self.bursty, zipf_exponent=self.zipf_exponent if training else 0.0,
+                relabel_fraction=self.relabel_fraction, num_labels=num_labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,9 @@ class ExperimentConfig:
 
   def __post_init__(self):
     check_class_split(self.data, self.task.class_split)
+    from ih_jax.data.sampler import check_layout  # pylint: disable=g-import-not-at-top
+    check_layout(self.task.num_context, self.task.bursty, self.task.zipf_exponent,
+                 self.task.relabel_fraction, self.model.num_labels)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":

@@ -142,7 +142,8 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
   splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
                                   cfg.task.exemplar_split, cfg.task.pair_weights)
   eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
-                                        cfg.task.num_context)
+                                        cfg.task.num_context, cfg.task.bursty,
+                                        cfg.model.num_labels)
   # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
   eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
   conds = program_conditions(program)
@@ -340,6 +341,7 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
   """
   cfg = exp.cfg
   B, n = cfg.train.batch_size, cfg.task.num_context
+  layout = cfg.task.layout(cfg.model.num_labels)
   tx = make_optimizer(cfg)
   evaluate = make_evaluate(exp)
   R, V = exp.num_padded, len(exp.variants)
@@ -370,11 +372,11 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
       # they are embedded once per step and gathered (IndexedFeatures).
       if V == 1:  # one batch shared by every run (it depends only on train_seed)
         batch = sampler.sample_indexed_batch(batch_key_V[0], table_V[0], lookup,
-                                             exp.train_spec, B, n)
+                                             exp.train_spec, B, n, **layout)
         batch_axis = None
       else:       # each run trains on its variant's batch
         batch_V = jax.vmap(lambda k, t: sampler.sample_indexed_batch(
-            k, t, lookup, exp.train_spec, B, n))(batch_key_V, table_V)
+            k, t, lookup, exp.train_spec, B, n, **layout))(batch_key_V, table_V)
         batch = jax.tree.map(lambda x: x[run_variant], batch_V)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(

@@ -22,6 +22,10 @@ class EvaluatorConfig:
   exemplars: str = "train"
   pairs: str = "train"
   size: int = 1000
+  # "relabel": labels from a random relabel pair (in-context learning, the paper);
+  # "fixed": each class's fixed label, class id mod num_labels (in-weights learning;
+  # meaningful when task.relabel_fraction < 1 trains on such sequences).
+  labels: str = "relabel"
 
 
 # The paper's four evaluators, in the order their keys are split off (SPEC §1.5).
@@ -57,8 +61,12 @@ def train_spec(splits: Splits) -> sampler.SamplerSpec:
 
 
 def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[EvaluatorConfig, ...],
-                      num_context: int) -> dict[str, sampler.SequenceIndices]:
-  """Draws each evaluator's sequences once: eval_seed -> (data, model); data -> one key each."""
+                      num_context: int, bursty: int = 1,
+                      num_labels: int = 0) -> dict[str, sampler.SequenceIndices]:
+  """Draws each evaluator's sequences once: eval_seed -> (data, model); data -> one key each.
+
+  Evaluation sequences share the task's layout (`bursty`) with uniform classes.
+  """
   names = [e.name for e in evaluators]
   if len(set(names)) != len(names):
     raise ValueError(f"evaluator names must be unique, got {names}")
@@ -67,7 +75,11 @@ def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[Evaluato
   out = {}
   for key, ev in zip(keys, evaluators):
     spec = spec_for(splits, ev.classes, ev.exemplars, ev.pairs, where=f"evaluator {ev.name!r}")
-    out[ev.name] = sampler.sample_indices(key, spec, ev.size, num_context)
+    if ev.labels not in ("relabel", "fixed"):
+      raise ValueError(f"evaluator {ev.name!r}: labels={ev.labels!r}; allowed: 'relabel', 'fixed'")
+    out[ev.name] = sampler.sample_indices(
+        key, spec, ev.size, num_context, bursty=bursty, num_labels=num_labels,
+        relabel_fraction=1.0 if ev.labels == "relabel" else 0.0)
   return out
 
 

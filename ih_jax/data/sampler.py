@@ -1,10 +1,15 @@
 """On-device few-shot sequence sampler (SPEC §1.4).
 
 A sequence has `n` context (exemplar, label) pairs followed by a query exemplar.
-The context holds the query's class once ("bursty"), one distractor class, and,
-when n > 2, further non-query classes ("other"). Labels come from a relabel pair
-(l1, l2) drawn per sequence: the bursty item and the query get l1, all other
-context items get l2, so the task is solvable only in context.
+The context holds the query's class k times ("bursty"; k = 1 in the paper), one
+distractor class, and, when n > k + 1, further non-query classes ("other"; they
+may repeat each other). Labels come from a relabel pair (l1, l2) drawn per
+sequence: the bursty items and the query get l1, all other context items get l2,
+so the task is solvable only in context.
+
+Classes are uniform over the split by default; `zipf_exponent` a > 0 draws them
+from a Zipfian law over the split's order, p(rank r) ~ (r + 1)^-a (Chan et al.
+2022), the non-query classes from the same law restricted to the other classes.
 
 Everything here is pure JAX and jit-able; shapes depend only on static sizes.
 """
@@ -57,29 +62,90 @@ def _uniform_int(bits_u32: jax.Array, n: int | jax.Array) -> jax.Array:
   return jnp.minimum((u * n).astype(jnp.int32), n - 1)
 
 
+def zipf_cdf(num_classes: int, exponent: float) -> np.ndarray:
+  """[K] cumulative Zipf probabilities over ranks 0..K-1, p(r) ~ (r + 1)^-exponent."""
+  w = (np.arange(num_classes) + 1.0) ** -float(exponent)
+  return np.cumsum(w / w.sum()).astype(np.float32)
+
+
+def _zipf_draws(u_query: jax.Array, u_others: jax.Array, cdf_K: np.ndarray
+                ) -> tuple[jax.Array, jax.Array]:
+  """Inverse-CDF Zipf draws: query index [B] and non-query indices [B, m] (never the query).
+
+  A non-query draw maps u to the law with the query's mass cut out: u' = u (1 - p_q),
+  stepped over the query's interval [cdf_{q-1}, cdf_q) of the full CDF.
+  """
+  K = cdf_K.shape[0]
+  cdf = jnp.asarray(cdf_K)
+  pick = lambda u: jnp.minimum(jnp.searchsorted(cdf, u, side="right"), K - 1).astype(jnp.int32)
+  q_B = pick(u_query)
+  lo_B = jnp.where(q_B > 0, cdf[jnp.maximum(q_B - 1, 0)], 0.0)
+  p_B = cdf[q_B] - lo_B
+  u = u_others * (1.0 - p_B)[:, None]
+  u = jnp.where(u >= lo_B[:, None], u + p_B[:, None], u)
+  others = pick(u)
+  # Float rounding at the interval's edge must never give the query back.
+  others = jnp.where(others == q_B[:, None], (q_B[:, None] + 1) % K, others)
+  return q_B, others
+
+
+def _unit(bits_u32: jax.Array) -> jax.Array:
+  return (bits_u32 >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def check_layout(num_context: int, bursty: int = 1, zipf_exponent: float = 0.0,
+                 relabel_fraction: float = 1.0, num_labels: int = 0) -> None:
+  """Raises a ValueError naming the bad value when a sequence layout is impossible."""
+  if num_context < 2:
+    raise ValueError(f"num_context must be >= 2 (query class + distractor), got {num_context}")
+  if not 1 <= bursty <= num_context - 1:
+    raise ValueError(f"task.bursty (copies of the query class in the context) must be in "
+                     f"[1, num_context - 1 = {num_context - 1}] so one distractor fits; "
+                     f"got {bursty}")
+  if not zipf_exponent >= 0.0:
+    raise ValueError(f"task.zipf_exponent must be >= 0 (0 = uniform classes), got {zipf_exponent}")
+  if not 0.0 <= relabel_fraction <= 1.0:
+    raise ValueError(f"task.relabel_fraction must be in [0, 1] (1 = every sequence relabelled, "
+                     f"the paper), got {relabel_fraction}")
+  if relabel_fraction < 1.0 and num_labels < 2:
+    raise ValueError("fixed class labels (relabel_fraction < 1) need num_labels >= 2")
+
+
 def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
-                   num_context: int) -> SequenceIndices:
+                   num_context: int, bursty: int = 1, zipf_exponent: float = 0.0,
+                   relabel_fraction: float = 1.0, num_labels: int = 0) -> SequenceIndices:
   """Draws `batch_size` sequences with `num_context` context pairs.
+
+  `bursty` k: copies of the query class in the context (types BURSTY); the
+  distractor and the n - k - 1 "other" items fill the rest. `zipf_exponent`:
+  see the module docstring (static: 0 compiles the uniform sampler).
+  `relabel_fraction`: the share of sequences labelled by a random relabel pair
+  (1 = the paper's ICL-only task); the others carry each class's fixed label,
+  class id mod `num_labels`, which can be learned in the weights (Chan et al.).
 
   All randomness of a batch comes from ONE `jax.random.bits` draw of 3n + 3
   words per sequence (threefry is a rolled loop on CPU, so one draw instead of
   ~10 separate ones matters inside the training loop). Word layout per sequence:
   [query class | distractor offset | n-2 other offsets | n shuffle keys |
-   n+1 exemplars | relabel pair | pair order].
+   n+1 exemplars | relabel pair | pair order]. With k > 1 the last k - 1 offset
+  words go unused, so k = 1 and the uniform law give the paper's sampler exactly.
   """
-  if num_context < 2:
-    raise ValueError(f"num_context must be >= 2 (query class + distractor), got {num_context}")
-  B, n = batch_size, num_context
+  check_layout(num_context, bursty, zipf_exponent, relabel_fraction, num_labels)
+  B, n, k = batch_size, num_context, bursty
   K, E, P = spec.classes.shape[0], spec.exemplars.shape[0], spec.pairs.shape[0]
   bits = jax.random.bits(key, (B, 3 * n + 3), jnp.uint32)
   col = iter(range(3 * n + 3))
   take = lambda width: bits[:, [next(col) for _ in range(width)]]
 
-  # Non-query classes: offset the query index by 1..K-1 (uniform over the others).
-  q_B = _uniform_int(take(1)[:, 0], K)
-  others_B = (q_B[:, None] + 1 + _uniform_int(take(n - 1), K - 1)) % K  # distractor, rest
-  ctx_BN = jnp.concatenate([q_B[:, None], others_B], axis=1)
-  ctx_types_N = jnp.array([BURSTY, DISTRACTOR] + [OTHER] * (n - 2), jnp.int32)
+  q_bits, other_bits = take(1)[:, 0], take(n - 1)[:, :n - k]
+  if zipf_exponent > 0:
+    q_B, others_B = _zipf_draws(_unit(q_bits), _unit(other_bits), zipf_cdf(K, zipf_exponent))
+  else:
+    # Non-query classes: offset the query index by 1..K-1 (uniform over the others).
+    q_B = _uniform_int(q_bits, K)
+    others_B = (q_B[:, None] + 1 + _uniform_int(other_bits, K - 1)) % K  # distractor, rest
+  ctx_BN = jnp.concatenate([jnp.repeat(q_B[:, None], k, axis=1), others_B], axis=1)
+  ctx_types_N = jnp.array([BURSTY] * k + [DISTRACTOR] + [OTHER] * (n - k - 1), jnp.int32)
 
   # Random order of the context items (types permuted with them).
   perm_BN = jnp.argsort(take(n), axis=1)
@@ -96,9 +162,13 @@ def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
   l2_B = jnp.where(swap_B, pair_B2[:, 0], pair_B2[:, 1])
   gets_l1 = (types == BURSTY) | (types == QUERY)
   labels = jnp.where(gets_l1, l1_B[:, None], l2_B[:, None]).astype(jnp.int32)
+  classes = spec.classes[class_idx].astype(jnp.int32)
+  if relabel_fraction < 1.0:  # static: the paper's sampler draws no extra bits
+    u_B = _unit(jax.random.bits(jax.random.fold_in(key, 1), (B,), jnp.uint32))
+    fixed_BN = classes % num_labels
+    labels = jnp.where((u_B < relabel_fraction)[:, None], labels, fixed_BN).astype(jnp.int32)
 
-  return SequenceIndices(spec.classes[class_idx].astype(jnp.int32),
-                         spec.exemplars[ex_idx].astype(jnp.int32), labels, types)
+  return SequenceIndices(classes, spec.exemplars[ex_idx].astype(jnp.int32), labels, types)
 
 
 def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:
@@ -106,8 +176,10 @@ def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:
 
 
 def sample_batch(key: jax.Array, features_CEF: jax.Array, spec: SamplerSpec,
-                 batch_size: int, num_context: int) -> Batch:
-  return gather_features(features_CEF, sample_indices(key, spec, batch_size, num_context))
+                 batch_size: int, num_context: int, **layout) -> Batch:
+  """`layout`: sample_indices' bursty / zipf_exponent / relabel_fraction / num_labels."""
+  return gather_features(features_CEF, sample_indices(key, spec, batch_size, num_context,
+                                                      **layout))
 
 
 def compact_table(features_CEF: jax.Array, spec: SamplerSpec) -> tuple[jax.Array, jax.Array]:
@@ -121,9 +193,10 @@ def compact_table(features_CEF: jax.Array, spec: SamplerSpec) -> tuple[jax.Array
 
 
 def sample_indexed_batch(key: jax.Array, table: jax.Array, lookup: jax.Array,
-                         spec: SamplerSpec, batch_size: int, num_context: int) -> Batch:
+                         spec: SamplerSpec, batch_size: int, num_context: int,
+                         **layout) -> Batch:
   """`sample_batch`'s sequences with features as rows of `compact_table`'s table."""
-  idx = sample_indices(key, spec, batch_size, num_context)
+  idx = sample_indices(key, spec, batch_size, num_context, **layout)
   return Batch(x=IndexedFeatures(table, lookup[idx.classes, idx.exemplars]), y=idx.labels)
 
 
