@@ -14,6 +14,10 @@ from experiments.paper.study import Study, feature_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_HEADS = {s: dict(strongest=(s + 2) % 8, pt_order=[(s + k) % 8 for k in range(8)])
               for s in (5, 6, 7, 8, 9)}
+# The 6-layer entry picks heads from its own unclamped runs (experiments/paper/beyond.py).
+_DEEP = {str(s): dict(pt=f"L{1 + s % 5}H{s % 8}", ih=f"L{2 + s % 5}H{(s + 1) % 8}",
+                      last=f"L6H{(s + 2) % 8}") for s in (5, 6, 7, 8, 9)}
+FAKE_HEADS["deep"] = {"mlp0": _DEEP, "mlp4": _DEEP}
 
 
 @pytest.mark.parametrize("scale", ["quick", "full"])
@@ -32,6 +36,25 @@ def test_every_entry_builds_a_valid_grid(tmp_path, scale):
   # Every figure of the list has an entry.
   assert {"3a", "3b", "4a", "4b", "5a", "5b", "6", "A7", "A8", "A10", "A15", "A17",
           "A18"} <= seen_figures
+  assert {"X-deep", "X-capacity", "X-vocab"} <= seen_figures
+
+
+def test_beyond_entries_build_the_declared_grids(tmp_path):
+  study = Study(str(tmp_path), scales.get("quick"), log=lambda m: None)
+  stages = dict(registry.ENTRIES["deep"].stages(study, FAKE_HEADS))
+  cfg = stages["deep_mlp4_clamps_s5"]
+  assert (cfg.model.num_layers, cfg.model.mlp_ratio) == (6, 4)
+  h = _DEEP["5"]
+  assert cfg.sweep.conditions == ("none", f"pt=pt:{h['pt']}", f"match=ih:{h['ih']}",
+                                  "perfect_l1=perfect_l1", f"l1_copy=perfect_l1;copy:{h['last']}")
+  cap = dict(registry.ENTRIES["capacity"].stages(study, FAKE_HEADS))
+  shapes = {(p.cfg.model.d_model, p.cfg.model.num_heads)
+            for p in sweep.plan_programs(cap["cap_width_heads"])}
+  assert shapes == {(w, h) for w in (16, 32, 64, 128) for h in (1, 2, 4, 8)}
+  assert sorted(p.cfg.model.num_layers for p in sweep.plan_programs(cap["cap_depth"])) == [1, 2, 3, 4]
+  (_, vocab), = registry.ENTRIES["vocab"].stages(study, FAKE_HEADS)
+  grid = {(p.cfg.model.num_labels, p.cfg.task.class_split[0]) for p in sweep.plan_programs(vocab)}
+  assert grid == {(l, c) for l in (5, 10, 20, 40) for c in (10, 50, 200, 800)}
 
 
 def test_head_choices_come_from_the_heads_not_constants(tmp_path):

@@ -83,3 +83,10 @@ def test_at_least_and_fraction():
   assert V.at_least("c", math.nan, 0.9, "acc").held is None
   assert V.fraction_at_least("c", {"a": True, "b": True, "c": True, "d": False}, 0.75, "x").held
   assert V.fraction_at_least("c", {"a": True, "b": False}, 0.75, "x").held is False
+
+
+def test_increasing_trend():
+  up = V.increasing_trend("c", [1, 2, 4, 8], [0.1, 0.5, 0.4, 2.0], "heads", "IH count")
+  assert up.held and "rho = 0.80" in up.measured
+  assert V.increasing_trend("c", [1, 2, 4], [3, 2, 1], "x", "y").held is False
+  assert V.increasing_trend("c", [1, 2, 4], [1, 1, 1], "x", "y").held is None

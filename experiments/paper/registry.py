@@ -13,10 +13,9 @@ figures and code-computed verdicts (ih_jax.analysis.verdicts).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,27 +24,12 @@ from ih_jax import checkpoint as ckpt_lib
 from ih_jax import plots, toy
 from ih_jax.analysis import context, measures, report as report_lib, timing
 from ih_jax.analysis import verdicts as V
+from experiments.paper import beyond
+from experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table, png
 from experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
 
-Stages = list[tuple[str, Any]]
-
-
-@dataclasses.dataclass
-class Outcome:
-  verdicts: list[V.Verdict]
-  figures: list[str] = dataclasses.field(default_factory=list)   # paths (PNG)
-  notes: list[str] = dataclasses.field(default_factory=list)      # measured tables, in markdown
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  key: str
-  figures: tuple[str, ...]     # the paper's figure ids it reproduces
-  title: str
-  head_seeds: Callable[[Study], tuple[int, ...]]   # seeds whose main-run heads it needs
-  stages: Callable[[Study, dict], Stages]
-  analyze: Callable[[Study, dict, dict], Outcome]
-
+# Short names used throughout this module.
+_curve_figure, _lt_table, _png = curve_figure, lt_table, png
 
 def _S(heads: dict, seed: int = PAPER_SEED) -> str:
   return f"L2H{heads[seed]['strongest']}"
@@ -53,32 +37,6 @@ def _S(heads: dict, seed: int = PAPER_SEED) -> str:
 
 def _P(heads: dict, seed: int = PAPER_SEED, rank: int = 0) -> str:
   return f"L1H{heads[seed]['pt_order'][rank]}"
-
-
-def _png(paths: list[str]) -> list[str]:
-  return [p for p in paths if p.endswith(".png")]
-
-
-def _lt_table(lts: dict, horizon_: float) -> str:
-  lines = ["| run | learning time |", "|---|---|"]
-  for (cond, seed, variant), lt in lts.items():
-    name = cond + (f" [{variant}]" if variant else "") + f" (seed {seed})"
-    lines.append(f"| {name} | {'censored (> %s)' % format(horizon_, ',.0f') if math.isnan(lt) else format(lt, ',.0f')} |")
-  return "\n".join(lines)
-
-
-def _curve_figure(study: Study, name: str, groups: dict[str, tuple[np.ndarray, np.ndarray]],
-                  title: str) -> list[str]:
-  fig, ax = plots.subplots(figsize=(7, 4.2))
-  for label, (s, l) in groups.items():
-    ax.plot(s, l, label=label, lw=1.3)
-  plots._reference_lines(ax)  # pylint: disable=protected-access
-  ax.set_xlabel("sequences seen")
-  ax.set_ylabel("fsl_train query loss (under the run's clamps)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  return _png(plots._save(fig, study.figure_dir, name))  # pylint: disable=protected-access
 
 
 def _versus_none(study: Study, res: list, claim: str, baseline: str, fig: str, title: str,
@@ -515,7 +473,7 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
     Entry("A17", ("A17",), "Head pairs", _paper_only, _pairs_stages, _pairs_analyze),
     Entry("A18", ("A18",), "Extra seeds", lambda study: study.scale.extra_seeds, _seeds_stages,
           _seeds_analyze),
-)}
+) + beyond.ENTRIES}
 
 
 def resolve(figure: str) -> list[Entry]:

@@ -1,6 +1,6 @@
 """How big a reproduction is: the paper's settings ("full") or a CPU-sized version ("quick").
 
-"quick" keeps every experiment's structure (conditions, head choices, comparisons)
+"medium" is quick with twice the length and five seeds. "quick" keeps every experiment's structure (conditions, head choices, comparisons)
 but trains with a 10x learning rate (1e-4) for 15% of the paper's sequences, with
 fewer extra seeds and smaller eval/analysis sets. At 1e-4 the main run's plateau
 still sits near ln 2 and ends in an abrupt drop, ~8x earlier (learning time 55-70k
@@ -38,6 +38,9 @@ class Scale:
 SCALES = {
     "full": Scale("full", 1e-5, 1.0, (6, 7, 8, 9), 1000, 1000, 1000, None, 8192, 4096, 100),
     "quick": Scale("quick", 1e-4, 0.15, (6, 7), 500, 1500, 1000, 8192, 4096, 2048, 40),
+    # quick's learning rate with twice its length and five seeds: for the questions
+    # beyond the paper (#8) where seed-to-seed spread and late learners matter.
+    "medium": Scale("medium", 1e-4, 0.3, (6, 7, 8, 9), 500, 3000, 1000, 8192, 4096, 2048, 40),
     # Tests only: every stage runs, nothing is expected to learn.
     "smoke": Scale("smoke", 1e-4, 0.004, (6,), 100, 1000, 1000, 512, 512, 256, 4),
 }

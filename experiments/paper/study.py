@@ -90,15 +90,19 @@ class Study:
 
   def config(self, *, paper_seqs: int, paper_eval_every: int, conditions: tuple[str, ...],
              seeds: tuple[int, ...] = (PAPER_SEED,), ckpt_every: int = 0,
-             grid: tuple[str, ...] = (), donors: tuple[str, ...] = ()) -> ExperimentConfig:
-    """The paper's settings at this scale, with the given runs."""
+             grid: tuple[str, ...] = (), donors: tuple[str, ...] = (),
+             model: dict[str, Any] | None = None,
+             task: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The paper's settings at this scale, with the given runs (and model / task changes)."""
     sc = self.scale
     d = ExperimentConfig().to_dict()
     d["data"].update(self.data)
+    d["model"].update(model or {})
     if str(self.data.get("source", "")).startswith("omniglot"):
       # Omniglot tables hold only the characters that were loaded (242 from the shared
       # archives): keep 50 train and 100 test classes, the rest in the middle split.
       d["task"]["class_split"] = [50, -1, 100]
+    d["task"].update(task or {})
     d["train"].update(num_seqs=sc.seqs(paper_seqs), eval_every=sc.every(paper_eval_every),
                       learning_rate=sc.learning_rate, progress_every_s=30.0)
     d["evaluators"] = [dict(e, size=sc.eval_size) for e in d["evaluators"]]

@@ -32,6 +32,7 @@ STRONG_IS = 0.4               # a head with final induction strength above this 
 CARRIES_ACC = 0.9             # a head "alone carries the task" above this accuracy
 REDUNDANT_ACC = 0.75          # removing the strongest head leaves accuracy above this
 TREND_RHO = -0.5              # Spearman correlation for "stronger clamp -> earlier"
+RISING_RHO = 0.5              # Spearman correlation for "y grows with x"
 WIRING_ACC = 0.75             # only-one accuracy above this counts as a working pair
 
 
@@ -123,6 +124,18 @@ def decreasing_trend(claim: str, xs: Sequence[float], lts: Sequence[float], hori
     return Verdict(claim, f"no variation ({pairs})", crit, None)
   return Verdict(claim, f"rho = {rho:.2f} ({x_name}: learning time {pairs})", crit,
                  bool(rho <= TREND_RHO))
+
+
+def increasing_trend(claim: str, xs: Sequence[float], ys: Sequence[float], x_name: str,
+                     y_name: str) -> Verdict:
+  """y grows with x: Spearman(x, y) >= RISING_RHO (NaN values must be replaced by the caller)."""
+  rho = spearman(xs, ys)
+  crit = f"Spearman correlation of {x_name} and {y_name} >= {RISING_RHO}"
+  pairs = ", ".join(f"{x:g}: {y:,.4g}" for x, y in zip(xs, ys))
+  if math.isnan(rho):
+    return Verdict(claim, f"no variation ({x_name}: {y_name} {pairs})", crit, None)
+  return Verdict(claim, f"rho = {rho:.2f} ({x_name}: {y_name} {pairs})", crit,
+                 bool(rho >= RISING_RHO))
 
 
 def ratio_greater(claim: str, a_name: str, a_lt: float, b_name: str, b_lt: float,
