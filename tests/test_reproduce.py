@@ -117,3 +117,28 @@ def test_cli_quick_scale_toy_figure(tmp_path):
   assert "5a: held" in out.stdout
   report = open(os.path.join(wd, "REPORT.md")).read()
   assert "scale: `quick`" in report and "| 5a | 5a, A9 |" in report
+
+
+def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
+  """deep / capacity / vocab end to end (training, head choice, analysis, verdicts) on
+  shrunken grids; the full grids run with --scale=quick (numbers in BUILD_NOTES.md)."""
+  from experiments.paper import beyond, report
+  monkeypatch.setattr(beyond, "DEEP_LAYERS", 3)
+  monkeypatch.setattr(beyond, "DEEP_MLP", (2,))
+  monkeypatch.setattr(beyond, "_deep_seeds", lambda study: (5,))
+  monkeypatch.setattr(beyond, "CAP_WIDTHS", (16,))
+  monkeypatch.setattr(beyond, "CAP_HEADS", (2, 4))
+  monkeypatch.setattr(beyond, "CAP_DEPTHS", (1,))
+  monkeypatch.setattr(beyond, "VOCAB_LABELS", (5, 10))
+  monkeypatch.setattr(beyond, "VOCAB_CLASSES", (50,))
+  study = Study(str(tmp_path), scales.get("smoke"), log=lambda m: None, verbose=False)
+  for key in ("deep", "capacity", "vocab"):
+    outcome, _, error = report.run_entry(study, registry.ENTRIES[key])
+    assert error is None, (key, error)
+    assert outcome.verdicts and outcome.notes, key
+    assert all(v.measured for v in outcome.verdicts)
+    assert all(os.path.exists(f) for f in outcome.figures), key
+  # Heads were chosen from the trained 3-layer runs and cached per seed.
+  deep = json.load(open(os.path.join(str(tmp_path), "deep_heads.json")))["mlp2"]
+  assert set(deep) == {"5"} and all(h["last"].startswith("L3H") for h in deep.values())
+  assert all(len(h["pt_score"]) == 3 for h in deep.values())

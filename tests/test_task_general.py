@@ -141,3 +141,17 @@ def test_training_runs_with_the_chan_properties(tmp_path):
   assert {r["eval_set"] for r in res.metrics} == {"icl", "iwl"}
   assert all(np.isfinite(r["loss"]) for r in res.metrics)
   assert len({r["seqs"] for r in res.metrics}) == 3
+
+
+@pytest.mark.parametrize("name", ["main", "clamps", "tiny", "chan"])
+def test_shipped_configs_build(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module(f"experiments.configs.{name}")
+  cfg = common.to_experiment(mod.get_config(None))
+  assert cfg.train.num_seqs > 0
+  if name == "chan":
+    assert (cfg.task.num_context, cfg.task.bursty, cfg.task.zipf_exponent) == (8, 3, 1.0)
+    assert {e.labels for e in cfg.evaluators} == {"relabel", "fixed"}
+    flat = common.to_experiment(mod.get_config("zipf=0,bursty=1"))
+    assert (flat.task.zipf_exponent, flat.task.bursty) == (0.0, 1)
