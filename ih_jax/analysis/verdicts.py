@@ -131,7 +131,8 @@ def increasing_trend(claim: str, xs: Sequence[float], ys: Sequence[float], x_nam
   """y grows with x: Spearman(x, y) >= RISING_RHO (NaN values must be replaced by the caller)."""
   rho = spearman(xs, ys)
   crit = f"Spearman correlation of {x_name} and {y_name} >= {RISING_RHO}"
-  pairs = ", ".join(f"{x:g}: {y:,.4g}" for x, y in zip(xs, ys))
+  fmt = lambda y: f"{y:,.0f}" if abs(y) >= 100 else f"{y:.3g}"
+  pairs = ", ".join(f"{x:g}: {fmt(y)}" for x, y in zip(xs, ys))
   if math.isnan(rho):
     return Verdict(claim, f"no variation ({x_name}: {y_name} {pairs})", crit, None)
   return Verdict(claim, f"rho = {rho:.2f} ({x_name}: {y_name} {pairs})", crit,
