@@ -97,3 +97,22 @@ def copying_score(params: Any, layer: int, head: int, num_heads: int) -> float:
   """
   lam = np.linalg.eigvals(ov_circuit(params, layer, head, num_heads).astype(np.float64))
   return float(np.sum(lam).real / max(np.sum(np.abs(lam)), 1e-12))
+
+
+def head_scores(params: Any, cfg: Any, batch: TokenBatch) -> dict[str, np.ndarray]:
+  """Every head's scores on a token batch, each [L, H] (means over the batch).
+
+  `cfg` is an ExperimentConfig of the token task; `params` one run's (unstacked).
+  """
+  from ih_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  m, S = cfg.model, cfg.tokens.segment_len
+  sites = tuple(f"blocks.{l}.pattern" for l in range(m.num_layers))
+  _, aux = jax.jit(lambda p, b: model_lib.apply(p, b, None, m, sites=sites))(params, batch)
+  pats = [aux[s] for s in sites]
+  return dict(
+      prev_token=np.stack([np.asarray(prev_token_score(p).mean(0)) for p in pats]),
+      prefix_matching=np.stack([np.asarray(prefix_matching(p, batch, S).mean(0)) for p in pats]),
+      induction_strength=np.stack([np.asarray(induction_strength(p, batch, S).mean(0))
+                                   for p in pats]),
+      copying=np.asarray([[copying_score(params, l, h, m.num_heads) for h in range(m.num_heads)]
+                          for l in range(m.num_layers)]))
