@@ -94,7 +94,7 @@ def token_heads(study: Study) -> dict[str, Any] | None:
   L = cfg.model.num_layers
   info = dict(pt=int(np.argmax(s["prev_token"][0])),
               ih=int(np.argmax(s["prefix_matching"][L - 1])),
-              **{k: np.round(v, 4).tolist() for k, v in s.items()})
+              **{k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in s.items()})
   with open(path, "w") as f:
     json.dump(info, f, indent=1)
   study.log(f"[reproduce] tokens: PT head L1H{info['pt']} (score "
