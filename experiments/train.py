@@ -52,6 +52,15 @@ def main(argv):
 def summarise(result) -> None:
   from ih_jax import train  # pylint: disable=g-import-not-at-top
   for run in result.runs:
+    tok = [r for r in result.metrics if r["run"] == run.index
+           and r["eval_set"] == "tokens" and r["clamped"] == 1]
+    if tok:  # the token task (#8): loss on the positions predictable by induction
+      f = tok[-1]
+      print(f"[ih_jax] run {run.index} {run.condition} seed {run.init_seed}: final tokens "
+            f"loss {f['loss']:.3f}, loss_repeated {f['loss_repeated']:.3f}, icl_score "
+            f"{f['icl_score']:.3f}, prev_token_max {f['prev_token_max']:.2f}, "
+            f"prefix_match_max {f['prefix_match_max']:.2f}")
+      continue
     rows = [r for r in result.metrics if r["run"] == run.index
             and r["eval_set"] == "fsl_train" and r["clamped"] == 1]
     if not rows:

@@ -13,11 +13,18 @@ from typing import Any, Mapping
 
 from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
 from ih_jax.data.features import FeatureConfig, check_class_split
+from ih_jax.data.tokens import TokenTaskConfig
 from ih_jax.model import ModelConfig
+
+
+TASK_KINDS = ("fewshot", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
+  # "fewshot": the paper's task (SPEC §1); "tokens": the token-level induction task
+  # (ih_jax.data.tokens; needs model.vocab_size >= 2, layout in ExperimentConfig.tokens).
+  kind: str = "fewshot"
   num_context: int = 2                      # n context (exemplar, label) pairs; T = 2n + 1
   class_split: tuple[int, ...] = (50, 1473, 100)   # train / val / test; one may be -1 (the rest)
   exemplar_split: tuple[int, ...] = (1, 4, 0)
@@ -88,6 +95,7 @@ class ExperimentConfig:
   model: ModelConfig = ModelConfig()
   data: FeatureConfig = FeatureConfig()
   task: TaskConfig = TaskConfig()
+  tokens: TokenTaskConfig = TokenTaskConfig()   # used when task.kind == "tokens"
   train: TrainConfig = TrainConfig()
   sweep: SweepConfig = SweepConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
@@ -95,9 +103,26 @@ class ExperimentConfig:
 
   def __post_init__(self):
     check_class_split(self.data, self.task.class_split)
-    from ih_jax.data.sampler import check_layout  # pylint: disable=g-import-not-at-top
-    check_layout(self.task.num_context, self.task.bursty, self.task.zipf_exponent,
-                 self.task.relabel_fraction, self.model.num_labels)
+    kind = self.task.kind
+    if kind not in TASK_KINDS:
+      raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")
+    if kind == "fewshot":
+      from ih_jax.data.sampler import check_layout  # pylint: disable=g-import-not-at-top
+      check_layout(self.task.num_context, self.task.bursty, self.task.zipf_exponent,
+                   self.task.relabel_fraction, self.model.num_labels)
+    if kind == "tokens":
+      if not self.model.tokens:
+        raise ValueError("task.kind='tokens' needs the token model: set model.vocab_size "
+                         ">= 2 (the vocabulary size)")
+      self.tokens.check(self.model.vocab_size)
+    elif self.model.tokens:
+      raise ValueError(f"model.vocab_size={self.model.vocab_size} builds the token model, "
+                       "which only the token task uses (set task.kind='tokens', or "
+                       "model.vocab_size=0 for the few-shot task)")
+
+  @property
+  def is_tokens(self) -> bool:
+    return self.task.kind == "tokens"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":

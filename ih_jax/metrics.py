@@ -29,3 +29,52 @@ def query_metrics(logits_BNC: jax.Array, y_BN: jax.Array) -> dict[str, jax.Array
   out["out_context_acc"], out["out_context_prob"] = _acc_prob(jnp.where(in_ctx_BC, _NEG, z), target)
   out["use_context_prob"] = jnp.sum(jnp.where(in_ctx_BC, jnp.exp(logp), 0.0), axis=-1)
   return out
+
+
+# ----------------------------------------------------------------------------- token task
+
+# Columns of a token-task run's metrics.csv (eval set "tokens"). Losses are next-token
+# cross-entropies in nats, averaged over the positions named:
+#   loss              every position (the training objective)
+#   loss_repeated     positions whose next token is predictable by induction (second copy)
+#   loss_first        the other positions (not predictable from the context)
+#   acc_repeated      argmax accuracy on the repeated positions
+#   icl_score         Olsson et al.'s in-context-learning score: mean loss over the last
+#                     `late_frac` of positions minus that over the first (negative = the
+#                     model uses its context)
+#   prev_token_max    best layer-1 (code layer 0) previous-token score
+#   prefix_match_max  best prefix-matching score among the heads of layers >= 2
+TOKEN_METRIC_NAMES = ("loss", "loss_repeated", "loss_first", "acc_repeated", "icl_score",
+                      "prev_token_max", "prefix_match_max")
+
+
+def metric_names(task_kind: str) -> tuple[str, ...]:
+  """The metrics.csv columns a task logs per (run, eval point, eval set)."""
+  if task_kind == "fewshot":
+    return METRIC_NAMES
+  if task_kind == "tokens":
+    return TOKEN_METRIC_NAMES
+  raise ValueError(f"unknown task kind {task_kind!r}; allowed: fewshot, tokens")
+
+
+def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],
+                  segment_len: int, late_frac: float) -> dict[str, jax.Array]:
+  """Each TOKEN_METRIC_NAMES entry as a scalar (mean over the eval set's sequences)."""
+  from ih_jax.analysis import token_scores  # pylint: disable=g-import-not-at-top
+  tokens, rep_BT = batch.tokens, batch.repeated
+  T = tokens.shape[1]
+  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
+  nll_BP = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # P = T-1 preds
+  hit_BP = (jnp.argmax(logits_BTV[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
+  rep_BP = rep_BT[:, :-1].astype(jnp.float32)
+  mean_over = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+  n = max(1, int(round(late_frac * (T - 1))))
+  out = dict(loss=nll_BP.mean(), loss_repeated=mean_over(nll_BP, rep_BP),
+             loss_first=mean_over(nll_BP, 1.0 - rep_BP),
+             acc_repeated=mean_over(hit_BP, rep_BP),
+             icl_score=nll_BP[:, -n:].mean() - nll_BP[:, :n].mean())
+  out["prev_token_max"] = token_scores.prev_token_score(patterns_LBHTT[0]).mean(0).max()
+  later = patterns_LBHTT[1:] or patterns_LBHTT
+  out["prefix_match_max"] = jnp.max(jnp.stack([
+      token_scores.prefix_matching(p, batch, segment_len).mean(0) for p in later]))
+  return out

@@ -4,6 +4,14 @@ Public API (pure functions; the Flax module is an implementation detail):
   init_params(key, cfg, feature_dim)                    -> params
   apply(params, batch, clamps, cfg, plan, sites=())     -> (logits [B, n+1, C], aux)
   query_loss(logits, y)                                 -> mean CE of the query row
+  next_token_loss(logits, tokens)                       -> mean CE over all positions
+
+With cfg.vocab_size > 0 the model is the *token* model (token-level induction task,
+ih_jax.data.tokens): a token embedding table [V, d] replaces the exemplar and label
+embeddings, `batch` is a TokenBatch, and apply returns logits over V at every
+position ([B, T, V]). Clamps that are specific to the few-shot task (perfect copy,
+perfect L1, graft) are refused on it; `ih` uses the token definition of
+token_induction_pattern.
 
 `clamps` is one run's condition (see ih_jax.clamps); `plan` is the static
 ClampPlan that decides which extra passes get compiled. `aux` holds only the
@@ -24,6 +32,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax.data.sampler import Batch, IndexedFeatures
+from ih_jax.data.tokens import induction_targets
 
 MASK_FILL = -1e20   # causal mask fill (pre-softmax), as in the authors' code
 COPY_FILL = -1e9    # perfect-copy logits for labels absent from the context
@@ -53,6 +62,7 @@ class ModelConfig:
   ln_eps: float = 1e-5     # not Flax's 1e-6 default
   mlp_ratio: int = 0       # 0 = no MLP (the paper)
   pos_emb: str = "rope"    # one of POS_EMB_KINDS
+  vocab_size: int = 0      # 0 = the few-shot model; V > 0 = the token model (see above)
 
   def __post_init__(self):
     if self.num_layers < 1 or self.num_heads < 1 or self.num_labels < 2 or self.d_model < 1:
@@ -65,6 +75,9 @@ class ModelConfig:
     if self.use_rope and self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head width; d_model/num_heads = {self.head_dim} "
                        f"(use pos_emb='learned' for odd head widths)")
+    if self.vocab_size < 0 or self.vocab_size == 1:
+      raise ValueError(f"vocab_size must be 0 (few-shot model) or >= 2 (token model), got "
+                       f"{self.vocab_size}")
     if isinstance(self.mlp_ratio, bool) or int(self.mlp_ratio) != self.mlp_ratio \
         or self.mlp_ratio < 0:
       raise ValueError(f"mlp_ratio must be an integer >= 0 (0 = no MLP), got {self.mlp_ratio!r}")
@@ -72,6 +85,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def tokens(self) -> bool:
+    """The token model (token-level induction task)?"""
+    return self.vocab_size > 0
 
   @property
   def use_rope(self) -> bool:
@@ -200,6 +218,29 @@ def _attend_bwd(res, g_BTD):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+# Longer sequences (the token task, T ~ 32) use plain einsums with autodiff: the slice-sums
+# above unroll O(T^2) ops into the graph. The few-shot path (T = 5) never takes this route,
+# so its numerics are unchanged.
+SLICE_MAX_T = 8
+
+
+def causal_scores_dense(q_BTD: jax.Array, k_BTD: jax.Array, num_heads: int) -> jax.Array:
+  """causal_scores as one einsum (for long sequences); same layout [B, Tq, Tk, H]."""
+  B, Tq, D = q_BTD.shape
+  Tk, K = k_BTD.shape[1], D // num_heads
+  s = jnp.einsum("bqhk,bthk->bqth", q_BTD.reshape(B, Tq, num_heads, K),
+                 k_BTD.reshape(B, Tk, num_heads, K)) / np.sqrt(K).astype(np.float32)
+  return jnp.where(_causal_TT(Tq, Tk)[None, :, :, None], s, MASK_FILL)
+
+
+def attend_dense(pattern_BTTH: jax.Array, v_BTD: jax.Array) -> jax.Array:
+  """attend as one einsum (for long sequences): [B, Tq, H*K]."""
+  B, Tk, D = v_BTD.shape
+  Tq, H = pattern_BTTH.shape[1], pattern_BTTH.shape[-1]
+  out = jnp.einsum("bqth,bthk->bqhk", pattern_BTTH, v_BTD.reshape(B, Tk, H, D // H))
+  return out.reshape(B, Tq, D)
+
+
 @jax.custom_vjp
 def split3(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Splits the last axis into three equal parts (fused Q | K | V).
@@ -272,21 +313,29 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed_x = nn.Dense(cfg.d_model)                      # exemplar embedding, with bias
-    self.embed_y = nn.Dense(cfg.d_model, use_bias=False,      # label embedding, no bias
-                            kernel_init=nn.initializers.truncated_normal(0.02))
+    if cfg.tokens:
+      # Unit-variance rows, like the few-shot exemplar embedding of ~unit-variance features.
+      self.embed_tok = nn.Embed(cfg.vocab_size, cfg.d_model,
+                                embedding_init=nn.initializers.normal(1.0))
+    else:
+      self.embed_x = nn.Dense(cfg.d_model)                      # exemplar embedding, with bias
+      self.embed_y = nn.Dense(cfg.d_model, use_bias=False,      # label embedding, no bias
+                              kernel_init=nn.initializers.truncated_normal(0.02))
     self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
     if cfg.learned_pos:
       self.pos_embed = LearnedPositions(cfg.d_model)
     self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps)
-    self.unembed = nn.Dense(cfg.num_labels)
+    self.unembed = nn.Dense(cfg.vocab_size if cfg.tokens else cfg.num_labels)
 
   def embed(self, x_BNF, y_BN: jax.Array) -> jax.Array:
     """[e_x0, e_y0, ..., e_x(n-1), e_y(n-1), e_xq]; the query's label is never input.
 
     `x_BNF` is the gathered features [B, N, F], or an IndexedFeatures (table [U, F],
     ids [B, N]): then each distinct exemplar is embedded once and gathered.
+    The token model embeds `x_BNF` = tokens [B, T] (y is unused).
     """
+    if self.cfg.tokens:
+      return self.embed_tok(x_BNF)
     if isinstance(x_BNF, IndexedFeatures):
       ex_BND = self.embed_x(x_BNF.table)[x_BNF.ids]
       dtype = x_BNF.table.dtype
@@ -318,12 +367,20 @@ class Transformer(nn.Module):
     return self.blocks[layer].mlp(h_BTD)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
-    return self.unembed(self.ln_f(h_BTD))[:, 0::2]  # exemplar positions 0, 2, ..., 2n
+    z = self.unembed(self.ln_f(h_BTD))
+    return z if self.cfg.tokens else z[:, 0::2]  # few-shot: exemplar positions 0, 2, ..., 2n
 
 
-def init_params(key: jax.Array, cfg: ModelConfig, feature_dim: int, num_context: int = 2) -> Any:
-  x = jnp.zeros((1, num_context + 1, feature_dim), jnp.float32)
-  y = jnp.zeros((1, num_context + 1), jnp.int32)
+def init_params(key: jax.Array, cfg: ModelConfig, feature_dim: int, num_context: int = 2,
+                seq_len: int = 32) -> Any:
+  """Params of the few-shot model, or of the token model (cfg.vocab_size > 0; then
+  feature_dim / num_context are unused and seq_len sizes a learned position table)."""
+  if cfg.tokens:
+    x = jnp.zeros((1, seq_len), jnp.int32)
+    y = None
+  else:
+    x = jnp.zeros((1, num_context + 1, feature_dim), jnp.float32)
+    y = jnp.zeros((1, num_context + 1), jnp.int32)
   # Flax derives each parameter's key from its module path, not from call order.
   return Transformer(cfg).init(key, x, y, None, clamps_lib.NO_CLAMPS, (), method=_run)["params"]
 
@@ -361,6 +418,25 @@ def induction_row(y_BN: jax.Array, strength_H: jax.Array) -> jax.Array:
   return row.at[:, :, 1::2].set(on_label_BHn)
 
 
+def token_induction_pattern(tokens_BT: jax.Array, strength_H: jax.Array) -> jax.Array:
+  """[B, T, T, H] (internal layout): the perfect induction pattern of the token task.
+
+  Row t: mass s on the token after the previous occurrence of x_t (the most recent
+  one; ih_jax.data.tokens.induction_targets) and 1 - s on t itself (as the PT clamp
+  puts 1 - s on the diagonal). Rows with no previous occurrence of x_t attend to
+  key 0 (a fixed "sink", like the PT clamp's row 0), so the clamped head's
+  queries and keys get no gradient from any row.
+  """
+  T = tokens_BT.shape[1]
+  target_BT = induction_targets(tokens_BT)
+  has_BT = target_BT >= 0
+  s = strength_H[None, None, None, :]
+  hit_BTT = jax.nn.one_hot(jnp.maximum(target_BT, 0), T)
+  P = s * hit_BTT[..., None] + (1.0 - s) * jnp.eye(T)[None, :, :, None]
+  sink = jax.nn.one_hot(0, T)[None, None, :, None]
+  return jnp.where(has_BT[:, :, None, None], P, sink)
+
+
 def shifted_embedding(E_BTD: jax.Array) -> jax.Array:
   """Perfect previous-token input: [E0, E0, E1, ..., E(T-3), E(T-1)] (query unshifted)."""
   return jnp.concatenate([E_BTD[:, :1], E_BTD[:, :-2], E_BTD[:, -1:]], axis=1)
@@ -381,6 +457,11 @@ def copy_logits(scores_BTTH: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
 
 
 # ----------------------------------------------------------------------------- forward
+
+# Clamp kinds defined on the token model, and ClampPlan fields refused there.
+TOKEN_CLAMP_KINDS = ("none", "ablate", "keep_only", "pt", "ih", "match", "preserve_pattern",
+                     "preserve_value")
+TOKEN_UNSUPPORTED = ("copy", "perfect_l1", "graft")
 
 _LAYER_SITES = ("resid_pre", "q", "k", "v", "scores", "pattern", "head_out", "attn_out",
                 "resid_post")
@@ -411,13 +492,14 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
   q, k, v = model.project(l, h_BTD)
   if query_only:
     q, h_BTD = q[:, -1:], h_BTD[:, -1:]
-  scores = causal_scores(q, k, model.cfg.num_heads)
+  sliced = k.shape[1] <= SLICE_MAX_T
+  scores = (causal_scores if sliced else causal_scores_dense)(q, k, model.cfg.num_heads)
   pattern = jax.nn.softmax(scores, axis=2)
   if pattern_edit is not None:
     pattern = pattern_edit(pattern)
   if value_edit is not None:
     v = value_edit(v)
-  head_out = attend(pattern, v)
+  head_out = (attend if sliced else attend_dense)(pattern, v)
   attn_out = model.output(l, head_out)
   out = h_BTD + attn_out
   sites = dict(resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
@@ -477,7 +559,10 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
       if plan.pt:  # (A may hold only the last rows: query_only)
         P_TTH = prev_token_pattern(T, c["pt_strength"][l]).transpose(1, 2, 0)
         A = jnp.where(c["pt_on"][l], P_TTH[None, T - A.shape[1]:], A)
-      if plan.ih:
+      if plan.ih and cfg.tokens:  # every row (token task)
+        P_BTTH = token_induction_pattern(x_BNF, c["ih_strength"][l])
+        A = jnp.where(c["ih_on"][l], P_BTTH[:, T - A.shape[1]:], A)
+      elif plan.ih:
         row_BTH = induction_row(y_BN, c["ih_strength"][l]).transpose(0, 2, 1)
         A = A.at[:, -1].set(jnp.where(c["ih_on"][l], row_BTH, A[:, -1]))
       return A
@@ -534,6 +619,15 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   """
   if plan != clamps_lib.NO_CLAMPS and clamps is None:
     raise ValueError(f"plan {plan} needs clamps")
+  if cfg.tokens:
+    bad = [k for k in TOKEN_UNSUPPORTED if getattr(plan, k)]
+    if bad:
+      raise ValueError(f"clamp kind(s) {bad} are specific to the few-shot task and not defined "
+                       f"on the token model; allowed there: {', '.join(TOKEN_CLAMP_KINDS)}")
+    if query_only:
+      raise ValueError("query_only is a few-shot option (the token task scores every position)")
+    return Transformer(cfg).apply({"params": params}, batch.tokens, None, clamps, plan,
+                                  tuple(sites), False, method=_run)
   allowed = site_names(cfg.num_layers, mlp=cfg.mlp_ratio > 0)
   unknown = set(sites) - set(allowed)
   if unknown:
@@ -548,6 +642,12 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
     clamps = dict(clamps, graft_resid=resid)
   return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
                                 tuple(sites), query_only, method=_run)
+
+
+def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy over every position (the token task's training loss)."""
+  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))
 
 
 def query_loss(logits_BNC: jax.Array, y_BN: jax.Array) -> jax.Array:

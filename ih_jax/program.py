@@ -28,7 +28,8 @@ from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
-from ih_jax.metrics import query_metrics
+from ih_jax.data import tokens as tokens_lib
+from ih_jax.metrics import query_metrics, token_metrics
 from ih_jax.sweep import Program, RunSpec, Variant
 
 # pylint: disable=invalid-name
@@ -55,10 +56,11 @@ class Experiment:
   """Everything derived from a program that training and evaluation need."""
   cfg: ExperimentConfig                  # shared settings (the first variant's config)
   variants: tuple[Variant, ...]
-  features: jax.Array                    # [V, classes, exemplars, F]
-  splits: splits_lib.Splits
-  train_spec: sampler.SamplerSpec
-  eval_batches: dict[str, sampler.Batch]  # leaves [V, ...]; x is IndexedFeatures
+  features: jax.Array                    # [V, classes, exemplars, F] ([V, 1, 1, 1] for tokens)
+  splits: splits_lib.Splits | None       # None for the token task
+  train_spec: sampler.SamplerSpec | None  # None for the token task
+  # Leaves [V, ...]; few-shot: x is IndexedFeatures; token task: one TokenBatch "tokens".
+  eval_batches: dict[str, Any]
   runs: list[Run]                        # the real runs (R)
   run_variant: np.ndarray                # [R_pad] variant index of each (padded) run
   run_init_seeds: np.ndarray             # [R_pad] init seed of each (padded) run
@@ -72,10 +74,12 @@ class Experiment:
 
 
 def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
-                     donors: tuple[str, ...] = ()) -> list[tuple[str, clamps_lib.Clamps]]:
+                     donors: tuple[str, ...] = (), tokens: bool = False
+                     ) -> list[tuple[str, clamps_lib.Clamps]]:
   """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names.
 
-  `donors` are the graft donor names (`donor_names(cfg)`).
+  `donors` are the graft donor names (`donor_names(cfg)`); `tokens`: the conditions
+  are for the token task, which refuses the few-shot-specific clamp kinds.
   """
   out, seen = [], set()
   for entry in entries:
@@ -87,6 +91,8 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
       c = clamps_lib.parse(spec, num_layers, num_heads, donors)
     except ValueError as e:
       raise ValueError(f"condition {entry!r}: {e}") from None
+    if tokens:
+      check_token_clamps(c, entry)
     if name in seen:
       raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
     seen.add(name)
@@ -94,6 +100,17 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
   if not out:
     raise ValueError("sweep.conditions is empty; use ('none',) for a plain run")
   return out
+
+
+def check_token_clamps(c: clamps_lib.Clamps, entry: str) -> None:
+  """Refuses clamp kinds that are only defined on the few-shot task."""
+  bad = [kind for kind, key in (("copy", "copy_on"), ("perfect_l1", "perfect_l1"),
+                                ("graft", "graft_on")) if np.asarray(c[key]).any()]
+  if bad:
+    raise ValueError(
+        f"condition {entry!r}: clamp kind(s) {bad} are specific to the few-shot task (they "
+        "read its label tokens / query row) and are not defined on the token task; allowed "
+        f"there: {', '.join(model_lib.TOKEN_CLAMP_KINDS)}")
 
 
 def check_seeds(cfg: ExperimentConfig) -> None:
@@ -136,16 +153,22 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
     check_seeds(v.cfg)
   if cfg.train.batch_size < 1:
     raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-  feats = jnp.stack([jnp.asarray(features_lib.load_features(v.cfg.data))
-                     for v in program.variants])
-  _, C, E, _ = feats.shape
-  splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
-                                  cfg.task.exemplar_split, cfg.task.pair_weights)
-  eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
-                                        cfg.task.num_context, cfg.task.bursty,
-                                        cfg.model.num_labels)
-  # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
-  eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
+  if cfg.is_tokens:
+    feats = jnp.zeros((len(program.variants), 1, 1, 1), jnp.float32)  # no feature table
+    splits, train_spec = None, None
+    eval_batches = {TOKEN_EVAL_SET: token_eval_set(cfg, len(program.variants))}
+  else:
+    feats = jnp.stack([jnp.asarray(features_lib.load_features(v.cfg.data))
+                       for v in program.variants])
+    _, C, E, _ = feats.shape
+    splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
+                                    cfg.task.exemplar_split, cfg.task.pair_weights)
+    train_spec = evalsets.train_spec(splits)
+    eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
+                                          cfg.task.num_context, cfg.task.bursty,
+                                          cfg.model.num_labels)
+    # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
+    eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
   conds = program_conditions(program)
   runs = program_runs(program)
   specs: list[RunSpec] = list(program.runs)
@@ -157,17 +180,31 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
   stacked = clamps_lib.stack([conds[s.condition] for s in specs])
   if clamps_lib.plan_for(stacked).graft:
     stacked = add_graft_params(cfg, stacked, feats.shape[-1])
-  exp = Experiment(cfg, program.variants, feats, splits, evalsets.train_spec(splits),
-                   eval_batches, runs, np.asarray([s.variant for s in specs], np.int32),
+  exp = Experiment(cfg, program.variants, feats, splits, train_spec, eval_batches, runs, np.asarray([s.variant for s in specs], np.int32),
                    np.asarray([s.init_seed for s in specs], np.uint32),
                    stacked, clamps_lib.plan_for(stacked), mesh)
   return exp
 
 
+TOKEN_EVAL_SET = "tokens"
+
+
+def token_eval_set(cfg: ExperimentConfig, num_variants: int) -> tokens_lib.TokenBatch:
+  """The token task's fixed eval set (from eval_seed), with a leading [V] axis."""
+  key = jax.random.fold_in(jax.random.key(cfg.train.eval_seed), 0)
+  b = tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, cfg.tokens.eval_size)
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_variants,) + x.shape), b)
+
+
+def eval_set_names(cfg: ExperimentConfig) -> list[str]:
+  return [TOKEN_EVAL_SET] if cfg.is_tokens else [e.name for e in cfg.evaluators]
+
+
 def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
   cfg = program.cfg
   return dict(parse_conditions(tuple(dict.fromkeys(r.condition_entry for r in program.runs)),
-                               cfg.model.num_layers, cfg.model.num_heads, donor_names(cfg)))
+                               cfg.model.num_layers, cfg.model.num_heads, donor_names(cfg),
+                               tokens=cfg.is_tokens))
 
 
 def program_runs(program: Program) -> list[Run]:
@@ -209,8 +246,7 @@ def donor_names(cfg: ExperimentConfig) -> tuple[str, ...]:
 def load_donors(cfg: ExperimentConfig, feature_dim: int) -> list[Any]:
   """Each donor's params, checked against this model's parameter shapes."""
   from ih_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  template = jax.eval_shape(lambda: model_lib.init_params(
-      jax.random.key(0), cfg.model, feature_dim, cfg.task.num_context))
+  template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, feature_dim))
   out = []
   for entry in cfg.sweep.donors:
     name, workdir, run, seqs = parse_donor(entry)
@@ -274,10 +310,15 @@ def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.train.learning_rate)
 
 
+def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
+  """One run's params for this config's task."""
+  return model_lib.init_params(key, cfg.model, feature_dim, cfg.task.num_context,
+                               seq_len=cfg.tokens.seq_len)
+
+
 def init_state(exp: Experiment) -> TrainState:
   cfg = exp.cfg
-  init = lambda key: model_lib.init_params(key, cfg.model, exp.features.shape[-1],
-                                           cfg.task.num_context)
+  init = lambda key: init_params(key, cfg, exp.features.shape[-1])
   params = jax.jit(jax.vmap(lambda s: init(jax.random.key(s))))(
       jnp.asarray(exp.run_init_seeds))
   opt_state = jax.vmap(make_optimizer(cfg).init)(params)
@@ -302,7 +343,16 @@ def make_evaluate(exp: Experiment) -> Callable:
   unclamped_too = cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS
   blocks = _variant_slices(exp)
 
+  L = cfg.model.num_layers
+  pattern_sites = tuple(f"blocks.{l}.pattern" for l in range(L))
+
   def one_run(params, clamps, batch, clamped: bool):
+    if cfg.is_tokens:  # every position scored; head scores from the recorded patterns
+      logits, aux = model_lib.apply(params, batch, clamps if clamped else None, cfg.model,
+                                    exp.plan if clamped else clamps_lib.NO_CLAMPS,
+                                    sites=pattern_sites)
+      return token_metrics(logits, batch, [aux[s] for s in pattern_sites],
+                           cfg.tokens.segment_len, cfg.tokens.late_frac)
     if clamped:
       logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True)
     else:
@@ -351,9 +401,17 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
       (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rs), t))
 
   def loss_fn(params, batch, clamps):
+    if cfg.is_tokens:  # next-token loss over every position
+      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+      return model_lib.next_token_loss(logits, batch.tokens)
     # Only the query row is scored: the last layer runs at the query position alone.
     logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True)
     return model_lib.query_loss(logits, batch.y)
+
+  def sample(key, table, lookup):
+    if cfg.is_tokens:
+      return tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, B)
+    return sampler.sample_indexed_batch(key, table, lookup, exp.train_spec, B, n, **layout)
 
   def run_step(params, opt_state, batch, clamps):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, clamps)
@@ -361,8 +419,11 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
   def chunk(state: TrainState, n_steps, do_eval, clamps_R, feats_V, batches_V):
-    table_V, lookups = jax.vmap(lambda f: sampler.compact_table(f, exp.train_spec))(feats_V)
-    lookup = lookups[0]  # the same for every variant (same shapes and splits)
+    if cfg.is_tokens:
+      table_V, lookup = feats_V, None
+    else:
+      table_V, lookups = jax.vmap(lambda f: sampler.compact_table(f, exp.train_spec))(feats_V)
+      lookup = lookups[0]  # the same for every variant (same shapes and splits)
 
     def body(i, carry):
       params, opt_state, data_key_V, losses, gnorms = carry
@@ -371,12 +432,10 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
       # Training sees few distinct exemplars (50 classes x 1 exemplar in the paper):
       # they are embedded once per step and gathered (IndexedFeatures).
       if V == 1:  # one batch shared by every run (it depends only on train_seed)
-        batch = sampler.sample_indexed_batch(batch_key_V[0], table_V[0], lookup,
-                                             exp.train_spec, B, n, **layout)
+        batch = sample(batch_key_V[0], table_V[0], lookup)
         batch_axis = None
       else:       # each run trains on its variant's batch
-        batch_V = jax.vmap(lambda k, t: sampler.sample_indexed_batch(
-            k, t, lookup, exp.train_spec, B, n, **layout))(batch_key_V, table_V)
+        batch_V = jax.vmap(lambda k, t: sample(k, t, lookup))(batch_key_V, table_V)
         batch = jax.tree.map(lambda x: x[run_variant], batch_V)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(

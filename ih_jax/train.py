@@ -33,9 +33,9 @@ from ih_jax import sweep as sweep_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.analysis.timing import learning_time  # noqa: F401  (re-exported)
-from ih_jax.metrics import METRIC_NAMES
+from ih_jax.metrics import metric_names
 # The compiled-program pieces, re-exported for notebooks and benchmarks.
-from ih_jax.program import (Experiment, Run, TrainState, check_seeds,  # noqa: F401
+from ih_jax.program import (Experiment, Run, TrainState, check_seeds, eval_set_names,  # noqa: F401
                             init_state, make_evaluate, make_optimizer, make_train_chunk,
                             parse_conditions, place_inputs, place_state, program_runs,
                             setup_experiment)
@@ -225,7 +225,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     metrics_rows: list[dict[str, Any]] = []
     log_seqs, log_loss, log_gnorm = [], [], []
     R = len(exp.runs)
-    names = [e.name for e in cfg.evaluators]
+    names = eval_set_names(cfg)
+    metrics_of_task = metric_names(cfg.task.kind)
     t_train, last_print, last_resume_save = time.time(), 0.0, time.time()
     done, pending = start_step, None
 
@@ -243,7 +244,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       log_loss.append(losses)
       log_gnorm.append(gnorms)
       seqs = B * (step_from + n_steps)
-      rows = (_eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals), names)
+      rows = (_eval_rows(exp.runs, seqs, step_from + n_steps, jax.device_get(evals), names,
+                         metrics_of_task)
               if did_eval else [])
       metrics_rows.extend(rows)
       if writer is not None:
@@ -355,7 +357,7 @@ def _progress_line(seqs: int, total: int, rate: float, rows: list[dict], runs: l
 
 
 def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
-               order: list[str]) -> list[dict[str, Any]]:
+               order: list[str], metric_cols: tuple[str, ...]) -> list[dict[str, Any]]:
   rows = []
   for set_name in order:
     for mode in ("clamped", "unclamped"):
@@ -365,6 +367,6 @@ def _eval_rows(runs: list[Run], seqs: int, step: int, evals: dict,
       for r in runs:
         row = dict(run=r.index, condition=r.condition, seed=r.init_seed, variant=r.variant,
                    seqs=seqs, step=step, eval_set=set_name, clamped=int(mode == "clamped"))
-        row.update({m: float(metrics[m][r.index]) for m in METRIC_NAMES})
+        row.update({m: float(metrics[m][r.index]) for m in metric_cols})
         rows.append(row)
   return rows

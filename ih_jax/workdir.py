@@ -29,7 +29,7 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax.data import features as features_lib
-from ih_jax.metrics import METRIC_NAMES
+from ih_jax.metrics import METRIC_NAMES, metric_names
 
 if TYPE_CHECKING:
   from ih_jax.config import ExperimentConfig
@@ -39,8 +39,13 @@ METRICS_CSV = "metrics.csv"
 TRAIN_LOG_CSV = "train_log.csv"
 CONFIG_JSON = "config.json"
 DONE_JSON = "done.json"
-METRIC_COLUMNS = ("run", "condition", "seed", "variant", "seqs", "step", "eval_set",
-                  "clamped") + METRIC_NAMES
+ROW_COLUMNS = ("run", "condition", "seed", "variant", "seqs", "step", "eval_set", "clamped")
+METRIC_COLUMNS = ROW_COLUMNS + METRIC_NAMES   # the few-shot task's metrics.csv columns
+
+
+def metric_columns(task_kind: str) -> tuple[str, ...]:
+  """metrics.csv columns of a task (ih_jax.metrics.metric_names)."""
+  return ROW_COLUMNS + metric_names(task_kind)
 LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
 _OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
             ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)
@@ -161,10 +166,11 @@ def write_config(workdir: str, exp: "Experiment", sweep_cfg: "ExperimentConfig")
       variants=[v.name for v in exp.variants],
       runs=[dataclasses.asdict(r) for r in exp.runs],
       clamp_plan=dataclasses.asdict(exp.plan),
-      features=[features_lib.feature_metadata(v.cfg.data) for v in exp.variants],
-      relabel_pairs=dict(train=exp.splits.train_pairs.tolist(),
-                         val=exp.splits.val_pairs.tolist(),
-                         test=exp.splits.test_pairs.tolist()),
+      features=([] if exp.cfg.is_tokens else
+                [features_lib.feature_metadata(v.cfg.data) for v in exp.variants]),
+      relabel_pairs=None if exp.splits is None else dict(
+          train=exp.splits.train_pairs.tolist(), val=exp.splits.val_pairs.tolist(),
+          test=exp.splits.test_pairs.tolist()),
       matmul_precision=exp.cfg.train.matmul_precision,
       environment=environment_metadata())
   tmp = os.path.join(workdir, CONFIG_JSON + ".tmp")
@@ -184,8 +190,9 @@ class RunWriter:
 
   def __init__(self, workdir: str, exp: "Experiment", resume_seqs: int | None = None):
     self.workdir = workdir
-    self._metrics = _open_csv(os.path.join(workdir, METRICS_CSV), METRIC_COLUMNS, resume_seqs)
-    self._mw = csv.DictWriter(self._metrics, fieldnames=METRIC_COLUMNS)
+    columns = metric_columns(exp.cfg.task.kind)
+    self._metrics = _open_csv(os.path.join(workdir, METRICS_CSV), columns, resume_seqs)
+    self._mw = csv.DictWriter(self._metrics, fieldnames=columns)
     self._log = _open_csv(os.path.join(workdir, TRAIN_LOG_CSV), LOG_COLUMNS, resume_seqs)
     self._lw = csv.writer(self._log)
     self._runs = exp.runs
@@ -246,8 +253,9 @@ def read_metrics(workdir_or_csv: str) -> list[dict[str, Any]]:
     for row in csv.DictReader(f):
       for k in ("run", "seed", "seqs", "step", "clamped"):
         row[k] = int(row[k])
-      for k in METRIC_NAMES:
-        row[k] = float(row[k])
+      for k in row:  # every metric column of the task (ih_jax.metrics.metric_names)
+        if k not in ROW_COLUMNS:
+          row[k] = float(row[k])
       out.append(row)
   return out
 

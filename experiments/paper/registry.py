@@ -451,6 +451,8 @@ def _seeds_analyze(study: Study, results: dict, heads: dict) -> Outcome:
 
 # ============================================================================ the registry
 
+from experiments.paper import tokens_entry  # noqa: E402  (needs Entry and Outcome above)
+
 _paper_only = lambda study: (PAPER_SEED,)
 _none = lambda study: ()
 
@@ -473,6 +475,7 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
     Entry("A17", ("A17",), "Head pairs", _paper_only, _pairs_stages, _pairs_analyze),
     Entry("A18", ("A18",), "Extra seeds", lambda study: study.scale.extra_seeds, _seeds_stages,
           _seeds_analyze),
+    tokens_entry.ENTRY,
 ) + beyond.ENTRIES}
 
 
