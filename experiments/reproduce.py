@@ -3,6 +3,7 @@ r"""Reproduce a figure of Singh et al. 2024 (or all of them) with one command.
   python -m experiments.reproduce --figure=5b --scale=quick --workdir=/tmp/repro
   python -m experiments.reproduce --figure=all --scale=quick --workdir=/tmp/repro
   python -m experiments.reproduce --figure=all --scale=full --workdir=/data/repro_full
+  python -m experiments.reproduce --figure=beyond --scale=quick --workdir=/tmp/beyond
   python -m experiments.reproduce --list
 
 Trains what the figure needs (its main run first when head choices depend on it),
@@ -21,8 +22,9 @@ from experiments.paper import registry, report, scales
 from experiments.paper.study import Study
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("figure", None, "entry or paper figure id (e.g. 5b, 3a, A7, main), a "
-                    "comma-separated list, or 'all'")
+flags.DEFINE_string("figure", None, "entry or paper figure id (e.g. 5b, 3a, A7, main, "
+                    "deep), a comma-separated list, 'all' (the paper's figures) or 'beyond' "
+                    "(tokens, deep, capacity, vocab)")
 flags.DEFINE_enum("scale", "quick", sorted(scales.SCALES), "quick: CPU-sized (minutes); "
                   "full: the paper's lengths and seeds")
 flags.DEFINE_string("features", "gaussian", "gaussian (embedded default) | h5:PATH | a "

@@ -69,7 +69,11 @@ def test_head_choices_come_from_the_heads_not_constants(tmp_path):
 def test_resolve_figures():
   assert [e.key for e in registry.resolve("3a")] == ["main"]
   assert [e.key for e in registry.resolve("5b,A7")] == ["5b", "A7"]
-  assert len(registry.resolve("all")) == len(registry.ENTRIES)
+  paper = registry.resolve("all")
+  beyond = registry.resolve("beyond")
+  assert [e.key for e in beyond] == ["tokens", "deep", "capacity", "vocab"]
+  assert {e.key for e in paper} | {e.key for e in beyond} == set(registry.ENTRIES)
+  assert not {e.key for e in paper} & {e.key for e in beyond}
   with pytest.raises(ValueError, match="unknown figure '9z'.*5b"):
     registry.resolve("9z")
 

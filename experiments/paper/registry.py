@@ -479,16 +479,23 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
 ) + beyond.ENTRIES}
 
 
+# Entries beyond the paper (#8): run with --figure=beyond (not part of "all").
+BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES)
+
+
 def resolve(figure: str) -> list[Entry]:
-  """'5b' / 'A7' / '3a' / 'main' / 'all' -> the entries to run (registry order)."""
+  """'5b' / 'A7' / '3a' / 'main' / 'all' (the paper) / 'beyond' (#8) -> entries, in order."""
   if figure == "all":
-    return list(ENTRIES.values())
+    return [e for e in ENTRIES.values() if e.key not in BEYOND]
+  if figure == "beyond":
+    return [ENTRIES[k] for k in BEYOND]
   out = []
   for f in (s.strip() for s in figure.split(",")):
     found = [e for e in ENTRIES.values() if f.lower() == e.key.lower()
              or f.lower() in (x.lower() for x in e.figures)]
     if not found:
       known = sorted({x for e in ENTRIES.values() for x in (e.key,) + e.figures})
-      raise ValueError(f"unknown figure {f!r}; known: {', '.join(known)} or 'all'")
+      raise ValueError(f"unknown figure {f!r}; known: {', '.join(known)}, 'all' (the paper) "
+                       "or 'beyond' (experiments beyond the paper)")
     out += [e for e in found if e not in out]
   return out
