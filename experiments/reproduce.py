@@ -26,7 +26,8 @@ flags.DEFINE_string("figure", None, "entry or paper figure id (e.g. 5b, 3a, A7, 
                     "deep), a comma-separated list, 'all' (the paper's figures) or 'beyond' "
                     "(tokens, deep, capacity, vocab)")
 flags.DEFINE_enum("scale", "quick", sorted(scales.SCALES), "quick: CPU-sized (minutes); "
-                  "full: the paper's lengths and seeds")
+                  "medium: quick's lr, 2x its length, 5 seeds; full: the paper's lengths and "
+                  "seeds; smoke: tests only")
 flags.DEFINE_string("features", "gaussian", "gaussian (embedded default) | h5:PATH | a "
                     "data.source name such as omniglot_conv, optionally SOURCE:field=value,...")
 flags.DEFINE_string("workdir", None, "reproduction folder (runs are reused from here)")

@@ -33,11 +33,12 @@ class TaskConfig:
   bursty: int = 1                 # copies of the query class in the context (1 = the paper)
   zipf_exponent: float = 0.0      # training classes ~ Zipf(rank)^-a (0 = uniform, the paper)
   relabel_fraction: float = 1.0   # share of relabelled sequences (1 = ICL-only, the paper);
-                                  # the rest carry fixed labels, class id mod num_labels
+                                  # the rest carry fixed labels (class id mod num_labels)
+                                  # and no query-class item: in-weights sequences
 
-  def layout(self, num_labels: int, training: bool = True) -> dict:
-    """sample_indices' keyword arguments; evaluation sets use uniform classes."""
-    return dict(bursty=self.bursty, zipf_exponent=self.zipf_exponent if training else 0.0,
+  def layout(self, num_labels: int) -> dict:
+    """The training sampler's keyword arguments (ih_jax.data.sampler.sample_indices)."""
+    return dict(bursty=self.bursty, zipf_exponent=self.zipf_exponent,
                 relabel_fraction=self.relabel_fraction, num_labels=num_labels)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax.data.sampler import Batch, IndexedFeatures
-from ih_jax.data.tokens import induction_targets
+from ih_jax.data.tokens import copy_targets
 
 MASK_FILL = -1e20   # causal mask fill (pre-softmax), as in the authors' code
 COPY_FILL = -1e9    # perfect-copy logits for labels absent from the context
@@ -218,9 +218,10 @@ def _attend_bwd(res, g_BTD):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-# Longer sequences (the token task, T ~ 32) use plain einsums with autodiff: the slice-sums
-# above unroll O(T^2) ops into the graph. The few-shot path (T = 5) never takes this route,
-# so its numerics are unchanged.
+# Longer sequences (T > SLICE_MAX_T: the token task, few-shot tasks with n >= 4 pairs) use
+# plain einsums with autodiff: the slice-sums above unroll O(T^2) ops into the graph. The
+# paper's T = 5 (and any n <= 3) keeps the slice-sums. The two routes agree to float
+# rounding (tests/test_tokens.py), not bit for bit.
 SLICE_MAX_T = 8
 
 
@@ -302,8 +303,8 @@ class LearnedPositions(nn.Module):
       table = self.get_variable("params", "embedding")
       if T > table.shape[0]:
         raise ValueError(f"sequence of {T} tokens, but the learned position table has "
-                         f"{table.shape[0]} rows (init_params(num_context=...) sets it: "
-                         f"T = 2 * num_context + 1)")
+                         f"{table.shape[0]} rows (init_params sets it: T = 2 * num_context + 1 "
+                         f"on the few-shot task, tokens.seq_len on the token task)")
       return table[:T]
     return self.param("embedding", nn.initializers.truncated_normal(0.02), (T, self.d_model))
 
@@ -418,20 +419,19 @@ def induction_row(y_BN: jax.Array, strength_H: jax.Array) -> jax.Array:
   return row.at[:, :, 1::2].set(on_label_BHn)
 
 
-def token_induction_pattern(tokens_BT: jax.Array, strength_H: jax.Array) -> jax.Array:
+def token_induction_pattern(targets_BT: jax.Array, strength_H: jax.Array) -> jax.Array:
   """[B, T, T, H] (internal layout): the perfect induction pattern of the token task.
 
-  Row t: mass s on the token after the previous occurrence of x_t (the most recent
-  one; ih_jax.data.tokens.induction_targets) and 1 - s on t itself (as the PT clamp
-  puts 1 - s on the diagonal). Rows with no previous occurrence of x_t attend to
-  key 0 (a fixed "sink", like the PT clamp's row 0), so the clamped head's
-  queries and keys get no gradient from any row.
+  `targets_BT` (ih_jax.data.tokens.copy_targets) holds, for each row of the second
+  copy, the token after x_t's earlier copy: the row puts mass s there and 1 - s on t
+  itself (as the PT clamp puts 1 - s on the diagonal). Every other row (no declared
+  earlier copy) attends to key 0 (a fixed "sink", like the PT clamp's row 0), so the
+  clamped head's queries and keys get no gradient from any row.
   """
-  T = tokens_BT.shape[1]
-  target_BT = induction_targets(tokens_BT)
-  has_BT = target_BT >= 0
+  T = targets_BT.shape[1]
+  has_BT = targets_BT >= 0
   s = strength_H[None, None, None, :]
-  hit_BTT = jax.nn.one_hot(jnp.maximum(target_BT, 0), T)
+  hit_BTT = jax.nn.one_hot(jnp.maximum(targets_BT, 0), T)
   P = s * hit_BTT[..., None] + (1.0 - s) * jnp.eye(T)[None, :, :, None]
   sink = jax.nn.one_hot(0, T)[None, None, :, None]
   return jnp.where(has_BT[:, :, None, None], P, sink)
@@ -560,7 +560,7 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
         P_TTH = prev_token_pattern(T, c["pt_strength"][l]).transpose(1, 2, 0)
         A = jnp.where(c["pt_on"][l], P_TTH[None, T - A.shape[1]:], A)
       if plan.ih and cfg.tokens:  # every row (token task)
-        P_BTTH = token_induction_pattern(x_BNF, c["ih_strength"][l])
+        P_BTTH = token_induction_pattern(y_BN, c["ih_strength"][l])  # y = copy targets
         A = jnp.where(c["ih_on"][l], P_BTTH[:, T - A.shape[1]:], A)
       elif plan.ih:
         row_BTH = induction_row(y_BN, c["ih_strength"][l]).transpose(0, 2, 1)
@@ -619,6 +619,10 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   """
   if plan != clamps_lib.NO_CLAMPS and clamps is None:
     raise ValueError(f"plan {plan} needs clamps")
+  allowed = site_names(cfg.num_layers, mlp=cfg.mlp_ratio > 0)
+  unknown = set(sites) - set(allowed)
+  if unknown:
+    raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: {allowed}")
   if cfg.tokens:
     bad = [k for k in TOKEN_UNSUPPORTED if getattr(plan, k)]
     if bad:
@@ -626,12 +630,9 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
                        f"on the token model; allowed there: {', '.join(TOKEN_CLAMP_KINDS)}")
     if query_only:
       raise ValueError("query_only is a few-shot option (the token task scores every position)")
-    return Transformer(cfg).apply({"params": params}, batch.tokens, None, clamps, plan,
-                                  tuple(sites), False, method=_run)
-  allowed = site_names(cfg.num_layers, mlp=cfg.mlp_ratio > 0)
-  unknown = set(sites) - set(allowed)
-  if unknown:
-    raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: {allowed}")
+    # The y slot carries the oracle induction targets (used only by the ih clamp).
+    return Transformer(cfg).apply({"params": params}, batch.tokens, copy_targets(batch),
+                                  clamps, plan, tuple(sites), False, method=_run)
   if plan.graft:
     if "graft_params" not in clamps:
       raise ValueError("a graft condition needs the donor's params in clamps['graft_params'] "

@@ -21,11 +21,25 @@ def _sample(n, bursty=1, zipf=0.0, relabel=1.0, num_labels=0, batch=4096, key=0)
   return jax.tree.map(np.asarray, idx)
 
 
-def test_paper_layout_is_the_default():
-  a = _sample(4)
-  b = jax.tree.map(np.asarray, sample_indices(jax.random.key(0), SPEC, 4096, 4))
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
+# The paper's sampler before #8 (commit 2d508d8) on key 3, batch 6: the default layout
+# must reproduce its stream exactly (resumed runs and published numbers depend on it).
+_GOLDEN = {
+    2: dict(classes=[[3, 49, 3], [6, 43, 6], [49, 38, 38], [36, 2, 36], [18, 38, 18],
+                     [34, 30, 30]],
+            labels=[[0, 3, 0], [1, 0, 1], [4, 0, 0], [3, 2, 3], [4, 1, 4], [4, 2, 2]]),
+    4: dict(classes=[[35, 3, 1, 49, 3], [34, 5, 43, 31, 5], [16, 13, 45, 42, 16],
+                     [39, 30, 34, 34, 30], [35, 29, 42, 19, 35], [33, 17, 6, 17, 6]],
+            labels=[[0, 4, 0, 0, 4], [4, 0, 4, 4, 0], [4, 1, 1, 1, 4], [2, 4, 2, 2, 4],
+                    [2, 4, 4, 4, 2], [4, 4, 0, 4, 0]]),
+}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_paper_layout_reproduces_the_old_stream(n):
+  spec = evalsets.train_spec(make_splits(1623, 5, 5))
+  idx = sample_indices(jax.random.key(3), spec, 6, n)
+  np.testing.assert_array_equal(idx.classes, _GOLDEN[n]["classes"])
+  np.testing.assert_array_equal(idx.labels, _GOLDEN[n]["labels"])
 
 
 @pytest.mark.parametrize("n,k", [(4, 2), (6, 3), (8, 7)])
@@ -89,17 +103,22 @@ def test_uniform_classes_by_default():
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3])
-def test_fixed_labels(fraction):
-  L = 5
-  idx = _sample(4, relabel=fraction, num_labels=L, batch=1 << 14)
-  fixed = (idx.labels == idx.classes % L).all(1)
-  # Relabelled sequences can agree with the fixed labels by chance; the share of
-  # sequences whose labels are NOT the fixed ones estimates ~fraction (minus chance).
-  assert fixed.mean() >= 1 - fraction - 0.02
-  if fraction == 0.0:
-    assert fixed.all()
-  else:
-    assert fixed.mean() < 1 - fraction / 2
+def test_fixed_label_sequences_need_the_weights(fraction):
+  L, n, k = 5, 4, 2
+  idx = _sample(n, bursty=k, relabel=fraction, num_labels=L, batch=1 << 14)
+  ctx, q = idx.classes[:, :-1], idx.classes[:, -1:]
+  q_in_ctx = (ctx == q).any(1)
+  fixed = ~q_in_ctx   # relabelled sequences always hold k items of the query's class
+  assert abs(fixed.mean() - (1 - fraction)) < 0.02
+  np.testing.assert_array_equal((ctx == q).sum(1)[~fixed], k)
+  np.testing.assert_array_equal((idx.types[:, :-1] == BURSTY).sum(1), np.where(fixed, 0, k))
+  # Fixed sequences: every item carries its class's label; the query's label is
+  # not readable from a context item of its class (there is none).
+  np.testing.assert_array_equal(idx.labels[fixed], idx.classes[fixed] % L)
+  # Relabelled sequences: two labels, the query's shared with its class's items.
+  rel = ~fixed
+  np.testing.assert_array_equal((idx.labels[rel][:, :-1] == idx.labels[rel][:, -1:]),
+                                (ctx[rel] == q[rel]))
 
 
 def test_layout_errors_name_the_value():
@@ -119,10 +138,13 @@ def test_eval_sets_are_bursty_uniform_and_fixed_on_request():
   evs = (evalsets.EvaluatorConfig("icl", size=2048),
          evalsets.EvaluatorConfig("iwl", labels="fixed", size=2048))
   out = evalsets.make_eval_indices(1, SPLITS, evs, 5, bursty=2, num_labels=5)
-  for idx in out.values():
-    np.testing.assert_array_equal((np.asarray(idx.types) == BURSTY).sum(1), 2)
+  np.testing.assert_array_equal((np.asarray(out["icl"].types) == BURSTY).sum(1), 2)
   iwl = out["iwl"]
   np.testing.assert_array_equal(np.asarray(iwl.labels), np.asarray(iwl.classes) % 5)
+  # A model that copies from context items of the query's class finds none.
+  assert not (np.asarray(iwl.classes)[:, :-1] == np.asarray(iwl.classes)[:, -1:]).any()
+  with pytest.raises(ValueError, match="'iwl'.*num_labels >= 2"):
+    evalsets.make_eval_indices(1, SPLITS, evs, 5)
   icl = out["icl"]
   assert not (np.asarray(icl.labels) == np.asarray(icl.classes) % 5).all(1).all()
 

@@ -34,8 +34,10 @@ def test_sampler_shapes_repeats_and_determinism():
     want = np.zeros(T, bool)
     want[bb[i]:bb[i] + S - 1] = True
     np.testing.assert_array_equal(rep[i], want)
-  # Placements vary (so copying by relative position cannot solve the task).
-  assert len(set((bb - a).tolist())) > 3
+  # Gaps vary uniformly (so copying by one relative offset rarely works).
+  gaps = bb - a - S
+  assert set(gaps.tolist()) == set(range(T - 2 * S + 1))
+  assert np.bincount(gaps).max() < 2.5 * 256 / (T - 2 * S + 1)
   again = tokens_lib.sample_tokens(jax.random.key(0), LAYOUT, V, 256)
   chex.assert_trees_all_equal(b, again)
   other = tokens_lib.sample_tokens(jax.random.key(1), LAYOUT, V, 256)
@@ -76,7 +78,7 @@ def _as_public(P_BTTH):
 def test_scores_on_hand_built_patterns():
   T = 12
   prev = _as_public(model_lib.prev_token_pattern(T, jnp.ones(1)).transpose(1, 2, 0)[None])
-  ind = _as_public(model_lib.token_induction_pattern(HAND.tokens, jnp.ones(1)))
+  ind = _as_public(model_lib.token_induction_pattern(tokens_lib.copy_targets(HAND), jnp.ones(1)))
   # Attend to the earlier copy itself (a "duplicate-token head"): row t -> src(t).
   dup = np.zeros((1, 1, T, T), np.float32)
   dup[0, 0, np.arange(T), np.arange(T)] = 1
@@ -184,9 +186,16 @@ def test_ih_clamp_on_tokens(setup):
   params, batch = setup
   c, plan = _one("ih:L2H1@0.8")
   _, aux = model_lib.apply(params, batch, c, CFG, plan, sites=("blocks.1.pattern",))
-  want = model_lib.token_induction_pattern(batch.tokens, jnp.full((1,), 0.8))[..., 0]
+  tgt_BT = tokens_lib.copy_targets(batch)
+  want = model_lib.token_induction_pattern(tgt_BT, jnp.full((1,), 0.8))[..., 0]
   np.testing.assert_allclose(aux["blocks.1.pattern"][:, 1], want, atol=1e-7)
-  tgt = np.asarray(tokens_lib.induction_targets(batch.tokens))
+  tgt = np.asarray(tgt_BT)
+  # The oracle targets are the declared copy: the token after x_t's earlier copy.
+  tok, (a, b) = np.asarray(batch.tokens), np.asarray(batch.starts).T
+  for bi, t in zip(*np.nonzero(tgt >= 0)):
+    assert b[bi] <= t < b[bi] + LAYOUT.segment_len and tgt[bi, t] == a[bi] + t - b[bi] + 1
+    assert tok[bi, tgt[bi, t] - 1] == tok[bi, t]
+  assert (tgt >= 0).sum(1).tolist() == [LAYOUT.segment_len] * len(tgt)
   row = np.asarray(aux["blocks.1.pattern"][:, 1])
   for bi, t in zip(*np.nonzero(tgt >= 0)):   # s on the target, 1 - s on itself
     assert row[bi, t, tgt[bi, t]] == pytest.approx(0.8 + (0.2 if tgt[bi, t] == t else 0.0))

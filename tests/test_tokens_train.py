@@ -50,6 +50,10 @@ def test_end_to_end_metrics_rows(tmp_path):
   # A finished workdir is reloaded with the same rows (generic metric columns).
   again = train.train_and_evaluate(tiny_tokens(), wd, verbose=False)
   assert again.metrics == workdir_lib.read_metrics(wd)
+  # The few-shot analysis refuses a token workdir by name, not deep inside a measure.
+  from ih_jax.analysis import context  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="token-task workdir.*token_scores"):
+    context.load_context(wd)
 
 
 def test_copy_condition_is_refused_by_name():

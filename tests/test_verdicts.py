@@ -90,3 +90,10 @@ def test_increasing_trend():
   assert up.held and "rho = 0.80" in up.measured
   assert V.increasing_trend("c", [1, 2, 4], [3, 2, 1], "x", "y").held is False
   assert V.increasing_trend("c", [1, 2, 4], [1, 1, 1], "x", "y").held is None
+
+
+def test_earlier_than_strict_refuses_ties():
+  assert V.earlier_than("c", {"a": 4e4}, "b", 4e4, 1e5).held is True
+  tie = V.earlier_than("c", {"a": 4e4}, "b", 4e4, 1e5, strict=True)
+  assert tie.held is False and "< 1 x b's" in tie.criterion
+  assert V.earlier_than("c", {"a": 3e4}, "b", 4e4, 1e5, strict=True).held is True

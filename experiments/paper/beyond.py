@@ -58,8 +58,14 @@ def _count_ih(is_LH: np.ndarray) -> int:
 
 
 def _median_lt(lts: list[float], hz: float) -> float:
-  """Median learning time over seeds; censored when the median run is censored."""
-  med = float(np.median([V.effective_lt(v, hz) for v in lts]))
+  """Upper median learning time over seeds (censored runs count as past the horizon).
+
+  With an even count the upper of the two middle values is taken, so a censored run
+  is never averaged into a learning time that no run had (with 2 seeds, one censored
+  run makes the median censored).
+  """
+  eff = sorted(V.effective_lt(v, hz) for v in lts)
+  med = eff[len(eff) // 2]
   return math.nan if med > hz else med
 
 
@@ -312,14 +318,10 @@ def _vocab_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   res = results["vocab_grid"]
   hz = horizon(res)
   lt_by: dict[tuple[int, int], list[float]] = {}
-  for r in res:
-    ctx_cfg = context.load_context(r.workdir).cfg
-    for (cond, seed, variant), lt in learning_times([r]).items():
-      del cond, seed
-      # A run's variant names its labels / classes ("" only for a one-variant program).
-      cfg_labels, cfg_classes = ctx_cfg.model.num_labels, ctx_cfg.task.class_split[0]
-      lt_by.setdefault((cfg_labels, cfg_classes), []).append(lt)
-      del variant
+  for r in res:  # one program per (labels, classes): read them from its config
+    cfg = context.load_context(r.workdir).cfg
+    lt_by.setdefault((cfg.model.num_labels, cfg.task.class_split[0]), []).extend(
+        learning_times([r]).values())
   med = {k: _median_lt(v, hz) for k, v in lt_by.items()}
   eff = lambda v: V.effective_lt(v, hz)
   base_c = 50
@@ -344,8 +346,9 @@ def _vocab_analyze(study: Study, results: dict, heads: dict) -> Outcome:
     cells = [("censored" if math.isnan(med[(l, c)]) else f"{med[(l, c)]:,.0f}")
              for c in VOCAB_CLASSES]
     table.append(f"| {l} | " + " | ".join(cells) + " |")
-  out.notes.append(f"Median learning time over seeds {[PAPER_SEED] + list(study.scale.extra_seeds[:1])}"
-                   f" (horizon {hz:,.0f}):\n\n" + "\n".join(table))
+  out.notes.append(f"Upper-median learning time over seeds "
+                   f"{[PAPER_SEED] + list(study.scale.extra_seeds[:1])} (horizon {hz:,.0f}; "
+                   "censored if the upper-median run is):\n\n" + "\n".join(table))
   fig, ax = plots.subplots(figsize=(5.5, 4))
   g = np.array([[med[(l, c)] for c in VOCAB_CLASSES] for l in VOCAB_LABELS])
   im = ax.imshow(g, origin="lower", cmap="magma")

@@ -24,7 +24,7 @@ from ih_jax import checkpoint as ckpt_lib
 from ih_jax import plots, toy
 from ih_jax.analysis import context, measures, report as report_lib, timing
 from ih_jax.analysis import verdicts as V
-from experiments.paper import beyond
+from experiments.paper import beyond, tokens_entry
 from experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table, png
 from experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
 
@@ -451,7 +451,6 @@ def _seeds_analyze(study: Study, results: dict, heads: dict) -> Outcome:
 
 # ============================================================================ the registry
 
-from experiments.paper import tokens_entry  # noqa: E402  (needs Entry and Outcome above)
 
 _paper_only = lambda study: (PAPER_SEED,)
 _none = lambda study: ()

@@ -44,12 +44,18 @@ PREV_TOKEN_PT = 0.5     # a previous-token head: previous-token score above this
 COPYING = 0.5           # the induction head copies: copying score above this
 
 # Per scale: (main seqs, clamp seqs, eval every, eval set size, number of extra seeds).
-_LENGTHS = {"full": (300_000, 200_000, 2000, 1000, 4), "quick": (120_000, 100_000, 4000, 500, 2),
+_LENGTHS = {"full": (300_000, 200_000, 2000, 1000, 4),
+            "medium": (240_000, 200_000, 4000, 500, 4),
+            "quick": (120_000, 100_000, 4000, 500, 2),
             "smoke": (3200, 3200, 1600, 64, 1)}
 
 
 def _lengths(study: Study) -> tuple[int, int, int, int, int]:
-  return _LENGTHS.get(study.scale.name, _LENGTHS["quick"])
+  """(main seqs, clamp seqs, eval every, eval size, extra seeds) of the study's scale."""
+  if study.scale.name not in _LENGTHS:
+    raise ValueError(f"the tokens entry has no lengths for scale {study.scale.name!r}; "
+                     f"known: {sorted(_LENGTHS)}")
+  return _LENGTHS[study.scale.name]
 
 
 def token_config(study: Study, seqs: int, conditions: tuple[str, ...],
@@ -190,7 +196,7 @@ def _analyze(study: Study, results: dict, heads: dict) -> Outcome:
                      ("ablate_ih", f"ablating the induction head L2H{I}")):
     out.verdicts.append(V.earlier_than(
         f"Tokens (our question): {what} delays the phase change (the unclamped run learns "
-        "no later)", {"none": lts["none"]}, cond, lts[cond], hz))
+        "strictly earlier)", {"none": lts["none"]}, cond, lts[cond], hz, strict=True))
   table = {(c, PAPER_SEED, ""): v for c, v in lts.items()}
   finals = ", ".join(f"{c} {_final(clamped, c, PAPER_SEED)[CURVE]:.3f}" for c in lts)
   out.notes.append(

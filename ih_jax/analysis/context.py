@@ -49,6 +49,10 @@ def load_context(workdir: str) -> RunContext:
   with open(path) as f:
     meta = json.load(f)
   cfg = ExperimentConfig.from_dict(meta.get("program_config", meta["config"]))
+  if cfg.is_tokens:
+    raise ValueError(f"{workdir!r} is a token-task workdir: the few-shot analysis (dense set, "
+                     "induction strength, ablations) does not apply. Use "
+                     "ih_jax.analysis.token_scores, or `experiments.reproduce --figure=tokens`")
   feats = features_lib.load_features(cfg.data)
   C, E, _ = feats.shape
   splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,

@@ -87,17 +87,19 @@ def plateau_then_drop(claim: str, seqs: Sequence[float], loss: Sequence[float], 
 
 
 def earlier_than(claim: str, named: dict[str, float], baseline_name: str, baseline_lt: float,
-                 horizon: float, fraction: float = 1.0) -> Verdict:
-  """Every named learning time is <= fraction x the baseline's (censored = past horizon)."""
+                 horizon: float, fraction: float = 1.0, strict: bool = False) -> Verdict:
+  """Every named learning time is <= (strict: <) fraction x the baseline's (censored = past
+  horizon)."""
   base = effective_lt(baseline_lt, horizon)
-  crit = (f"learning time <= {fraction:g} x {baseline_name}'s "
+  crit = (f"learning time {'<' if strict else '<='} {fraction:g} x {baseline_name}'s "
           f"({'censored counts as ' + format(horizon, ',.0f') if math.isnan(baseline_lt) else 'measured'})"
           " for every listed run")
   if not named:
     return Verdict(claim, "no runs", crit, None)
   if math.isnan(baseline_lt) and all(math.isnan(v) for v in named.values()):
     return Verdict(claim, "baseline and every run censored", crit, None)
-  ok = all(not math.isnan(v) and v <= fraction * base for v in named.values())
+  le = (lambda a, b: a < b) if strict else (lambda a, b: a <= b)
+  ok = all(not math.isnan(v) and le(v, fraction * base) for v in named.values())
   measured = ", ".join(f"{k}: {_fmt_lt(v)}" for k, v in named.items())
   measured += f"; {baseline_name}: {_fmt_lt(baseline_lt, horizon)}"
   return Verdict(claim, measured, crit, bool(ok))

@@ -23,8 +23,9 @@ class EvaluatorConfig:
   pairs: str = "train"
   size: int = 1000
   # "relabel": labels from a random relabel pair (in-context learning, the paper);
-  # "fixed": each class's fixed label, class id mod num_labels (in-weights learning;
-  # meaningful when task.relabel_fraction < 1 trains on such sequences).
+  # "fixed": each class's fixed label, class id mod num_labels, and no context item of
+  # the query's class, so only in-weights learning helps (meaningful when
+  # task.relabel_fraction < 1 trains on such sequences).
   labels: str = "relabel"
 
 
@@ -77,6 +78,9 @@ def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[Evaluato
     spec = spec_for(splits, ev.classes, ev.exemplars, ev.pairs, where=f"evaluator {ev.name!r}")
     if ev.labels not in ("relabel", "fixed"):
       raise ValueError(f"evaluator {ev.name!r}: labels={ev.labels!r}; allowed: 'relabel', 'fixed'")
+    if ev.labels == "fixed" and num_labels < 2:
+      raise ValueError(f"evaluator {ev.name!r}: labels='fixed' needs num_labels >= 2, "
+                       f"got {num_labels}")
     out[ev.name] = sampler.sample_indices(
         key, spec, ev.size, num_context, bursty=bursty, num_labels=num_labels,
         relabel_fraction=1.0 if ev.labels == "relabel" else 0.0)

@@ -70,23 +70,38 @@ def zipf_cdf(num_classes: int, exponent: float) -> np.ndarray:
 
 def _zipf_draws(u_query: jax.Array, u_others: jax.Array, cdf_K: np.ndarray
                 ) -> tuple[jax.Array, jax.Array]:
-  """Inverse-CDF Zipf draws: query index [B] and non-query indices [B, m] (never the query).
+  """Inverse-CDF Zipf draws: query index [B] and non-query indices [B, m] (never the query)."""
+  q_B = _zipf_pick(u_query, cdf_K)
+  return q_B, _zipf_others(q_B, u_others, cdf_K)
 
-  A non-query draw maps u to the law with the query's mass cut out: u' = u (1 - p_q),
-  stepped over the query's interval [cdf_{q-1}, cdf_q) of the full CDF.
-  """
+
+def _zipf_pick(u: jax.Array, cdf_K: np.ndarray) -> jax.Array:
+  K = cdf_K.shape[0]
+  return jnp.minimum(jnp.searchsorted(jnp.asarray(cdf_K), u, side="right"), K - 1
+                     ).astype(jnp.int32)
+
+
+def _zipf_others(q_B: jax.Array, u_others: jax.Array, cdf_K: np.ndarray) -> jax.Array:
+  """Zipf draws [B, m] with the query's mass cut out: u' = u (1 - p_q), stepped over the
+  query's interval [cdf_{q-1}, cdf_q) of the full CDF."""
   K = cdf_K.shape[0]
   cdf = jnp.asarray(cdf_K)
-  pick = lambda u: jnp.minimum(jnp.searchsorted(cdf, u, side="right"), K - 1).astype(jnp.int32)
-  q_B = pick(u_query)
   lo_B = jnp.where(q_B > 0, cdf[jnp.maximum(q_B - 1, 0)], 0.0)
   p_B = cdf[q_B] - lo_B
   u = u_others * (1.0 - p_B)[:, None]
   u = jnp.where(u >= lo_B[:, None], u + p_B[:, None], u)
-  others = pick(u)
+  others = _zipf_pick(u, cdf_K)
   # Float rounding at the interval's edge must never give the query back.
-  others = jnp.where(others == q_B[:, None], (q_B[:, None] + 1) % K, others)
-  return q_B, others
+  return jnp.where(others == q_B[:, None], (q_B[:, None] + 1) % K, others)
+
+
+def _other_classes(q_B: jax.Array, bits_BM: jax.Array, K: int,
+                   zipf_exponent: float) -> jax.Array:
+  """[B, M] class indices other than the query's, uniform or Zipfian."""
+  if zipf_exponent > 0:
+    return _zipf_others(q_B, _unit(bits_BM), zipf_cdf(K, zipf_exponent))
+  # Offset the query index by 1..K-1 (uniform over the others).
+  return (q_B[:, None] + 1 + _uniform_int(bits_BM, K - 1)) % K
 
 
 def _unit(bits_u32: jax.Array) -> jax.Array:
@@ -120,8 +135,10 @@ def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
   distractor and the n - k - 1 "other" items fill the rest. `zipf_exponent`:
   see the module docstring (static: 0 compiles the uniform sampler).
   `relabel_fraction`: the share of sequences labelled by a random relabel pair
-  (1 = the paper's ICL-only task); the others carry each class's fixed label,
-  class id mod `num_labels`, which can be learned in the weights (Chan et al.).
+  (1 = the paper's ICL-only task). The others carry each class's fixed label,
+  class id mod `num_labels`, and no context item of the query's class (its k
+  slots get other classes, type OTHER): they can be answered only from a map
+  learned in the weights (Chan et al.'s in-weights sequences).
 
   All randomness of a batch comes from ONE `jax.random.bits` draw of 3n + 3
   words per sequence (threefry is a rolled loop on CPU, so one draw instead of
@@ -139,11 +156,10 @@ def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
 
   q_bits, other_bits = take(1)[:, 0], take(n - 1)[:, :n - k]
   if zipf_exponent > 0:
-    q_B, others_B = _zipf_draws(_unit(q_bits), _unit(other_bits), zipf_cdf(K, zipf_exponent))
+    q_B = _zipf_pick(_unit(q_bits), zipf_cdf(K, zipf_exponent))
   else:
-    # Non-query classes: offset the query index by 1..K-1 (uniform over the others).
     q_B = _uniform_int(q_bits, K)
-    others_B = (q_B[:, None] + 1 + _uniform_int(other_bits, K - 1)) % K  # distractor, rest
+  others_B = _other_classes(q_B, other_bits, K, zipf_exponent)  # distractor, rest
   ctx_BN = jnp.concatenate([jnp.repeat(q_B[:, None], k, axis=1), others_B], axis=1)
   ctx_types_N = jnp.array([BURSTY] * k + [DISTRACTOR] + [OTHER] * (n - k - 1), jnp.int32)
 
@@ -162,13 +178,20 @@ def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
   l2_B = jnp.where(swap_B, pair_B2[:, 0], pair_B2[:, 1])
   gets_l1 = (types == BURSTY) | (types == QUERY)
   labels = jnp.where(gets_l1, l1_B[:, None], l2_B[:, None]).astype(jnp.int32)
-  classes = spec.classes[class_idx].astype(jnp.int32)
   if relabel_fraction < 1.0:  # static: the paper's sampler draws no extra bits
-    u_B = _unit(jax.random.bits(jax.random.fold_in(key, 1), (B,), jnp.uint32))
-    fixed_BN = classes % num_labels
-    labels = jnp.where((u_B < relabel_fraction)[:, None], labels, fixed_BN).astype(jnp.int32)
+    # Fixed-label sequences hold no item of the query's class: the bursty slots get
+    # other classes, so only a class -> label map learned in the weights answers them.
+    extra = jax.random.bits(jax.random.fold_in(key, 1), (B, n + 1), jnp.uint32)
+    fixed_B = _unit(extra[:, 0]) >= relabel_fraction
+    swap_BN = fixed_B[:, None] & (types[:, :n] == BURSTY)
+    repl_BN = _other_classes(q_B, extra[:, 1:], K, zipf_exponent)
+    class_idx = class_idx.at[:, :n].set(jnp.where(swap_BN, repl_BN, class_idx[:, :n]))
+    types = types.at[:, :n].set(jnp.where(swap_BN, OTHER, types[:, :n]))
+    fixed_labels = spec.classes[class_idx] % num_labels
+    labels = jnp.where(fixed_B[:, None], fixed_labels, labels).astype(jnp.int32)
 
-  return SequenceIndices(classes, spec.exemplars[ex_idx].astype(jnp.int32), labels, types)
+  return SequenceIndices(spec.classes[class_idx].astype(jnp.int32),
+                         spec.exemplars[ex_idx].astype(jnp.int32), labels, types)
 
 
 def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:

@@ -3,10 +3,11 @@
 A sequence holds `seq_len` tokens drawn i.i.d. uniformly from a vocabulary of
 `vocab_size`, except that one segment of `segment_len` tokens appears twice: a
 first copy starting at `a` and a second copy starting at `b >= a + segment_len`
-(the second copy overwrites the random tokens there). `a` is uniform over
-[0, T - 2S]; `b` is uniform over [a + S, T - S]. The gap between the copies is
-random, so a head cannot copy by relative position: predicting the second copy
-needs an induction head (find the previous occurrence of the current token,
+(the second copy overwrites the random tokens there). The gap g = b - a - S is
+uniform over [0, T - 2S], then `a` uniform over [0, T - 2S - g]. With a random
+gap, no single relative offset finds the earlier copy (a head copying from
+t - S + 1 is right for 1 / (T - 2S + 1) of sequences); predicting the second
+copy needs an induction head (find the previous occurrence of the current token,
 copy the token after it).
 
 `repeated[t]` marks the positions whose *next* token is predictable by induction:
@@ -66,17 +67,33 @@ def sample_tokens(key: jax.Array, cfg: TokenTaskConfig, vocab_size: int,
   B, T, S = batch_size, cfg.seq_len, cfg.segment_len
   k_tok, k_a, k_b = jax.random.split(key, 3)
   tokens_BT = jax.random.randint(k_tok, (B, T), 0, vocab_size, jnp.int32)
-  a_B = jax.random.randint(k_a, (B,), 0, T - 2 * S + 1, jnp.int32)
-  # b uniform over [a + S, T - S]: an offset in [0, T - 2S - a].
-  u_B = jax.random.uniform(k_b, (B,))
-  b_B = a_B + S + jnp.minimum((u_B * (T - 2 * S - a_B + 1)).astype(jnp.int32),
-                              T - 2 * S - a_B)
+  gap_B = jax.random.randint(k_b, (B,), 0, T - 2 * S + 1, jnp.int32)
+  # a uniform over [0, T - 2S - gap], so the second copy ends by T.
+  u_B = jax.random.uniform(k_a, (B,))
+  a_B = jnp.minimum((u_B * (T - 2 * S - gap_B + 1)).astype(jnp.int32), T - 2 * S - gap_B)
+  b_B = a_B + S + gap_B
   t_T = jnp.arange(T, dtype=jnp.int32)
   in_copy_BT = (t_T >= b_B[:, None]) & (t_T < b_B[:, None] + S)
   src_BT = jnp.clip(t_T[None] - b_B[:, None] + a_B[:, None], 0, T - 1)
   tokens_BT = jnp.where(in_copy_BT, jnp.take_along_axis(tokens_BT, src_BT, axis=1), tokens_BT)
   repeated_BT = (t_T >= b_B[:, None]) & (t_T <= b_B[:, None] + S - 2)
   return TokenBatch(tokens_BT, repeated_BT, jnp.stack([a_B, b_B], axis=1))
+
+
+def copy_targets(batch: TokenBatch) -> jax.Array:
+  """[B, T] int32: the oracle induction target of each row, from the declared layout.
+
+  Rows t of the second copy (t in [b, b + S - 1]) target a + (t - b) + 1, the token
+  after x_t's earlier copy; every other row gets -1. Unlike `induction_targets`,
+  accidental earlier occurrences of x_t (frequent with small V) are ignored.
+  """
+  rep_BT = batch.repeated
+  T = rep_BT.shape[1]
+  # repeated = [b, b + S - 2]; one more row (b + S - 1) completes the second copy.
+  in_copy_BT = rep_BT | jnp.pad(rep_BT[:, :-1], ((0, 0), (1, 0)))
+  t_T = jnp.arange(T, dtype=jnp.int32)
+  a_B, b_B = batch.starts[:, 0], batch.starts[:, 1]
+  return jnp.where(in_copy_BT, a_B[:, None] + (t_T[None] - b_B[:, None]) + 1, -1)
 
 
 def induction_targets(tokens_BT: jax.Array) -> jax.Array:
