@@ -132,9 +132,9 @@ def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   monkeypatch.setattr(beyond, "DEEP_MLP", (2,))
   monkeypatch.setattr(beyond, "_deep_seeds", lambda study: (5,))
   monkeypatch.setattr(beyond, "CAP_WIDTHS", (16,))
-  monkeypatch.setattr(beyond, "CAP_HEADS", (2, 4))
+  monkeypatch.setattr(beyond, "CAP_HEADS", (2,))
   monkeypatch.setattr(beyond, "CAP_DEPTHS", (1,))
-  monkeypatch.setattr(beyond, "VOCAB_LABELS", (5, 10))
+  monkeypatch.setattr(beyond, "VOCAB_LABELS", (5,))
   monkeypatch.setattr(beyond, "VOCAB_CLASSES", (50,))
   study = Study(str(tmp_path), scales.get("smoke"), log=lambda m: None, verbose=False)
   for key in ("deep", "capacity", "vocab"):

@@ -115,6 +115,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     for v in np.unique(a):  # average ties
       r[a == v] = r[a == v].mean()
     return r
+  if len(x) < 3:  # two points always correlate +-1: no evidence of a trend
+    return math.nan
   rx, ry = ranks(x), ranks(y)
   if rx.std() == 0 or ry.std() == 0:
     return math.nan
