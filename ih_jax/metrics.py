@@ -61,10 +61,10 @@ def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],
                   segment_len: int, late_frac: float) -> dict[str, jax.Array]:
   """Each TOKEN_METRIC_NAMES entry as a scalar (mean over the eval set's sequences)."""
   from ih_jax.analysis import token_scores  # pylint: disable=g-import-not-at-top
+  from ih_jax.model import next_token_nll  # pylint: disable=g-import-not-at-top
   tokens, rep_BT = batch.tokens, batch.repeated
   T = tokens.shape[1]
-  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
-  nll_BP = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # P = T-1 preds
+  nll_BP = next_token_nll(logits_BTV, tokens)  # P = T-1 predictions
   hit_BP = (jnp.argmax(logits_BTV[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
   rep_BP = rep_BT[:, :-1].astype(jnp.float32)
   mean_over = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -645,10 +645,15 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
                                 tuple(sites), query_only, method=_run)
 
 
+def next_token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """[B, T-1] cross-entropy of predicting token t+1 at every position t."""
+  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
+  return -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+
+
 def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy over every position (the token task's training loss)."""
-  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))
+  return next_token_nll(logits_BTV, tokens_BT).mean()
 
 
 def query_loss(logits_BNC: jax.Array, y_BN: jax.Array) -> jax.Array:

@@ -104,8 +104,8 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
 
 def check_token_clamps(c: clamps_lib.Clamps, entry: str) -> None:
   """Refuses clamp kinds that are only defined on the few-shot task."""
-  bad = [kind for kind, key in (("copy", "copy_on"), ("perfect_l1", "perfect_l1"),
-                                ("graft", "graft_on")) if np.asarray(c[key]).any()]
+  plan = clamps_lib.plan_for(clamps_lib.stack([c]))
+  bad = [kind for kind in model_lib.TOKEN_UNSUPPORTED if getattr(plan, kind)]
   if bad:
     raise ValueError(
         f"condition {entry!r}: clamp kind(s) {bad} are specific to the few-shot task (they "
@@ -180,7 +180,8 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
   stacked = clamps_lib.stack([conds[s.condition] for s in specs])
   if clamps_lib.plan_for(stacked).graft:
     stacked = add_graft_params(cfg, stacked, feats.shape[-1])
-  exp = Experiment(cfg, program.variants, feats, splits, train_spec, eval_batches, runs, np.asarray([s.variant for s in specs], np.int32),
+  exp = Experiment(cfg, program.variants, feats, splits, train_spec, eval_batches, runs,
+                   np.asarray([s.variant for s in specs], np.int32),
                    np.asarray([s.init_seed for s in specs], np.uint32),
                    stacked, clamps_lib.plan_for(stacked), mesh)
   return exp

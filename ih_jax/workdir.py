@@ -46,6 +46,8 @@ METRIC_COLUMNS = ROW_COLUMNS + METRIC_NAMES   # the few-shot task's metrics.csv 
 def metric_columns(task_kind: str) -> tuple[str, ...]:
   """metrics.csv columns of a task (ih_jax.metrics.metric_names)."""
   return ROW_COLUMNS + metric_names(task_kind)
+
+
 LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
 _OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
             ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)

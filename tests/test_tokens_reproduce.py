@@ -37,7 +37,7 @@ def test_tokens_entry_builds_a_valid_grid(tmp_path, scale):
 def test_tokens_heads_come_from_measured_scores(tmp_path):
   study = Study(str(tmp_path), scales.get("quick"), log=lambda m: None)
   with open(os.path.join(study.root, "tokens_heads.json"), "w") as f:
-    json.dump(dict(pt=3, ih=6), f)
+    json.dump({"5": dict(pt=3, ih=6)}, f)   # keyed by seed (Study.cached)
   (_, _), (_, cfg) = registry.ENTRIES["tokens"].stages(study, FAKE_HEADS)
   assert "pt=pt:L1H3" in cfg.sweep.conditions and "ih=ih:L2H6" in cfg.sweep.conditions
   assert "ablate_ih=ablate:L2H6" in cfg.sweep.conditions
@@ -49,7 +49,7 @@ def test_cli_tokens_smoke_end_to_end(tmp_path):
   assert "FAILED" not in out.stdout
   report = open(os.path.join(wd, "REPORT.md")).read()
   assert "## tokens" in report and "| tokens | tokens |" in report
-  heads = json.load(open(os.path.join(wd, "tokens_heads.json")))
+  heads = json.load(open(os.path.join(wd, "tokens_heads.json")))["5"]
   assert heads["pt"] in range(8) and heads["ih"] in range(8)
   assert len(heads["prefix_matching"]) == 2 and len(heads["copying"][1]) == 8
   assert os.path.exists(os.path.join(wd, "figures", "tokens_clamps.png"))

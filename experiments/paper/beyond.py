@@ -15,7 +15,6 @@ question asked ("Q: ..."); "did not hold" is an answer, not a failure.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -89,11 +88,10 @@ def deep_heads(study: Study, mlp: int) -> dict[str, dict[str, Any]]:
   """Per seed: the strongest PT head (any layer but the last), the strongest induction
   head (any layer but the first) and the last layer's strongest head, from the seed's
   own unclamped 6-layer run (trained here if needed; cached in deep_heads.json)."""
-  path = os.path.join(study.root, "deep_heads.json")
-  cache = json.load(open(path)) if os.path.exists(path) else {}
-  key = f"mlp{mlp}"
-  if key in cache:
-    return cache[key]
+  return study.cached("deep_heads.json", f"mlp{mlp}", lambda: _measure_deep_heads(study, mlp))
+
+
+def _measure_deep_heads(study: Study, mlp: int) -> dict[str, dict[str, Any]]:
   name, cfg = _deep_none_stage(study, mlp)
   scores = _final_scores(study, study.stage(name, cfg))
   info = {}
@@ -105,9 +103,6 @@ def deep_heads(study: Study, mlp: int) -> dict[str, dict[str, Any]]:
         pt=_name(int(pt_l), int(pt_h)), ih=_name(int(ih_l) + 1, int(ih_h)),
         last=_name(DEEP_LAYERS - 1, int(np.argmax(is_LH[-1]))),
         induction_strength=np.round(is_LH, 4).tolist(), pt_score=np.round(pt_LH, 4).tolist())
-  cache[key] = info
-  with open(path, "w") as f:
-    json.dump(cache, f, indent=1)
   return info
 
 

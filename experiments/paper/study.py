@@ -151,18 +151,33 @@ class Study:
     self.stage(name, cfg)
     return self.stage_dir(name), run
 
+  def cached(self, filename: str, key: str, compute: Callable[[], Any]) -> Any:
+    """compute() once per key, kept as JSON in WORKDIR/filename so reruns reuse it.
+
+    A None result (nothing to compute from yet) is returned and not stored.
+    """
+    path = os.path.join(self.root, filename)
+    cache = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        cache = json.load(f)
+    if key not in cache:
+      value = compute()
+      if value is None:
+        return None
+      cache[key] = json.loads(json.dumps(value))  # what a rerun will read back
+      with open(path, "w") as f:
+        json.dump(cache, f, indent=1)
+    return cache[key]
+
   def heads(self, seed: int) -> dict[str, Any]:
     """STRONGEST (highest final IS in the last layer) and PT heads (by PT score) of a seed.
 
     Computed from the seed's own main run on a dense subset, then cached in heads.json.
     """
-    path = os.path.join(self.root, "heads.json")
-    cache = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        cache = json.load(f)
-    if str(seed) in cache:
-      return cache[str(seed)]
+    return self.cached("heads.json", str(seed), lambda: self._measure_heads(seed))
+
+  def _measure_heads(self, seed: int) -> dict[str, Any]:
     wd, run = self.main_stage(seed)
     ctx = context.load_context(wd)
     cfg = ctx.cfg
@@ -175,9 +190,6 @@ class Study:
     info = dict(strongest=int(np.argmax(is_h)), pt_order=[int(h) for h in np.argsort(-pt_h)],
                 induction_strength=[round(float(v), 4) for v in is_h],
                 pt_score=[round(float(v), 4) for v in pt_h])
-    cache[str(seed)] = info
-    with open(path, "w") as f:
-      json.dump(cache, f, indent=1)
     self.log(f"[reproduce] seed {seed}: STRONGEST = L{L}H{info['strongest']} "
              f"(IS {is_h.max():.2f}), PT head = L1H{info['pt_order'][0]} "
              f"(score {pt_h.max():.2f})")

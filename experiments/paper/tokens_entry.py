@@ -21,7 +21,6 @@ the paper's 0.4 ln 2.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Iterator
@@ -84,10 +83,10 @@ def _main(study: Study) -> tuple[str, ExperimentConfig]:
 def token_heads(study: Study) -> dict[str, Any] | None:
   """Seed 5's best PT head (layer 1) and induction head (layer 2) with every head's scores,
   measured on the eval set from the final params of its main run (None: not trained)."""
-  path = os.path.join(study.root, "tokens_heads.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  return study.cached("tokens_heads.json", str(PAPER_SEED), lambda: _measure_heads(study))
+
+
+def _measure_heads(study: Study) -> dict[str, Any] | None:
   name, cfg = _main(study)
   wd = study.stage_dir(name)
   if not os.path.exists(os.path.join(wd, "done.json")):
@@ -99,8 +98,6 @@ def token_heads(study: Study) -> dict[str, Any] | None:
   info = dict(pt=int(np.argmax(s["prev_token"][0])),
               ih=int(np.argmax(s["prefix_matching"][L - 1])),
               **{k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in s.items()})
-  with open(path, "w") as f:
-    json.dump(info, f, indent=1)
   study.log(f"[reproduce] tokens: PT head L1H{info['pt']} (score "
             f"{s['prev_token'][0].max():.2f}), induction head L{L}H{info['ih']} (prefix "
             f"matching {s['prefix_matching'][L - 1].max():.2f})")
