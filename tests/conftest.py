@@ -1,4 +1,6 @@
 """Shared fixtures: a paper-sized model, its params and small batches."""
+import os
+
 import ih_jax  # noqa: F401  (sets the CPU XLA flags before JAX starts)
 import chex
 import jax
@@ -7,6 +9,18 @@ import pytest
 
 from ih_jax import model as model_lib
 from ih_jax.data import evalsets, features, sampler, splits as splits_lib
+
+# Many tests (and the CLI subprocesses they start, which inherit the variable) compile
+# the same small programs; JAX's persistent compilation cache compiles each one once
+# per test session. The cache is keyed on the program, flags and versions, so a stale
+# entry is never reused for a different program.
+CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         ".pytest_cache", "jax_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture(scope="session")

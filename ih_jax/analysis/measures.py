@@ -20,6 +20,7 @@ plus loss / acc (query CE and accuracy) and, if asked, per-sequence losses.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -97,6 +98,20 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   K = jax.tree.leaves(params_K)[0].shape[0]
+  run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K))
+  clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
+  out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
+  if per_sequence:  # drop the padding rows
+    out["seq_loss"], out["seq_correct"] = out["seq_loss"][..., :S], out["seq_correct"][..., :S]
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, clamped: bool,
+                     per_sequence: bool, ckpt_batch: int):
+  """The jitted measure program, one per static setting: an analysis calls `measure`
+  dozens of times (checkpoints, runs, clamp sets) with few distinct shapes, and a fresh
+  closure per call would recompile every time (seconds each)."""
 
   def one_condition(params, clamps, feats, chunk_idx, chunk_w):
     def body(acc, inputs):
@@ -109,23 +124,23 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
         params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan)[0])
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))
-    out = jax.tree.map(lambda x: x / S, sums)
+    out = jax.tree.map(lambda x: x / chunk_w.sum(), sums)  # sum of weights = set size
     if per_sequence:
-      flat = losses.reshape(-1, 2)[:S]
+      flat = losses.reshape(-1, 2)
       out["seq_loss"], out["seq_correct"] = flat[:, 0], flat[:, 1]
     return out
 
   @jax.jit
   def run(params_K, clamps_Q, feats, chunk_idx, chunk_w):
     def one_ckpt(params):
-      if clamps_Q is None:
+      if not clamped:
         return one_condition(params, None, feats, chunk_idx, chunk_w)
       return jax.vmap(one_condition, in_axes=(None, 0, None, None, None))(
           params, clamps_Q, feats, chunk_idx, chunk_w)
+    K = jax.tree.leaves(params_K)[0].shape[0]
     return jax.lax.map(one_ckpt, params_K, batch_size=min(ckpt_batch, K))
 
-  clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
-  return jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
+  return run
 
 
 def conditions(specs: list[str], cfg: model_lib.ModelConfig) -> clamps_lib.Clamps:
