@@ -128,9 +128,13 @@ def check_seeds(cfg: ExperimentConfig) -> None:
 
 
 def make_mesh(num_runs: int) -> jax.sharding.Mesh | None:
-  """A 1-D ('runs',) mesh over the local devices, or None on one device."""
-  devices = jax.local_devices()
-  if len(devices) == 1 or num_runs == 1:
+  """A 1-D ('runs',) mesh over min(local devices, runs) devices, or None for one.
+
+  Using no more devices than runs means a program of R <= devices runs is never padded
+  (e.g. 8 runs on a 16-core machine's 16 CPU devices use 8 of them).
+  """
+  devices = jax.local_devices()[:num_runs]
+  if len(devices) <= 1:
     return None
   return jax.make_mesh((len(devices),), ("runs",),
                        axis_types=(jax.sharding.AxisType.Auto,), devices=devices)

@@ -55,9 +55,10 @@ class TrainResult:
   train_seqs: np.ndarray       # [S] sequences label of each step's loss
   train_loss: np.ndarray       # [R, S]
   grad_norm: np.ndarray        # [R, S]
-  wall_s: float
-  compile_s: float
+  wall_s: float                # everything: setup, compile, training loop, outputs
+  compile_s: float             # compiling the training program
   workdir: str | None = None
+  setup_s: float = float("nan")  # before compiling: inputs, eval sets, init, workdir checks
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
@@ -215,6 +216,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     max_chunk = max(1, int(max(np.diff([0] + boundaries))))
     chunk_fn = make_train_chunk(exp, max_chunk)
     t0 = time.time()
+    setup_s = t0 - t_start
     compiled = chunk_fn.lower(state, 0, True, clamps_dev, feats_dev, batches_dev).compile()
     compile_s = time.time() - t0
     log(f"[ih_jax] {len(exp.runs)} run(s)"
@@ -316,7 +318,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     result = TrainResult(exp.runs, params, metrics_rows, np.concatenate(log_seqs),
                          np.concatenate(log_loss, axis=1), np.concatenate(log_gnorm, axis=1),
                          wall, compile_s, workdir)
-  log(f"[ih_jax] done in {wall:.1f}s (compile {compile_s:.1f}s)")
+  result.setup_s = setup_s
+  log(f"[ih_jax] done in {wall:.1f}s (setup {setup_s:.1f}s, compile {compile_s:.1f}s)")
   return result
 
 

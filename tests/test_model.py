@@ -1,4 +1,5 @@
 """The paper's model (SPEC §3): parameter counts, init, masking, RoPE, sites."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +181,20 @@ def test_attention_custom_backward_matches_autodiff_of_einsum_reference(Tq):
   for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v),
                   jax.grad(ref, argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_large_batches_take_the_einsum_route_with_the_same_results(params, cfg, feature_table,
+                                                                  paper_splits, monkeypatch):
+  """Batches above SLICE_MAX_B (the eval sets) use the einsum attention; same numbers."""
+  b = make_batch(feature_table, paper_splits, batch_size=model_lib.SLICE_MAX_B + 44)
+  fwd = jax.jit(lambda p, batch: model_lib.apply(p, batch, None, cfg, query_only=True)[0])
+  grad = jax.jit(jax.grad(lambda p, batch: model_lib.query_loss(
+      model_lib.apply(p, batch, None, cfg, query_only=True)[0], batch.y)))
+  einsum_logits, einsum_grads = fwd(params, b), grad(params, b)
+  monkeypatch.setattr(model_lib, "SLICE_MAX_B", 10**9)  # force the slice-sum route
+  fwd.clear_cache()  # the route is chosen at trace time
+  grad.clear_cache()
+  slice_logits, slice_grads = fwd(params, b), grad(params, b)
+  assert not np.array_equal(einsum_logits, slice_logits)  # really two routes
+  np.testing.assert_allclose(einsum_logits, slice_logits, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(einsum_grads, slice_grads, rtol=1e-4, atol=1e-6)

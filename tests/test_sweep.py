@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -205,8 +206,9 @@ def test_resume_refuses_a_different_split_into_programs(tmp_path):
 
 def test_automatic_runs_per_program():
   assert train.auto_max_runs(small(), 6) is None  # small sweeps: no limit needed
-  many = small(conditions=["none"], seeds=tuple(range(10, 75)))  # 65 runs on one device
-  limit = train.auto_max_runs(many, 65)
+  n = 64 * jax.local_device_count() + 1  # one run more than 64 per device
+  many = small(conditions=["none"], seeds=tuple(range(10, 10 + n)))
+  limit = train.auto_max_runs(many, n)
   assert isinstance(limit, int) and limit >= 1
 
 

@@ -81,10 +81,16 @@ def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[Evaluato
     if ev.labels == "fixed" and num_labels < 2:
       raise ValueError(f"evaluator {ev.name!r}: labels='fixed' needs num_labels >= 2, "
                        f"got {num_labels}")
-    out[ev.name] = sampler.sample_indices(
+    out[ev.name] = _sample_indices_jit(
         key, spec, ev.size, num_context, bursty=bursty, num_labels=num_labels,
         relabel_fraction=1.0 if ev.labels == "relabel" else 0.0)
   return out
+
+
+# One compiled program per eval set instead of dozens of eagerly dispatched ops (~1 s
+# less setup per run on 2 CPU cores); integer sampling, so the sets are bit-identical.
+_sample_indices_jit = jax.jit(sampler.sample_indices, static_argnames=(
+    "batch_size", "num_context", "bursty", "zipf_exponent", "relabel_fraction", "num_labels"))
 
 
 def dense_indices(splits: Splits) -> sampler.SequenceIndices:
