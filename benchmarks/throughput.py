@@ -4,6 +4,7 @@
   .venv/bin/python benchmarks/throughput.py --quick         # skip the 1e6-sequence main run
   .venv/bin/python benchmarks/throughput.py --runs=1,8,32 --out=bench.json
   .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs=1,8,32
+  .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs= --scaling
 
 Measures (after compilation, best of --repeats timings):
   * naive baseline: the same model and Adam step, jitted per step, driven by a Python
@@ -13,6 +14,8 @@ Measures (after compilation, best of --repeats timings):
   * evaluation cost, compile time, the compiled program's memory footprint
     (XLA memory analysis: arguments + outputs + temporaries), the full main run
     (1e6 seqs with its evaluations) and peak host memory (RSS);
+  * with --scaling: one run along context length, labels, training classes and width
+    (step time, evaluation time, compiled program size);
   * checkpointing: end-to-end `train_and_evaluate` wall time of R runs with dense
     Orbax checkpoints (every 1000 seqs, SPEC §5.2's main-run schedule) vs only the
     final one, same evaluations.
@@ -112,8 +115,9 @@ def naive_baseline(steps: int, repeats: int) -> dict:
 
 
 def ih_jax_chunk(name: str, conditions: list[str], seeds: list[int], steps: int,
-                 repeats: int) -> dict:
-  cfg = ExperimentConfig.from_dict({"sweep": {"conditions": conditions, "init_seeds": seeds}})
+                 repeats: int, overrides: dict | None = None) -> dict:
+  cfg = ExperimentConfig.from_dict({"sweep": {"conditions": conditions, "init_seeds": seeds},
+                                    **(overrides or {})})
   exp = train.setup_experiment(cfg)
   state = train.init_state(exp)
   chunk = train.make_train_chunk(exp, steps)
@@ -173,6 +177,26 @@ def main_run() -> dict:
               training_loop_s=res.wall_s - res.compile_s - res.setup_s)
 
 
+# Scaling points (#7): one axis at a time from the paper's main config, 1 run, no clamps.
+SCALING = {
+    "context pairs n": [(n, {"task": {"num_context": n}}) for n in (2, 4, 8, 16)],
+    "labels L": [(L, {"model": {"num_labels": L}}) for L in (5, 20, 80)],
+    "train classes": [(c, {"task": {"class_split": [c, -1, 100]}}) for c in (50, 400, 1400)],
+    "width d_model": [(d, {"model": {"d_model": d}}) for d in (32, 64, 128, 256)],
+}
+
+
+def scaling_rows(steps: int, repeats: int) -> list[dict]:
+  rows = []
+  for axis, points in SCALING.items():
+    for value, overrides in points:
+      r = ih_jax_chunk(f"{axis} = {value}", ["none"], [10], steps, repeats, overrides)
+      rows.append(dict(r, axis=axis, value=value))
+      print(f"scaling {axis} = {value}: {r['ms_per_step']:.3f} ms/step, eval "
+            f"{1e3 * r['eval_s']:.0f} ms, program {r['program_mb']:.0f} MB", flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--runs", default="1,8,32", help="runs per program for the 'none' condition")
@@ -182,6 +206,8 @@ def main():
   ap.add_argument("--skip-clamps", action="store_true", help="skip the per-clamp-kind rows")
   ap.add_argument("--ckpt-runs", default="1,8", help="runs for the checkpointing rows ('' = none)")
   ap.add_argument("--ckpt-seqs", type=int, default=50_000, help="sequences per checkpoint row")
+  ap.add_argument("--scaling", action="store_true",
+                  help="also time one run along context length, labels, classes and width")
   ap.add_argument("--out", default="benchmarks/throughput.json")
   args = ap.parse_args()
 
@@ -201,6 +227,7 @@ def main():
     print(f"checkpointing, {R} run(s): {c['no_ckpt']['after_compile_s']:.1f} s without, "
           f"{c['ckpt_every_1000']['after_compile_s']:.1f} s with "
           f"{c['ckpt_every_1000']['checkpoints']} checkpoints", flush=True)
+  scaling = scaling_rows(args.steps, args.repeats) if args.scaling else []
   main_row = None if args.quick else main_run()
 
   base = rows[0]["seqs_per_s_per_run"]
@@ -220,6 +247,12 @@ def main():
             f"{c['ckpt_every_1000']['after_compile_s']:8.1f} "
             f"{c['ckpt_every_1000']['checkpoints']:6d} {c['overhead']:7.2f}x "
             f"{c['ckpt_every_1000']['seqs_per_s_total']:11,.0f}")
+  if scaling:
+    print(f"\n{'scaling (1 run, no clamps)':44s} {'ms/step':>8s} {'seq/s':>10s} {'eval ms':>8s} "
+          f"{'prog MB':>8s} {'compile s':>9s}")
+    for r in scaling:
+      print(f"{r['name']:44s} {r['ms_per_step']:8.3f} {r['seqs_per_s_total']:10,.0f} "
+            f"{1e3 * r['eval_s']:8.1f} {r['program_mb']:8.1f} {r['compile_s']:9.1f}")
   if main_row:
     print(f"\n{main_row['name']}: {main_row['wall_s']:.1f} s wall, "
           f"{main_row['wall_after_compile_s']:.1f} s after compile (setup "
@@ -227,7 +260,8 @@ def main():
           f"evaluations {main_row['training_loop_s']:.1f} s)")
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak host RSS: {peak_mb:,.0f} MB")
-  out = dict(rows=rows, checkpointing=ckpt_rows, main_run=main_row, peak_rss_mb=peak_mb,
+  out = dict(rows=rows, checkpointing=ckpt_rows, scaling=scaling, main_run=main_row,
+             peak_rss_mb=peak_mb,
              device=str(jax.devices()[0]), backend=jax.default_backend(),
              jax=jax.__version__, python=platform.python_version(),
              speedup_1run_vs_naive=rows[1]["seqs_per_s_per_run"] / base)
