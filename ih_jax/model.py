@@ -223,7 +223,7 @@ attend.defvjp(_attend_fwd, _attend_bwd)
 # paper's T = 5 (and any n <= 3) keeps the slice-sums. So do batches of at most
 # SLICE_MAX_B sequences (training); larger ones (the 1000-sequence eval sets) take the
 # einsum route, which is faster there: one evaluation of the main config's four sets
-# 41 -> 31 ms on 2 CPU cores (BUILD_NOTES.md). The two routes agree to float rounding
+# 41 -> 29 ms on 2 CPU cores (BUILD_NOTES.md). The two routes agree to float rounding
 # (tests/test_tokens.py, tests/test_model.py), not bit for bit.
 SLICE_MAX_T = 8
 SLICE_MAX_B = 256

@@ -137,8 +137,7 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
         return one_condition(params, None, feats, chunk_idx, chunk_w)
       return jax.vmap(one_condition, in_axes=(None, 0, None, None, None))(
           params, clamps_Q, feats, chunk_idx, chunk_w)
-    K = jax.tree.leaves(params_K)[0].shape[0]
-    return jax.lax.map(one_ckpt, params_K, batch_size=min(ckpt_batch, K))
+    return jax.lax.map(one_ckpt, params_K, batch_size=ckpt_batch)  # already <= K
 
   return run
 

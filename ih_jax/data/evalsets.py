@@ -61,6 +61,12 @@ def train_spec(splits: Splits) -> sampler.SamplerSpec:
   return spec_for(splits, "train", "train", "train", where="training sampler")
 
 
+# One compiled program per eval set instead of dozens of eagerly dispatched ops (~0.6 s
+# less setup per run on 2 CPU cores); integer sampling, so the sets are bit-identical.
+_sample_indices_jit = jax.jit(sampler.sample_indices, static_argnames=(
+    "batch_size", "num_context", "bursty", "zipf_exponent", "relabel_fraction", "num_labels"))
+
+
 def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[EvaluatorConfig, ...],
                       num_context: int, bursty: int = 1,
                       num_labels: int = 0) -> dict[str, sampler.SequenceIndices]:
@@ -86,11 +92,6 @@ def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[Evaluato
         relabel_fraction=1.0 if ev.labels == "relabel" else 0.0)
   return out
 
-
-# One compiled program per eval set instead of dozens of eagerly dispatched ops (~1 s
-# less setup per run on 2 CPU cores); integer sampling, so the sets are bit-identical.
-_sample_indices_jit = jax.jit(sampler.sample_indices, static_argnames=(
-    "batch_size", "num_context", "bursty", "zipf_exponent", "relabel_fraction", "num_labels"))
 
 
 def dense_indices(splits: Splits) -> sampler.SequenceIndices:

@@ -68,13 +68,6 @@ def zipf_cdf(num_classes: int, exponent: float) -> np.ndarray:
   return np.cumsum(w / w.sum()).astype(np.float32)
 
 
-def _zipf_draws(u_query: jax.Array, u_others: jax.Array, cdf_K: np.ndarray
-                ) -> tuple[jax.Array, jax.Array]:
-  """Inverse-CDF Zipf draws: query index [B] and non-query indices [B, m] (never the query)."""
-  q_B = _zipf_pick(u_query, cdf_K)
-  return q_B, _zipf_others(q_B, u_others, cdf_K)
-
-
 def _zipf_pick(u: jax.Array, cdf_K: np.ndarray) -> jax.Array:
   K = cdf_K.shape[0]
   return jnp.minimum(jnp.searchsorted(jnp.asarray(cdf_K), u, side="right"), K - 1
