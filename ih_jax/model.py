@@ -126,14 +126,16 @@ def rope_tables(T: int, num_heads: int, head_dim: int, base: float):
   return np.cos(angle_TD).astype(np.float32), np.sin(angle_TD).astype(np.float32)
 
 
-def rope_packed(x_BTD: jax.Array, num_heads: int, head_dim: int, base: float) -> jax.Array:
-  """GPT-J rotary embedding of heads packed in D: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c)."""
-  T, D = x_BTD.shape[-2:]
-  cos, sin = rope_tables(T, num_heads, head_dim, base)
-  # Partner of each dim with the sign of the rotation: (-x_{2j+1}, x_{2j}).
-  pairs = x_BTD.reshape(*x_BTD.shape[:-1], D // 2, 2)
-  swapped = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_BTD.shape)
-  return x_BTD * cos + swapped * sin
+def rope_packed(x_BTD: jax.Array, num_heads: int, head_dim: int, base: float,
+                seq_len: int | None = None) -> jax.Array:
+  """GPT-J rotary embedding of heads packed in D: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c).
+
+  seq_len: the sequence's length when x holds only its last rows (default: all).
+  """
+  T = x_BTD.shape[-2]
+  cos, sin = rope_tables(seq_len or T, num_heads, head_dim, base)
+  cos, sin = cos[cos.shape[0] - T:], sin[sin.shape[0] - T:]
+  return x_BTD * cos + swap_pairs(x_BTD) * sin
 
 
 def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
@@ -246,24 +248,51 @@ def attend_dense(pattern_BTTH: jax.Array, v_BTD: jax.Array) -> jax.Array:
   return out.reshape(B, Tq, D)
 
 
-@jax.custom_vjp
-def split3(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Splits the last axis into three equal parts (fused Q | K | V).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_even(x: jax.Array, n: int) -> tuple[jax.Array, ...]:
+  """Splits the last axis into n equal parts (e.g. fused Q | K | V).
 
-  Its backward concatenates the three cotangents; autodiff of slicing would pad each
-  to full width and add them (a ~50-90 us fusion per layer on CPU).
+  Its backward concatenates the cotangents; autodiff of slicing would pad each to
+  full width and add them (a ~50-90 us fusion per layer on CPU).
   """
-  D = x.shape[-1] // 3
-  return x[..., :D], x[..., D:2 * D], x[..., 2 * D:]
+  D = x.shape[-1] // n
+  return tuple(x[..., i * D:(i + 1) * D] for i in range(n))
 
 
-split3.defvjp(lambda x: (split3(x), None),
-              lambda _, g: (jnp.concatenate(g, axis=-1),))
+split_even.defvjp(lambda x, n: (split_even(x, n), None),
+                  lambda n, _, g: (jnp.concatenate(g, axis=-1),))
 
 
 def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
   B, T, D = x_BTD.shape
   return x_BTD.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
+
+
+def swap_pairs(x: jax.Array) -> jax.Array:
+  """(x_2j, x_2j+1) -> (-x_2j+1, x_2j) along the last axis: RoPE's rotation partner."""
+  pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+class FusedQKV(nn.Module):
+  """The fused Q | K | V projection, with nn.Dense's params, init and math (kernel
+  [d, 3d], bias [3d]); `parts` picks output column blocks ("q", "k", "v", in order),
+  so a caller can skip outputs it does not need (the last layer's non-query q rows)."""
+  features: int
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, parts: str = "qkv") -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) \
+        if self.use_bias else None
+    if parts != "qkv":
+      D = self.features // 3
+      cols = lambda a: jnp.concatenate([a[..., "qkv".index(p) * D:("qkv".index(p) + 1) * D]
+                                        for p in parts], axis=-1)
+      kernel, bias = cols(kernel), (None if bias is None else cols(bias))
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias
 
 
 class Block(nn.Module):
@@ -273,20 +302,37 @@ class Block(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.ln = nn.LayerNorm(epsilon=cfg.ln_eps)
-    self.qkv = nn.Dense(3 * cfg.d_model, use_bias=cfg.attn_bias)
+    self.qkv = FusedQKV(3 * cfg.d_model, use_bias=cfg.attn_bias)
     self.out = nn.Dense(cfg.d_model, use_bias=cfg.attn_bias)
     if cfg.mlp_ratio:
       self.mlp_ln = nn.LayerNorm(epsilon=cfg.ln_eps)
       self.mlp_in = nn.Dense(cfg.mlp_ratio * cfg.d_model)
       self.mlp_out = nn.Dense(cfg.d_model)
 
-  def project(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K."""
-    cfg, D = self.cfg, self.cfg.d_model
-    q, k, v = split3(self.qkv(self.ln(h_BTD)))
+  def qkv_rows(self, h_ND: jax.Array) -> jax.Array:
+    """Fused q | k | v before RoPE, [..., 3D]: a function of each row of h alone."""
+    return self.qkv(self.ln(h_ND))
+
+  def project(self, h_BTD: jax.Array, qkv_BTZ: jax.Array | None = None,
+              query_only: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K.
+
+    qkv_BTZ: qkv_rows(h_BTD) when the caller already has it (see embed_distinct).
+    query_only: q at the last position only ([B, 1, D]); k, v still at every position.
+    """
+    cfg = self.cfg
+    T = h_BTD.shape[1]
+    if qkv_BTZ is not None or not query_only:
+      q, k, v = split_even(self.qkv_rows(h_BTD) if qkv_BTZ is None else qkv_BTZ, 3)
+      if query_only:
+        q = q[:, -1:]
+    else:  # q of the last row alone: 1/T of q's projection work
+      x_BTD = self.ln(h_BTD)
+      q = self.qkv(x_BTD[:, -1:], "q")
+      k, v = split_even(self.qkv(x_BTD, "kv"), 2)
     if not cfg.use_rope:
       return q, k, v
-    r = lambda x: rope_packed(x, cfg.num_heads, cfg.head_dim, cfg.rope_base)
+    r = lambda x: rope_packed(x, cfg.num_heads, cfg.head_dim, cfg.rope_base, seq_len=T)
     return r(q), r(k), v
 
   def output(self, head_out_BTD: jax.Array) -> jax.Array:
@@ -352,6 +398,24 @@ class Transformer(nn.Module):
     pairs = jnp.stack([ex_BND[:, :-1], ey_BND], axis=2).reshape(B, 2 * (N - 1), -1)
     return jnp.concatenate([pairs, ex_BND[:, -1:]], axis=1)
 
+  def embed_distinct(self, x: IndexedFeatures, y_BN: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(E [B, T, d], block 0's fused qkv before RoPE [B, T, 3d]), computed per distinct token.
+
+    Without learned positions, block 0's LayerNorm and QKV projection see only the
+    token embeddings: U table rows + C labels distinct inputs (55 in training, against
+    160 tokens per batch). Both are computed once per distinct token and gathered; the
+    gather's backward sums each token's cotangents before the weight products.
+    """
+    C, D = self.cfg.num_labels, self.cfg.d_model
+    U = x.table.shape[0]
+    eye_CC = jnp.eye(C, dtype=x.table.dtype)
+    E_tab = jnp.concatenate([self.embed_x(x.table), self.embed_y(eye_CC)], axis=0)  # [U+C, d]
+    B, N = x.ids.shape
+    pair_ids = jnp.stack([x.ids[:, :-1], U + y_BN[:, :-1]], axis=2).reshape(B, 2 * (N - 1))
+    ids_BT = jnp.concatenate([pair_ids, x.ids[:, -1:]], axis=1)
+    rows = jnp.concatenate([E_tab, self.blocks[0].qkv_rows(E_tab)], axis=-1)[ids_BT]
+    return rows[..., :D], rows[..., D:]
+
   def positions(self, T: int):
     """Learned absolute positions [T, d], or None (RoPE only: the paper)."""
     return self.pos_embed(T) if self.cfg.learned_pos else None
@@ -362,8 +426,8 @@ class Transformer(nn.Module):
     P = self.positions(E.shape[1])
     return (E if P is None else E + P), P
 
-  def project(self, layer: int, h_BTD):
-    return self.blocks[layer].project(h_BTD)
+  def project(self, layer: int, h_BTD, qkv_BTZ=None, query_only: bool = False):
+    return self.blocks[layer].project(h_BTD, qkv_BTZ, query_only)
 
   def output(self, layer: int, head_out_BTZ):
     return self.blocks[layer].output(head_out_BTZ)
@@ -485,17 +549,18 @@ def site_names(num_layers: int, mlp: bool = False) -> tuple[str, ...]:
 
 def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
            value_edit=None, record: dict[str, jax.Array] | None = None,
-           query_only: bool = False) -> jax.Array:
+           query_only: bool = False, qkv_BTZ: jax.Array | None = None) -> jax.Array:
   """One block (attention, then the MLP if any) with optional edits of its pattern / v.
 
   query_only: compute the block's output at the last (query) position only; its
   pattern, scores, q and outputs then have one row ([B, 1, ...]). Exact for the last
   layer when only the query logits are needed (the loss and every eval metric): keys
   and values still see every position, and the MLP is per position.
+  qkv_BTZ: the block's qkv_rows of h_BTD, when already computed (embed_distinct).
   """
-  q, k, v = model.project(l, h_BTD)
+  q, k, v = model.project(l, h_BTD, qkv_BTZ, query_only)
   if query_only:
-    q, h_BTD = q[:, -1:], h_BTD[:, -1:]
+    h_BTD = h_BTD[:, -1:]
   sliced = k.shape[1] <= SLICE_MAX_T and k.shape[0] <= SLICE_MAX_B
   scores = (causal_scores if sliced else causal_scores_dense)(q, k, model.cfg.num_heads)
   pattern = jax.nn.softmax(scores, axis=2)
@@ -517,6 +582,20 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
   return out
 
 
+def distinct_tokens(x_BNF, cfg: ModelConfig) -> bool:
+  """Compute block 0's input projection per distinct token (Transformer.embed_distinct)?
+
+  Only when it is a function of the token alone (no learned positions added before
+  it), when there are fewer distinct tokens (table rows + labels) than tokens, and
+  for batches of at most SLICE_MAX_B sequences: on the 1000-sequence eval sets,
+  XLA:CPU's gather of [B*T, 4d] rows costs more than the projection it saves.
+  """
+  if cfg.tokens or cfg.learned_pos or not isinstance(x_BNF, IndexedFeatures):
+    return False
+  B, N = x_BNF.ids.shape
+  return B <= SLICE_MAX_B and x_BNF.table.shape[0] + cfg.num_labels < B * (2 * N - 1)
+
+
 def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
   """The residual stream after block 0 (embeddings + block 0's output), unclamped."""
   return _layer(model, 0, model.embed_with_positions(x_BNF, y_BN)[0])
@@ -534,7 +613,11 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   def layer(l, h, **kw):
     return _layer(model, l, h, query_only=last_qo and l == L - 1, **kw)
 
-  E_tok = model.embed(x_BNF, y_BN)
+  qkv0 = None  # block 0's qkv_rows of E, when computed per distinct token
+  if distinct_tokens(x_BNF, cfg):
+    E_tok, qkv0 = model.embed_distinct(x_BNF, y_BN)
+  else:
+    E_tok = model.embed(x_BNF, y_BN)
   T = E_tok.shape[1]
   P = model.positions(T)
   E = E_tok if P is None else E_tok + P
@@ -544,7 +627,7 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   if plan.needs_clean_pass:  # no manipulations at all
     h = E
     for l in range(L):
-      h = layer(l, h, record=clean)
+      h = layer(l, h, record=clean, qkv_BTZ=qkv0 if l == 0 else None)
 
   ppass: dict[str, jax.Array] = {}
   if plan.perfect_l1:  # layer 1+ patterns from the shifted residual
@@ -584,7 +667,8 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
 
   h = E
   for l in range(L):
-    h = layer(l, h, pattern_edit=pattern_edit(l), value_edit=value_edit(l), record=rec)
+    h = layer(l, h, pattern_edit=pattern_edit(l), value_edit=value_edit(l), record=rec,
+              qkv_BTZ=qkv0 if l == 0 else None)
     if l == 0 and plan.graft:  # a frozen donor's embeddings + block 0 (SPEC §4.2g)
       h = jnp.where(c["graft_on"], c["graft_resid"], h)
     if l == 0 and plan.perfect_l1:  # block 0 (attention and MLP) contributes nothing

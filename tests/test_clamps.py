@@ -7,7 +7,7 @@ import pytest
 
 from ih_jax import clamps as cl
 from ih_jax import model as model_lib
-from ih_jax.data import sampler
+from ih_jax.data import evalsets, sampler
 
 from conftest import assert_query_only_exact, make_batch
 
@@ -366,3 +366,46 @@ def test_grad_graft(trained_ish, params, cfg, gbatch):
 def test_query_only_forward_gives_the_same_query_logits(trained_ish, cfg, gbatch, spec):
   c = jax.tree.map(jnp.asarray, cl.parse(spec, 2, 8))
   assert_query_only_exact(trained_ish, gbatch, c, cfg, cl.plan_for(cl.stack([cl.parse(spec, 2, 8)])))
+
+
+@pytest.fixture(scope="module")
+def ibatch(feature_table, paper_splits):
+  """A training batch as the program samples it: distinct exemplars + row ids."""
+  spec = evalsets.train_spec(paper_splits)
+  table, lookup = sampler.compact_table(feature_table, spec)
+  return sampler.sample_indexed_batch(jax.random.key(11), table, lookup, spec, 32, 2)
+
+
+@pytest.mark.parametrize("spec", [
+    "none", "pt:L1H3;keep_only:L2H3", "ih:L2H3@0.8", "perfect_l1;copy:L2H3",
+    "preserve_pattern;ablate:L1H0", "preserve_value;ablate:L1H2"])
+def test_distinct_token_route_matches_the_per_token_route(trained_ish, cfg, ibatch, spec):
+  """Block 0's projection computed once per distinct token (training batches) gives the
+  per-token forward's logits and gradients, under every kind of clamp."""
+  gathered = sampler.Batch(ibatch.x.table[ibatch.x.ids], ibatch.y)
+  assert model_lib.distinct_tokens(ibatch.x, cfg)
+  assert not model_lib.distinct_tokens(gathered.x, cfg)
+  c = jax.tree.map(jnp.asarray, cl.parse(spec, 2, 8))
+  plan = cl.plan_for(cl.stack([cl.parse(spec, 2, 8)]))
+  loss = lambda p, b: model_lib.query_loss(
+      model_lib.apply(p, b, c, cfg, plan, query_only=True)[0], b.y)
+  for qo in (False, True):
+    lg_i = model_lib.apply(trained_ish, ibatch, c, cfg, plan, query_only=qo)[0]
+    lg_g = model_lib.apply(trained_ish, gathered, c, cfg, plan, query_only=qo)[0]
+    np.testing.assert_allclose(lg_i, lg_g, rtol=1e-5, atol=1e-5)
+  g_i, g_g = jax.grad(loss)(trained_ish, ibatch), jax.grad(loss)(trained_ish, gathered)
+  chex.assert_trees_all_close(g_i, g_g, rtol=1e-4, atol=1e-6)
+  # Recorded sites hold the same activations (the gather is invisible to users).
+  sites = ("embed", "blocks.0.q", "blocks.0.k", "blocks.0.v", "blocks.0.pattern")
+  a_i = model_lib.apply(trained_ish, ibatch, c, cfg, plan, sites=sites)[1]
+  a_g = model_lib.apply(trained_ish, gathered, c, cfg, plan, sites=sites)[1]
+  chex.assert_trees_all_close(a_i, a_g, rtol=1e-5, atol=1e-5)
+
+
+def test_distinct_token_route_is_skipped_where_it_does_not_apply(cfg, ibatch):
+  assert not model_lib.distinct_tokens(ibatch.x, model_lib.ModelConfig(pos_emb="learned"))
+  big = sampler.IndexedFeatures(ibatch.x.table, jnp.zeros((model_lib.SLICE_MAX_B + 1, 3),
+                                                          jnp.int32))
+  assert not model_lib.distinct_tokens(big, cfg)  # eval sets: the gather would cost more
+  many = sampler.IndexedFeatures(jnp.zeros((32 * 5, 512)), ibatch.x.ids)
+  assert not model_lib.distinct_tokens(many, cfg)  # no fewer distinct tokens than tokens
