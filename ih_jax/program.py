@@ -324,9 +324,13 @@ def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
 def init_state(exp: Experiment) -> TrainState:
   cfg = exp.cfg
   init = lambda key: init_params(key, cfg, exp.features.shape[-1])
-  params = jax.jit(jax.vmap(lambda s: init(jax.random.key(s))))(
-      jnp.asarray(exp.run_init_seeds))
-  opt_state = jax.vmap(make_optimizer(cfg).init)(params)
+
+  @jax.jit  # one compiled program (eagerly, the optimizer's init is dozens of dispatches)
+  def params_and_opt_state(seeds):
+    params = jax.vmap(lambda s: init(jax.random.key(s)))(seeds)
+    return params, jax.vmap(make_optimizer(cfg).init)(params)
+
+  params, opt_state = params_and_opt_state(jnp.asarray(exp.run_init_seeds))
   # Per variant: train_seed -> (data key, model key); the model key is unused (no dropout).
   data_keys = jnp.stack([jax.random.split(jax.random.key(v.cfg.train.train_seed))[0]
                          for v in exp.variants])
