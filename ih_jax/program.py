@@ -399,6 +399,7 @@ class FlatParams:
   fusion, and so float rounding at the 1e-7 level, differs). Checkpoints, results and
   TrainState keep the usual trees: the chunk flattens on entry and unflattens on exit.
   """
+  PAD = 64
 
   def __init__(self, template: Any):
     leaves, self.treedef = jax.tree.flatten(template)
@@ -406,17 +407,24 @@ class FlatParams:
     if len(dtypes) != 1:
       raise ValueError(f"flat params need one dtype, got {sorted(map(str, dtypes))}")
     self.shapes = [l.shape for l in leaves]
-    self.offsets = np.cumsum([int(np.prod(s)) for s in self.shapes])[:-1].tolist()
+    sizes = [int(np.prod(s)) for s in self.shapes]
+    self.offsets = np.cumsum(sizes).tolist()  # the last one is where the padding starts
+    # Zero padding to a multiple of PAD: XLA:CPU's loop emitter vectorises Adam's fused
+    # update (sqrt, divide) only for such lengths (67,141 -> 67,200 floats: ~75 -> ~24 us
+    # per update on 2 cores, BUILD_NOTES.md). The padding gets zero gradients, so it stays 0.
+    self.size = -(-sum(sizes) // self.PAD) * self.PAD
 
   def is_params(self, x: Any) -> bool:
     return jax.tree.structure(x) == self.treedef
 
   def ravel(self, tree: Any) -> jax.Array:
-    return jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(tree)])
+    leaves = [x.reshape(-1) for x in jax.tree.leaves(tree)]
+    pad = jnp.zeros((self.size - self.offsets[-1],), leaves[0].dtype)
+    return jnp.concatenate(leaves + [pad])
 
   def unravel(self, flat_P: jax.Array) -> Any:
     # jnp.split's transpose is one concatenate: the gradient arrives flat, cheaply.
-    parts = jnp.split(flat_P, self.offsets)
+    parts = jnp.split(flat_P, self.offsets)[:-1]
     return jax.tree.unflatten(self.treedef, [p.reshape(s) for p, s in zip(parts, self.shapes)])
 
   def ravel_state(self, params_R: Any, opt_state_R: Any) -> tuple[jax.Array, Any]:

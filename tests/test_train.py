@@ -78,7 +78,9 @@ def test_flat_params_round_trip():
   state = train.init_state(exp)
   flat = program.FlatParams(jax.tree.map(lambda x: x[0], state.params))
   params_RP, opt_RP = flat.ravel_state(state.params, state.opt_state)
-  assert params_RP.shape == (1, model_lib.param_count(flat.unravel(params_RP[0])))
+  assert params_RP.shape == (1, flat.size) and flat.size % flat.PAD == 0
+  assert model_lib.param_count(flat.unravel(params_RP[0])) <= flat.size < model_lib.param_count(
+      flat.unravel(params_RP[0])) + flat.PAD
   back_params, back_opt = flat.unravel_state(params_RP, opt_RP, state.opt_state)
   chex.assert_trees_all_equal(back_params, state.params)
   chex.assert_trees_all_equal(back_opt, state.opt_state)
