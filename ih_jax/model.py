@@ -138,17 +138,6 @@ def rope_packed(x_BTD: jax.Array, num_heads: int, head_dim: int, base: float,
   return x_BTD * cos + swap_pairs(x_BTD) * sin
 
 
-def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
-  """Reference GPT-J rotary embedding on [..., T, K] (used by tests)."""
-  T, K = x_BHTK.shape[-2:]
-  theta_J = base ** (-2.0 * jnp.arange(K // 2) / K)
-  angle_TJ = jnp.arange(T)[:, None] * theta_J[None, :]
-  cos, sin = jnp.cos(angle_TJ), jnp.sin(angle_TJ)
-  x_even, x_odd = x_BHTK[..., 0::2], x_BHTK[..., 1::2]
-  return jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos],
-                   axis=-1).reshape(x_BHTK.shape)
-
-
 def _causal_TT(Tq: int, Tk: int) -> np.ndarray:
   return np.tril(np.ones((Tk, Tk), bool))[Tk - Tq:]
 

@@ -37,7 +37,7 @@ def _layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
   return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _rope(x_BHTK: jax.Array, base: float) -> jax.Array:
+def rope(x_BHTK: jax.Array, base: float) -> jax.Array:
   """GPT-J rotary embedding: interleaved pairs (x_2j, x_2j+1) rotated by p * theta_j."""
   T, K = x_BHTK.shape[-2:]
   theta_J = base ** (-2.0 * jnp.arange(K // 2) / K)
@@ -71,7 +71,7 @@ def forward(params: Any, x_BNF: jax.Array, y_BN: jax.Array, cfg: ModelConfig) ->
     heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)            # [B, H, T, K]
     q, k, v = (heads(a) for a in jnp.split(qkv, 3, axis=-1))
     if cfg.use_rope:
-      q, k = _rope(q, cfg.rope_base), _rope(k, cfg.rope_base)
+      q, k = rope(q, cfg.rope_base), rope(k, cfg.rope_base)
     scores = jnp.einsum("bhik,bhjk->bhij", q, k) / jnp.sqrt(jnp.float32(K))
     pattern = jax.nn.softmax(jnp.where(causal, scores, MASK_FILL), axis=-1)
     z = jnp.einsum("bhij,bhjk->bhik", pattern, v).transpose(0, 2, 1, 3).reshape(B, T, -1)

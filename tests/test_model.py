@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ih_jax import model as model_lib
+from ih_jax import reference
 from ih_jax.data import sampler
 
 from conftest import make_batch
@@ -88,21 +89,21 @@ def test_causality(params, cfg, feature_table, paper_splits, n):
 def test_rope_packed_matches_per_head_reference():
   x = jax.random.normal(jax.random.key(0), (2, 7, 64))
   packed = model_lib.rope_packed(x, 8, 8, 10000.0)
-  ref = model_lib.rope(model_lib.to_heads(x, 8), 10000.0)
+  ref = reference.rope(model_lib.to_heads(x, 8), 10000.0)
   np.testing.assert_allclose(model_lib.to_heads(packed, 8), ref, atol=1e-6)
 
 
 def test_rope_is_gptj_interleaved_and_relative():
   # Position 1 rotates the first pair (dims 0, 1) by theta_0 = 1 radian.
   x = jnp.zeros((1, 1, 2, 8)).at[..., 0].set(1.0)
-  r = model_lib.rope(x, 10000.0)
+  r = reference.rope(x, 10000.0)
   np.testing.assert_allclose(r[0, 0, 1, :2], [np.cos(1.0), np.sin(1.0)], atol=1e-6)
   np.testing.assert_allclose(r[0, 0, 1, 2:], 0.0, atol=1e-7)  # not NeoX half-split
   # Scores depend only on relative position.
   q = jax.random.normal(jax.random.key(1), (8,))
   k = jax.random.normal(jax.random.key(2), (8,))
   seq = jnp.stack([q, k, q, k, q])[None, None]
-  rot = model_lib.rope(seq, 10000.0)[0, 0]
+  rot = reference.rope(seq, 10000.0)[0, 0]
   np.testing.assert_allclose(rot[0] @ rot[1], rot[2] @ rot[3], rtol=1e-5)
 
 
