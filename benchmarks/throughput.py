@@ -12,7 +12,10 @@ Measures (after compilation, best of --repeats timings):
     "plain model" runs the textbook form of the model (ih_jax.reference: every token
     embedded, per-head [B, H, T, T] attention, every position through every layer), the
     way a straightforward port computes it; "ih_jax model" runs ih_jax.model's fast
-    forward in the same loop, so it isolates what the device-side loop adds;
+    forward in the same loop (on gathered features, per-leaf Adam), so the gap to the
+    scanned program is the device-side loop (dispatch, host batching, loss read-back)
+    plus two changes only the scanned program has: block 0 per distinct token and
+    Adam on flat params;
   * ih_jax: the scanned, vmapped training chunk for R = 1, 8, ... runs, and for one run
     under each clamp kind (their extra passes cost time);
   * evaluation cost, compile time, the compiled program's memory footprint

@@ -394,10 +394,11 @@ class FlatParams:
 
   The loop carries each run's params and its optimizer's params-shaped moments flat:
   Adam is elementwise, so it then runs as a few fused ops per step instead of a few
-  per parameter leaf (16 leaves in the paper's model), computing the same numbers
-  (the leaves' gradient contractions and Adam's arithmetic are unchanged; only XLA's
-  fusion, and so float rounding at the 1e-7 level, differs). Checkpoints, results and
-  TrainState keep the usual trees: the chunk flattens on entry and unflattens on exit.
+  per parameter leaf (19 leaves in the paper's model). The math is unchanged; XLA fuses
+  it differently, so float rounding differs (1e-7 relative on gradients; Adam turns that
+  into up to +-lr on parameters whose gradient is at noise level, e.g. key biases when
+  the scores are shift-invariant). Checkpoints, results and TrainState keep the usual
+  trees: the chunk flattens on entry and unflattens on exit.
   """
   PAD = 64
 

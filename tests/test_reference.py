@@ -51,12 +51,14 @@ def test_model_matches_reference_forward_and_gradients(name, n):
     np.testing.assert_allclose(got_q[:, 0], want[:, -1], rtol=1e-4, atol=1e-4)
 
   want_g = jax.grad(reference.query_loss)(params, x, y, cfg)
-  got_g = jax.grad(lambda p: model_lib.query_loss(
-      model_lib.apply(p, Batch(indexed, y), None, cfg, query_only=True)[0], y))(params)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
-    scale = float(jnp.abs(w).max()) + 1e-6
-    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
-                               err_msg=jax.tree_util.keystr(path))
+  for inputs in (indexed, x):
+    got_g = jax.grad(lambda p, inputs=inputs: model_lib.query_loss(
+        model_lib.apply(p, Batch(inputs, y), None, cfg, query_only=True)[0], y))(params)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g),
+                            jax.tree.leaves(want_g)):
+      scale = float(jnp.abs(w).max()) + 1e-6
+      np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
+                                 err_msg=jax.tree_util.keystr(path))
 
 
 def test_reference_refuses_the_token_model():
