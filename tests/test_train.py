@@ -139,6 +139,26 @@ def test_training_loop_matches_plain_tree_adam():
   chex.assert_trees_all_close(got_adam.nu, want_adam.nu, rtol=1e-4, atol=1e-12)
 
 
+def test_evaluation_in_blocks_equals_whole_sets(monkeypatch):
+  """Several-run programs evaluate in blocks of EVAL_BLOCK sequences (the last one padded):
+  the metrics equal evaluating each set whole, under clamps too."""
+  cfg = ExperimentConfig.from_dict({
+      "sweep": {"conditions": ["none", "match=ih:L2H0;keep_only:L2H0",
+                               "l1copy=perfect_l1;copy:L2H1"], "init_seeds": [5]},
+      "evaluators": [{"name": "fsl_train", "size": 130},
+                     {"name": "fsl_test_class", "classes": "test", "size": 40}]})
+  exp = train.setup_experiment(cfg)
+  state = train.init_state(exp)
+  clamps, _, batches = train.place_inputs(exp)
+  assert exp.num_padded > 1
+  evaluate = lambda: jax.jit(program.make_evaluate(exp))(state.params, clamps, batches)
+  monkeypatch.setattr(program, "EVAL_BLOCK", 50)   # 130 = 50 + 50 + 30 (+ 20 padding)
+  in_blocks = evaluate()
+  monkeypatch.setattr(program, "EVAL_BLOCK", 10_000)
+  whole = evaluate()
+  chex.assert_trees_all_close(in_blocks, whole, rtol=2e-5, atol=1e-6)
+
+
 def test_vmap_equals_separate_runs(sweep_result):
   _, res = sweep_result
   for run in (res.runs[1], res.runs[2], res.runs[5], res.runs[6]):
