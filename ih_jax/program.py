@@ -348,7 +348,7 @@ def _variant_slices(exp: Experiment) -> list[tuple[int, int, int]]:
 
 # Programs of several runs evaluate each set in blocks of this many sequences (lax.map):
 # the runs' activations for a block stay in cache. One evaluation of the main config's
-# four 1000-sequence sets, 2 CPU cores: 8 runs 144 -> 57 ms, 32 runs 777 -> 246 ms; a
+# four 1000-sequence sets, 2 CPU cores: 8 runs 144 -> 57 ms, 32 runs 777 -> 246-284 ms; a
 # one-run program (one device using both cores on the whole set) keeps it whole
 # (12 ms, 16 ms in blocks). BUILD_NOTES.md, session 6.
 EVAL_BLOCK = 50
