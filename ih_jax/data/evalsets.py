@@ -65,7 +65,8 @@ def train_spec(splits: Splits) -> sampler.SamplerSpec:
 
 # All eval sets are drawn by ONE compiled program instead of dozens of eagerly dispatched
 # ops, or one program per set (each set has its own spec shapes, so its own compile):
-# ~2 s less setup per run on 2 CPU cores. Integer sampling: the sets are bit-identical.
+# the main config's four sets 2.17 -> 0.91 s on 2 CPU cores. Integer sampling: the sets
+# are bit-identical. (sample_indices checks each layout while tracing: plain ValueErrors.)
 @functools.partial(jax.jit, static_argnames=("layouts",))
 def _sample_sets(keys: jax.Array, specs: tuple[sampler.SamplerSpec, ...],
                  layouts: tuple[tuple[tuple[str, Any], ...], ...]
@@ -98,10 +99,6 @@ def make_eval_indices(eval_seed: int, splits: Splits, evaluators: tuple[Evaluato
     layouts.append(tuple(dict(batch_size=ev.size, num_context=num_context, bursty=bursty,
                               num_labels=num_labels,
                               relabel_fraction=1.0 if ev.labels == "relabel" else 0.0).items()))
-  for layout in layouts:  # clear errors here, not from inside jit
-    d = dict(layout)
-    sampler.check_layout(d["num_context"], d["bursty"], 0.0, d["relabel_fraction"],
-                         d["num_labels"])
   return dict(zip(names, _sample_sets(keys, tuple(specs), tuple(layouts))))
 
 
