@@ -49,21 +49,47 @@ def main(argv):
             f"[{r['variant']}]: learning time {'never' if lt != lt else f'{lt:,.0f}'}")
     return
   summary = report.analyze_workdir(
-      workdir, runs=[int(r) for r in _RUNS.value] if _RUNS.value else None,
+      workdir, runs=_runs(),
       num_checkpoints=_NUM_CKPT.value, dense_size=_DENSE.value,
       wiring_size=_WIRING_SIZE.value or None, do_wiring=_WIRING.value,
       posthoc_size=_POSTHOC.value or None, l1_sets=_l1_sets())
   for tag, s in summary.items():
-    lt = s["learning_time"]
-    print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}): learning time "
-          f"{'never (censored)' if lt != lt else f'{lt:,.0f} seqs'}; final dense loss "
-          f"{s['final_dense_loss']:.3f} acc {s['final_dense_acc']:.3f}")
-    print(f"          strongest induction heads {s['strongest_heads']}; PT head {s['pt_head']}")
-    print(f"          keep only strongest: acc {s['only_strongest_acc']:.3f}; remove it: acc "
-          f"{s['remove_strongest_acc']:.3f}; add-back losses {s['additive_losses']}")
-    print(f"          layer-1 set ablations (acc): {json.dumps(s['layer1_sets'])}")
-    if s["wiring"]:
-      print(f"          wiring: {json.dumps(s['wiring'])}")
+    print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}"
+          + (f", trained with clamps {s['spec']!r})" if s["clamped_run"] else ", unclamped)"))
+    if s["unusable_heads"]:
+      print(f"          heads the run could not use (never chosen): "
+            f"{json.dumps(s['unusable_heads'])}")
+    views = [("clamps on", s), ("clamps off", s["clamp_free"])] if s["clamped_run"] else \
+        [("", s)]
+    for name, v in views:
+      _print_view(name, v)
+
+
+def _print_view(name: str, v: dict) -> None:
+  pre = f"          [{name}] " if name else "          "
+  lt = v["learning_time"]
+  print(f"{pre}learning time {'never (censored)' if lt != lt else f'{lt:,.0f} seqs'}; "
+        f"final dense loss {v['final_dense_loss']:.3f} acc {v['final_dense_acc']:.3f}")
+  print(f"{pre}strongest induction heads {v['strongest_heads'] or 'none'}; PT head "
+        f"{v['pt_head'] or 'none'}")
+  if v["only_strongest_acc"] is not None:
+    print(f"{pre}keep only strongest: acc {v['only_strongest_acc']:.3f}; remove it: acc "
+          f"{v['remove_strongest_acc']:.3f}; add-back losses {v['additive_losses']}")
+  if v["layer1_sets"]:
+    print(f"{pre}layer-1 set ablations (acc): {json.dumps(v['layer1_sets'])}")
+  if v["wiring"]:
+    print(f"{pre}wiring: {json.dumps(v['wiring'])}")
+  for note in v["notes"]:
+    print(f"{pre}note: {note}")
+
+
+def _runs() -> list[int] | None:
+  if not _RUNS.value:
+    return None
+  bad = [r for r in _RUNS.value if not r.strip().isdigit()]
+  if bad:
+    raise ValueError(f"--runs: {bad} are not run indices; give e.g. --runs=0,3")
+  return [int(r) for r in _RUNS.value]
 
 
 def _l1_sets():
@@ -75,4 +101,5 @@ def _l1_sets():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

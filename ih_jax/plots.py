@@ -71,11 +71,15 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
   for ax in list(axes.flat)[len(sets):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8, loc="upper right")
-  return _save(fig, workdir, out_name)
+  return _save(fig, workdir, out_name, "each run under its own clamps (as trained)" if clamped
+               else "every run with its clamps removed")
 
 
-def _save(fig, out_dir: str, name: str) -> list[str]:
+def _save(fig, out_dir: str, name: str, title: str | None = None) -> list[str]:
+  """Writes PNG + PDF; `title` (e.g. which run, condition, seed, clamps on/off) tops it."""
   os.makedirs(out_dir, exist_ok=True)
+  if title:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   paths = []
   for ext in ("png", "pdf"):
@@ -95,8 +99,16 @@ def _head_lines(ax, seqs, values_KH, prefix: str, highlight: int | None = None) 
 
 def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
                            layers: tuple[int, int] = (2, 1), learning_time: float | None = None,
-                           name: str = "progress_measures") -> list[str]:
-  """Dense-set loss, induction strength per last-layer head, PT score per first-layer head."""
+                           name: str = "progress_measures",
+                           highlight: tuple[int | None, int | None] | None = None,
+                           title: str | None = None) -> list[str]:
+  """Dense-set loss, induction strength per last-layer head, PT score per first-layer head.
+
+  `highlight`: the (induction, previous-token) heads to mark as strongest (None: not
+  marked, e.g. no head the run could use); default: the highest final score.
+  """
+  if highlight is None:
+    highlight = (int(np.argmax(is_KH[-1])), int(np.argmax(pt_KH[-1])))
   fig, axes = subplots(1, 3, figsize=(17, 4.2))
   ax = axes[0]
   ax.plot(seqs, loss_K, color="black", lw=1.6, label="dense-set query loss")
@@ -104,11 +116,11 @@ def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
   ax.set_ylabel("query cross-entropy (nats)")
   ax.set_title("dense-set loss")
   ax = axes[1]
-  _head_lines(ax, seqs, is_KH, f"L{layers[0]}", int(np.argmax(is_KH[-1])))
+  _head_lines(ax, seqs, is_KH, f"L{layers[0]}", highlight[0])
   ax.set_ylabel("induction strength (−1 … 1)")
   ax.set_title(f"induction strength, layer-{layers[0]} heads")
   ax = axes[2]
-  _head_lines(ax, seqs, pt_KH, f"L{layers[1]}", int(np.argmax(pt_KH[-1])))
+  _head_lines(ax, seqs, pt_KH, f"L{layers[1]}", highlight[1])
   ax.set_ylabel("previous-token score")
   ax.set_title(f"previous-token score, layer-{layers[1]} heads")
   for ax in axes:
@@ -117,10 +129,11 @@ def plot_progress_measures(out_dir: str, seqs, loss_K, is_KH, pt_KH, *,
     if learning_time is not None and learning_time == learning_time:
       ax.axvline(learning_time, color="red", ls=":", lw=1, label="learning time")
     ax.legend(fontsize=7, loc="best")
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
-def plot_ablations(out_dir: str, table: dict, name: str = "head_ablations") -> list[str]:
+def plot_ablations(out_dir: str, table: dict, name: str = "head_ablations",
+                   title: str | None = None) -> list[str]:
   """Accuracy and loss of remove-one / keep-only-one ablations vs final induction strength."""
   s = np.asarray(table["induction_strength"])
   fig, axes = subplots(1, 2, figsize=(11, 4.2))
@@ -135,11 +148,11 @@ def plot_ablations(out_dir: str, table: dict, name: str = "head_ablations") -> l
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
 def plot_heatmaps(out_dir: str, mats: dict[str, np.ndarray], name: str, row_label: str,
-                  col_label: str) -> list[str]:
+                  col_label: str, title: str | None = None) -> list[str]:
   """One annotated heatmap per matrix (e.g. the wiring and composition matrices)."""
   n = len(mats)
   fig, axes = subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
@@ -154,11 +167,12 @@ def plot_heatmaps(out_dir: str, mats: dict[str, np.ndarray], name: str, row_labe
     ax.set_xticks(range(m.shape[1]))
     ax.set_yticks(range(m.shape[0]))
     fig.colorbar(im, ax=ax, fraction=0.046)
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
 def plot_pca_trajectory(out_dir: str, seqs, seq_loss_KS: np.ndarray,
-                        name: str = "loss_pca_trajectory") -> list[str]:
+                        name: str = "loss_pca_trajectory", title: str | None = None
+                        ) -> list[str]:
   """Per-sequence losses over checkpoints projected on their top-2 PCs (Olsson et al.)."""
   X = seq_loss_KS - seq_loss_KS.mean(0)
   u, sv, _ = np.linalg.svd(X, full_matrices=False)
@@ -172,7 +186,7 @@ def plot_pca_trajectory(out_dir: str, seqs, seq_loss_KS: np.ndarray,
   ax.set_ylabel(f"PC2 ({100 * var[1]:.0f}% of variance)")
   ax.set_title("per-sequence loss, checkpoint trajectory")
   ax.grid(alpha=0.3)
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
 def plot_toy(out_dir: str, curves, name: str = "toy_model") -> list[str]:
@@ -196,7 +210,8 @@ def plot_toy(out_dir: str, curves, name: str = "toy_model") -> list[str]:
 
 
 def plot_attention_patterns(out_dir: str, patterns: dict[str, np.ndarray],
-                            name: str = "attention_patterns") -> list[str]:
+                            name: str = "attention_patterns", title: str | None = None
+                            ) -> list[str]:
   """Mean attention pattern of every head (rows) at chosen checkpoints.
 
   `patterns` maps a label (e.g. "430,016 seqs") to [L, H, T, T]; one row of
@@ -220,22 +235,23 @@ def plot_attention_patterns(out_dir: str, patterns: dict[str, np.ndarray],
           ax.set_title(f"head {h}", fontsize=8)
         if h == 0:
           ax.set_ylabel(f"{lab}\nlayer {l + 1}", fontsize=7)
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
 def plot_layer_contributions(out_dir: str, seqs, base_loss, measures: dict[str, np.ndarray],
-                             name: str = "layer_contributions") -> list[str]:
+                             name: str = "layer_contributions", title: str | None = None
+                             ) -> list[str]:
   """Dense-set loss under post-hoc clamps minus the unclamped loss, over training."""
   fig, ax = subplots(figsize=(6.5, 4.2))
   for label, loss in measures.items():
     ax.plot(seqs, np.asarray(loss) - np.asarray(base_loss), label=label)
   ax.axhline(0, color="grey", lw=0.8)
   ax.set_xlabel("sequences seen")
-  ax.set_ylabel("loss increase over the unclamped model (nats)")
+  ax.set_ylabel("loss increase over the reference (nats)")
   ax.set_title("post-hoc clamps over training")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, out_dir, name)
+  return _save(fig, out_dir, name, title)
 
 
 def plot_learning_times(out_dir: str, phase_rows: list[dict], name: str = "learning_times"
@@ -257,7 +273,8 @@ def plot_learning_times(out_dir: str, phase_rows: list[dict], name: str = "learn
   ax.scatter([], [], facecolors="none", edgecolors="tab:red", label="never (censored)")
   ax.set_yticks(range(len(conds)))
   ax.set_yticklabels(conds, fontsize=8)
-  ax.set_xlabel("learning time (sequences seen to fsl_train loss < 0.4 ln 2)")
+  ax.set_xlabel("learning time (sequences seen to fsl_train loss < 0.4 ln 2, "
+                "under each run's own clamps)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, out_dir, name)

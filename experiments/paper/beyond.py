@@ -19,10 +19,11 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from ih_jax import plots
-from ih_jax.analysis import context, measures
+from ih_jax.analysis import context, heads as heads_lib, measures
 from ih_jax.analysis import verdicts as V
 from experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table
 from experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
@@ -38,22 +39,36 @@ def _name(layer: int, head: int) -> str:
 
 
 def _final_scores(study: Study, results: list) -> list[dict[str, Any]]:
-  """Per run of the results: condition, seed, variant, final IS and PT score [L, H]."""
+  """Per run of the results: condition, seed, variant, final IS and PT score [L, H] (under
+  the run's own clamps) and `usable` [L, H] (the heads it could use; see heads_lib)."""
   out = []
   for res in results:
     ctx = context.load_context(res.workdir)
-    m = measures.measure(res.params, ctx.features, ctx.dense_set(study.scale.head_size),
-                         ctx.cfg.model)
+    dense = ctx.dense_set(study.scale.head_size)
+    m_all = measures.measure(res.params, ctx.features, dense, ctx.cfg.model)
+    L, H = ctx.cfg.model.num_layers, ctx.cfg.model.num_heads
     for run in res.runs:
+      run_c = ctx.run_clamps(run.index)
+      if run_c is None:
+        m = {k: v[run.index] for k, v in m_all.items()}
+      else:  # a clamped run is measured as it was trained
+        one = jax.tree.map(lambda x, i=run.index: np.asarray(x)[i:i + 1], res.params)
+        m = {k: v[0] for k, v in measures.measure_under(one, ctx.features, dense,
+                                                        ctx.cfg.model, run_c).items()}
       out.append(dict(condition=run.condition, seed=run.init_seed, variant=run.variant,
-                      model=ctx.cfg.model, induction_strength=m["induction_strength"][run.index],
-                      pt_score=m["pt_score"][run.index]))
+                      model=ctx.cfg.model, induction_strength=m["induction_strength"],
+                      pt_score=m["pt_score"],
+                      usable=heads_lib.usable_mask(run_c, L, H)))
   return out
 
 
-def _count_ih(is_LH: np.ndarray) -> int:
-  """Induction heads: final IS above STRONG_IS in any layer but the first."""
-  return int((np.asarray(is_LH)[1:] > V.STRONG_IS).sum())
+def _count_ih(is_LH: np.ndarray, usable_LH: np.ndarray | None = None) -> int:
+  """Induction heads: final IS above STRONG_IS in any layer but the first, among the
+  heads the run could use."""
+  strong = np.asarray(is_LH)[1:] > V.STRONG_IS
+  if usable_LH is not None:
+    strong &= np.asarray(usable_LH)[1:]
+  return int(strong.sum())
 
 
 def _median_lt(lts: list[float], hz: float) -> float:
@@ -97,11 +112,14 @@ def _measure_deep_heads(study: Study, mlp: int) -> dict[str, dict[str, Any]]:
   info = {}
   for s in scores:
     is_LH, pt_LH = np.asarray(s["induction_strength"]), np.asarray(s["pt_score"])
-    pt_l, pt_h = np.unravel_index(np.argmax(pt_LH[:-1]), pt_LH[:-1].shape)
-    ih_l, ih_h = np.unravel_index(np.argmax(is_LH[1:]), is_LH[1:].shape)
+    L = is_LH.shape[0]
+    pt = heads_lib.strongest_in(pt_LH, s["usable"], range(L - 1))
+    ih = heads_lib.strongest_in(is_LH, s["usable"], range(1, L))
+    last = heads_lib.strongest(is_LH[-1], s["usable"][-1])
+    if pt is None or ih is None or last is None:
+      raise ValueError(f"deep run (seed {s['seed']}): no usable head to choose")
     info[str(s["seed"])] = dict(
-        pt=_name(int(pt_l), int(pt_h)), ih=_name(int(ih_l) + 1, int(ih_h)),
-        last=_name(DEEP_LAYERS - 1, int(np.argmax(is_LH[-1]))),
+        pt=_name(*pt), ih=_name(*ih), last=_name(DEEP_LAYERS - 1, last),
         induction_strength=np.round(is_LH, 4).tolist(), pt_score=np.round(pt_LH, 4).tolist())
   return info
 
@@ -200,8 +218,9 @@ def _cap_rows(study: Study, results: list) -> list[dict[str, Any]]:
     m = s["model"]
     rows.append(dict(d_model=m.d_model, num_heads=m.num_heads, num_layers=m.num_layers,
                      seed=s["seed"], lt=lts[(s["condition"], s["seed"], s["variant"])],
-                     ih=_count_ih(s["induction_strength"]),
-                     max_is=float(np.asarray(s["induction_strength"])[1:].max())
+                     ih=_count_ih(s["induction_strength"], s["usable"]),
+                     max_is=float(np.where(s["usable"][1:], s["induction_strength"][1:],
+                                           -np.inf).max())
                      if m.num_layers > 1 else math.nan, horizon=hz))
   return rows
 

@@ -21,8 +21,10 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import train
-from ih_jax.analysis import context, measures, timing
+from ih_jax import workdir as workdir_lib
+from ih_jax.analysis import context, heads as heads_lib, measures, timing
 from ih_jax.config import ExperimentConfig
+from ih_jax.data import features as features_lib, splits as splits_lib
 from experiments.paper.scales import Scale
 
 PAPER_SEED = 5
@@ -66,11 +68,30 @@ class Study:
     self.data = feature_overrides(features)
     self.log = log
     self.verbose = verbose
+    self._check_features()  # before anything is written: a bad source must not lock the root
     os.makedirs(self.root, exist_ok=True)
     self._check_identity()
     self.figure_dir = os.path.join(self.root, "figures")
     os.makedirs(self.figure_dir, exist_ok=True)
     self.train_seconds = 0.0
+
+  def _check_features(self) -> None:
+    """A feature file must exist, load and fit the task's class split (no training)."""
+    cfg = self.config(paper_seqs=1, paper_eval_every=1, conditions=("none",))
+    if cfg.data.source != "file":  # other sources are built (and checked) when trained
+      return
+    try:
+      table = features_lib.load_feature_file(cfg.data.path, cfg.data.h5_dataset)
+    except (OSError, KeyError, ValueError) as e:
+      msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes
+      raise ValueError(f"--features={self.features!r}: {msg}") from None
+    C, E, _ = table.shape
+    try:
+      splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
+                             cfg.task.exemplar_split, cfg.task.pair_weights)
+    except ValueError as e:
+      raise ValueError(f"--features={self.features!r}: the table {table.shape} in "
+                       f"{cfg.data.path} does not fit the task: {e}") from None
 
   def _check_identity(self) -> None:
     path = os.path.join(self.root, "repro.json")
@@ -78,13 +99,35 @@ class Study:
     if os.path.exists(path):
       with open(path) as f:
         old = json.load(f)
-      if old != ident:
+      if old == ident:
+        return
+      if self._holds_results():
         raise ValueError(f"{self.root} holds a reproduction at {old}; this one asks for "
                          f"{ident}. Use another --workdir (runs of different scales or "
                          "features are never mixed)")
-    else:
-      with open(path, "w") as f:
-        json.dump(ident, f)
+      # A failed start (no trained stage, no finished entry) must not lock the folder.
+      self.log(f"[reproduce] {self.root} holds only a failed start at {old}; taking it over "
+               f"for {ident}")
+      results = os.path.join(self.root, "results")
+      for name in os.listdir(results) if os.path.isdir(results) else []:
+        os.remove(os.path.join(results, name))  # the failed entries' error records
+    with open(path, "w") as f:
+      json.dump(ident, f)
+
+  def _holds_results(self) -> bool:
+    """Whether any stage trained or any entry finished in this folder."""
+    if os.path.exists(os.path.join(self.root, "heads.json")):
+      return True
+    results = os.path.join(self.root, "results")
+    for name in os.listdir(results) if os.path.isdir(results) else []:
+      try:
+        with open(os.path.join(results, name)) as f:
+          if json.load(f).get("error") is None:
+            return True
+      except (OSError, ValueError, AttributeError):
+        return True  # unreadable: keep it
+    return any(workdir_lib.holds_results(os.path.join(self.root, d))
+               for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)))
 
   # ------------------------------------------------------------------ configs
 
@@ -181,18 +224,27 @@ class Study:
     wd, run = self.main_stage(seed)
     ctx = context.load_context(wd)
     cfg = ctx.cfg
+    L, H = cfg.model.num_layers, cfg.model.num_heads
     params = ckpt_lib.load_params(wd, run)
-    m = measures.measure(jax.tree.map(lambda x: np.asarray(x)[None], params), ctx.features,
-                         ctx.dense_set(self.scale.head_size), cfg.model)
-    L = cfg.model.num_layers
+    run_c = ctx.run_clamps(run)
+    m = measures.measure_under(jax.tree.map(lambda x: np.asarray(x)[None], params), ctx.features,
+                               ctx.dense_set(self.scale.head_size), cfg.model, run_c)
     is_h = m["induction_strength"][0, L - 1]
     pt_h = m["pt_score"][0, 0]
-    info = dict(strongest=int(np.argmax(is_h)), pt_order=[int(h) for h in np.argsort(-pt_h)],
+    # Only heads the run could use (never an ablated or clamped one).
+    reasons = heads_lib.unusable_reasons(run_c, L, H)
+    usable = heads_lib.mask_from(reasons, L, H)
+    strongest = heads_lib.strongest(is_h, usable[L - 1])
+    pt_order = heads_lib.ranked(pt_h, usable[0])
+    if strongest is None or not pt_order:
+      raise ValueError(f"seed {seed}'s main run ({wd}, run {run}): "
+                       + heads_lib.none_reason(L - 1 if strongest is None else 0, reasons, H))
+    info = dict(strongest=strongest, pt_order=pt_order,
                 induction_strength=[round(float(v), 4) for v in is_h],
                 pt_score=[round(float(v), 4) for v in pt_h])
     self.log(f"[reproduce] seed {seed}: STRONGEST = L{L}H{info['strongest']} "
-             f"(IS {is_h.max():.2f}), PT head = L1H{info['pt_order'][0]} "
-             f"(score {pt_h.max():.2f})")
+             f"(IS {is_h[strongest]:.2f}), PT head = L1H{info['pt_order'][0]} "
+             f"(score {pt_h[pt_order[0]]:.2f})")
     return info
 
 

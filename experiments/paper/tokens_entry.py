@@ -30,7 +30,7 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import plots, program
-from ih_jax.analysis import timing, token_scores
+from ih_jax.analysis import heads as heads_lib, timing, token_scores
 from ih_jax.analysis import verdicts as V
 from ih_jax.config import ExperimentConfig
 from experiments.configs import tokens as token_configs
@@ -95,8 +95,10 @@ def _measure_heads(study: Study) -> dict[str, Any] | None:
   batch = jax.tree.map(lambda x: x[0], program.token_eval_set(cfg, 1))
   s = token_scores.head_scores(params, cfg, batch)
   L = cfg.model.num_layers
-  info = dict(pt=int(np.argmax(s["prev_token"][0])),
-              ih=int(np.argmax(s["prefix_matching"][L - 1])),
+  # The main token run is unclamped (every head usable); the same choice rule as
+  # every other head choice (ih_jax.analysis.heads).
+  info = dict(pt=heads_lib.strongest(s["prev_token"][0]),
+              ih=heads_lib.strongest(s["prefix_matching"][L - 1]),
               **{k: np.round(np.asarray(v, np.float64), 4).tolist() for k, v in s.items()})
   study.log(f"[reproduce] tokens: PT head L1H{info['pt']} (score "
             f"{s['prev_token'][0].max():.2f}), induction head L{L}H{info['ih']} (prefix "

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ih_jax.analysis import measures
+from ih_jax.clamps import Clamps
 from ih_jax.data import sampler
 from ih_jax.model import ModelConfig
 
@@ -25,20 +26,24 @@ def _stack_one(params: Any) -> Any:
 
 
 def evaluate_conditions(params: Any, specs: list[str], features, idx: sampler.SequenceIndices,
-                        cfg: ModelConfig, **kw) -> dict[str, np.ndarray]:
-  """Loss / accuracy / pattern measures of one set of params under each spec ([Q] arrays)."""
+                        cfg: ModelConfig, base: Clamps | None = None,
+                        **kw) -> dict[str, np.ndarray]:
+  """Loss / accuracy / pattern measures of one set of params under each spec ([Q] arrays).
+
+  `base`: the run's own clamps, applied under every spec (None: clamp-free).
+  """
   out = measures.measure(_stack_one(params), features, idx, cfg,
-                         measures.conditions(specs, cfg), **kw)
+                         measures.conditions(specs, cfg, base), **kw)
   return {k: v[0] for k, v in out.items()}
 
 
 def head_ablations(params: Any, features, idx, cfg: ModelConfig,
-                   strength: np.ndarray, **kw) -> dict[str, list]:
+                   strength: np.ndarray, base: Clamps | None = None, **kw) -> dict[str, list]:
   """remove_h (ablate head h) and only_h (ablate the others) for each last-layer head."""
   L, H = cfg.num_layers, cfg.num_heads
   specs = ["none"] + [f"ablate:L{L}H{h}" for h in range(H)] + [f"keep_only:L{L}H{h}"
                                                                for h in range(H)]
-  res = evaluate_conditions(params, specs, features, idx, cfg, **kw)
+  res = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)
   return dict(head=[f"L{L}H{h}" for h in range(H)],
               induction_strength=[float(s) for s in strength],
               remove_acc=res["acc"][1:H + 1].tolist(), remove_loss=res["loss"][1:H + 1].tolist(),
@@ -47,20 +52,22 @@ def head_ablations(params: Any, features, idx, cfg: ModelConfig,
 
 
 def mistake_fixing(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarray, *,
-                   perfected: bool = False, **kw) -> dict[str, list]:
+                   perfected: bool = False, strongest: int | None = None,
+                   base: Clamps | None = None, **kw) -> dict[str, list]:
   """SPEC §6.3 / §6.6: which heads fix the strongest head's mistakes.
 
   only_h keeps one last-layer head (with `perfected`, also IH-clamps it: pm_only_h).
   R = the sequences only_STRONGEST gets wrong; per head: accuracy of only_h, the
   fraction of R it gets right, and (perfected) its mistakes per output label.
+  STRONGEST is `strongest` if given (a head the run could use), else argmax(strength).
   """
   L, H = cfg.num_layers, cfg.num_heads
   clamp = (lambda h: f"keep_only:L{L}H{h};ih:L{L}H{h}") if perfected else \
       (lambda h: f"keep_only:L{L}H{h}")
-  res = evaluate_conditions(params, [clamp(h) for h in range(H)], features, idx, cfg,
+  res = evaluate_conditions(params, [clamp(h) for h in range(H)], features, idx, cfg, base,
                             per_sequence=True, **kw)
   correct_QS = res["seq_correct"] > 0.5
-  strongest = int(np.argmax(strength))
+  strongest = int(np.argmax(strength)) if strongest is None else strongest
   wrong = ~correct_QS[strongest]
   fixed = [float(correct_QS[h][wrong].mean()) if wrong.any() else float("nan")
            for h in range(H)]
@@ -77,14 +84,17 @@ def mistake_fixing(params: Any, features, idx, cfg: ModelConfig, strength: np.nd
 
 
 def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarray,
+               order: list[int] | None = None, base: Clamps | None = None,
                **kw) -> dict[str, list]:
   """Loss as last-layer heads are switched on cumulatively in decreasing strength.
 
   Two orders: (i) from the strongest head, (ii) from the second strongest with the
-  strongest left out (SPEC §6.3).
+  strongest left out (SPEC §6.3). `order` (e.g. only the heads the run could use)
+  replaces the default order of all heads by decreasing strength.
   """
   L = cfg.num_layers
-  order = [int(h) for h in np.argsort(-np.asarray(strength))]
+  if order is None:
+    order = [int(h) for h in np.argsort(-np.asarray(strength))]
   rows: dict[str, list] = dict(start=[], num_heads=[], heads=[], loss=[], acc=[])
   specs = []
   for start, seq in (("strongest", order), ("second_without_strongest", order[1:])):
@@ -94,12 +104,13 @@ def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarra
       rows["num_heads"].append(k)
       rows["heads"].append(heads)
       specs.append(f"keep_only:{heads}")
-  res = evaluate_conditions(params, specs, features, idx, cfg, **kw)
+  res = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)
   rows["loss"], rows["acc"] = res["loss"].tolist(), res["acc"].tolist()
   return rows
 
 
-def wiring(params: Any, features, idx, cfg: ModelConfig, **kw) -> dict[str, np.ndarray]:
+def wiring(params: Any, features, idx, cfg: ModelConfig, base: Clamps | None = None,
+           **kw) -> dict[str, np.ndarray]:
   """Layer-2 x layer-1 heatmaps [i = last-layer head, j = first-layer head] (SPEC §6.4).
 
   For mode in (pp = pattern-preserving, pv = value-preserving):
@@ -114,7 +125,7 @@ def wiring(params: Any, features, idx, cfg: ModelConfig, **kw) -> dict[str, np.n
   for mode in ("preserve_pattern", "preserve_value"):
     specs += [f"{mode};keep_only:L2H{i};ablate:L1H{j}" for i in range(H) for j in range(H)]
     specs += [f"{mode};keep_only:L2H{i};keep_only:L1H{j}" for i in range(H) for j in range(H)]
-  acc = evaluate_conditions(params, specs, features, idx, cfg, **kw)["acc"]
+  acc = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)["acc"]
   only_i = acc[:H]
   out = dict(only_last_acc=only_i)
   pos = H
@@ -128,11 +139,11 @@ def wiring(params: Any, features, idx, cfg: ModelConfig, **kw) -> dict[str, np.n
 
 
 def layer_set_ablation(params: Any, features, idx, cfg: ModelConfig, heads: str,
-                       **kw) -> dict[str, float]:
+                       base: Clamps | None = None, **kw) -> dict[str, float]:
   """Accuracy with a set of first-layer heads ablated under pp and under pv (SPEC §6.4)."""
   specs = ["none", f"preserve_pattern;ablate:{heads}", f"preserve_value;ablate:{heads}",
            f"ablate:{heads}"]
-  acc = evaluate_conditions(params, specs, features, idx, cfg, **kw)["acc"]
+  acc = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)["acc"]
   return dict(heads=heads, full=float(acc[0]), pp=float(acc[1]), pv=float(acc[2]),
               plain=float(acc[3]))
 

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
+from ih_jax import clamps as clamps_lib
+from ih_jax import program
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
@@ -39,6 +41,20 @@ class RunContext:
   def stacked_params(self, run: int, steps: list[int]) -> Any:
     """[K, ...] params of one run at the given checkpoint steps."""
     return ckpt_lib.load_params_series(self.workdir, run, steps)
+
+  def run_clamps(self, run: int) -> clamps_lib.Clamps | None:
+    """The clamps run `run` was trained with (None for an unclamped run); a grafted
+    run's also carry its donor's params (`graft_params`)."""
+    info = self.runs[run]
+    m = self.cfg.model
+    donors = program.donor_names(self.cfg)
+    c = clamps_lib.parse(info["spec"], m.num_layers, m.num_heads, donors)
+    if clamps_lib.describe(c, donors) == "none":
+      return None
+    if bool(c["graft_on"]):
+      donor = program.load_donors(self.cfg, self.features.shape[-1])[int(c["graft_donor"])]
+      c = dict(c, graft_params=donor)
+    return c
 
 
 def load_context(workdir: str) -> RunContext:

@@ -142,15 +142,63 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
   return run
 
 
-def conditions(specs: list[str], cfg: model_lib.ModelConfig) -> clamps_lib.Clamps:
-  """Clamp spec strings -> a stacked clamp pytree (one row per spec)."""
-  return clamps_lib.stack([clamps_lib.parse(s, cfg.num_layers, cfg.num_heads) for s in specs])
+def conditions(specs: list[str], cfg: model_lib.ModelConfig,
+               base: clamps_lib.Clamps | None = None) -> clamps_lib.Clamps:
+  """Clamp spec strings -> a stacked clamp pytree (one row per spec).
+
+  With `base` (a run's own clamps), each spec is applied on top of it
+  (`clamps.combine`): the post-hoc condition measured on the run as it was trained.
+  """
+  rows = [clamps_lib.parse(s, cfg.num_layers, cfg.num_heads) for s in specs]
+  if base is None:
+    return clamps_lib.stack(rows)
+  rows = [clamps_lib.combine(base, r) for r in rows]
+  donor = rows[0].pop("graft_params", None)
+  for r in rows[1:]:
+    r.pop("graft_params", None)
+  out = clamps_lib.stack(rows)
+  if donor is not None:  # the grafted run's donor, the same for every condition
+    out["graft_params"] = jax.tree.map(lambda x: np.stack([np.asarray(x)] * len(rows)), donor)
+  return out
+
+
+def applicable(specs: list[str], cfg: model_lib.ModelConfig,
+               base: clamps_lib.Clamps | None) -> tuple[list[str], dict[str, str]]:
+  """The specs that can be applied on top of `base`, and why the others cannot."""
+  if base is None:
+    return list(specs), {}
+  ok, skipped = [], {}
+  for s in specs:
+    try:
+      clamps_lib.combine(base, clamps_lib.parse(s, cfg.num_layers, cfg.num_heads))
+      ok.append(s)
+    except ValueError as e:
+      skipped[s] = str(e)
+  return ok, skipped
+
+
+def measure_under(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
+                  cfg: model_lib.ModelConfig, base: clamps_lib.Clamps | None,
+                  **kw) -> dict[str, np.ndarray]:
+  """`measure` of K checkpoints under one condition (a run's own clamps, or None)."""
+  if base is None:
+    return measure(params_K, features_CEF, idx, cfg, **kw)
+  out = measure(params_K, features_CEF, idx, cfg, conditions(["none"], cfg, base), **kw)
+  return {k: v[:, 0] for k, v in out.items()}
 
 
 def mean_patterns(params: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
-                  cfg: model_lib.ModelConfig) -> np.ndarray:
-  """[L, H, T, T] attention patterns averaged over the given sequences."""
+                  cfg: model_lib.ModelConfig, base: clamps_lib.Clamps | None = None
+                  ) -> np.ndarray:
+  """[L, H, T, T] attention patterns averaged over the given sequences (under `base`)."""
   batch = sampler.gather_features(features_CEF, idx)
   sites = tuple(f"blocks.{l}.pattern" for l in range(cfg.num_layers))
-  _, aux = jax.jit(lambda p, b: model_lib.apply(p, b, None, cfg, sites=sites))(params, batch)
+  if base is None:
+    clamps, plan = None, clamps_lib.NO_CLAMPS
+  else:
+    stacked = conditions(["none"], cfg, base)
+    plan = clamps_lib.plan_for(stacked)
+    clamps = jax.tree.map(lambda x: jnp.asarray(x)[0], stacked)
+  _, aux = jax.jit(lambda p, c, b: model_lib.apply(p, b, c, cfg, plan, sites=sites))(
+      params, clamps, batch)
   return np.stack([np.asarray(aux[s]).mean(0) for s in sites])

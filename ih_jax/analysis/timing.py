@@ -3,11 +3,16 @@
   learning_time      first eval seqs with loss < 0.4 ln 2; NaN (censored) if never
   steepest_descent   eval seqs where the (3-point median smoothed) loss falls fastest
                      per sequence seen
-  plateau_exit       last eval seqs before the steepest descent at which the smoothed
-                     loss is still within 10% (of the plateau-to-final drop) of the
-                     plateau level; the plateau level is the smoothed loss at the
-                     flattest point (smallest |slope| per sequence) before the
-                     steepest descent
+  has_plateau        whether the curve sits on a plateau before learning: the smoothed
+                     loss at its flattest point (smallest |slope| per sequence) before
+                     the steepest descent is above the learning threshold and at least
+                     PLATEAU_MIN_POINTS consecutive eval points stay within 10% (of the
+                     plateau-to-final drop) of that level, all before the learning time
+  plateau_loss       that level; NaN when there is no plateau
+  plateau_exit       the last eval seqs of that stretch (never after the learning
+                     time); NaN when there is no plateau
+A run that learns straight away (e.g. a clamped subcircuit) has no plateau: it is
+reported as such rather than given a plateau below the threshold or after it learned.
 All return NaN rather than a misleading index 0 when the curve has no such point.
 """
 
@@ -33,13 +38,17 @@ def _smooth(loss: np.ndarray) -> np.ndarray:
   return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
 
 
-def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str, float]:
-  """learning_time, steepest_descent, plateau_exit, plateau_loss for one curve."""
+PLATEAU_MIN_POINTS = 3
+
+
+def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str, Any]:
+  """learning_time, steepest_descent, has_plateau, plateau_exit, plateau_loss of one curve."""
   seqs = np.asarray(seqs, float)
   loss = np.asarray(loss, float)
   order = np.argsort(seqs)
   seqs, loss = seqs[order], loss[order]
-  out = dict(learning_time=learning_time(seqs, loss, threshold), steepest_descent=math.nan,
+  lt = learning_time(seqs, loss, threshold)
+  out = dict(learning_time=lt, steepest_descent=math.nan, has_plateau=False,
              plateau_exit=math.nan, plateau_loss=math.nan)
   if len(seqs) < 4:
     return out
@@ -53,17 +62,24 @@ def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str,
   if slope[k] >= 0:
     return out
   out["steepest_descent"] = float(0.5 * (seqs[k] + seqs[k + 1]))
-  before = slice(start, k + 1)
-  flat = start + int(np.argmin(np.abs(slope[before])))
+  flat = start + int(np.argmin(np.abs(slope[start:k + 1])))
   plateau = float(sm[flat])
-  out["plateau_loss"] = plateau
   drop = plateau - float(sm[-1])
-  if drop <= 0:
+  if plateau < threshold or drop <= 0:
+    return out  # flattest point already learned, or no fall after it: no plateau
+  # The stretch of points around the flattest one that stay near its level, cut at
+  # the learning time (a plateau ends before the run has learned).
+  near = np.abs(sm - plateau) <= 0.1 * drop
+  before = seqs < lt if lt == lt else np.ones_like(near)
+  lo = flat
+  while lo > start and near[lo - 1] and before[lo - 1]:
+    lo -= 1
+  hi = flat
+  while hi < k and near[hi + 1] and before[hi + 1]:
+    hi += 1
+  if not (near[flat] and before[flat]) or hi - lo + 1 < PLATEAU_MIN_POINTS:
     return out
-  still = np.nonzero(sm[:k + 1] >= plateau - 0.1 * drop)[0]
-  still = still[still >= flat]
-  if still.size:
-    out["plateau_exit"] = float(seqs[still[-1]])
+  out.update(has_plateau=True, plateau_loss=plateau, plateau_exit=float(seqs[hi]))
   return out
 
 

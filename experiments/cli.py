@@ -1,0 +1,106 @@
+"""Short error messages for the absl entry points in experiments/ (`cli.run(main)`).
+
+A user error (a bad flag or config value, a refused clamp spec, a missing file, a
+diverged run) is printed as one line naming the problem, plus one hint line, and the
+process exits with status 1, instead of a 20-55-line traceback. Errors of any other
+type are bugs and keep their traceback. Set IH_JAX_TRACEBACK=1 (or pass
+--verbosity=1, for errors raised after the flags parsed) to get every traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
+
+TRACEBACK_ENV = "IH_JAX_TRACEBACK"
+_HINT = f"(set {TRACEBACK_ENV}=1 or pass --verbosity=1 for the traceback)"
+_FLAG_HINT = f"(--helpshort lists the flags; set {TRACEBACK_ENV}=1 for the traceback)"
+# Errors that describe bad input rather than a bug in ih_jax.
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with short messages for flag errors and user errors."""
+  app.run(_guarded(main), flags_parser=_parse_flags)
+
+
+def _want_traceback() -> bool:
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  fl = flags.FLAGS
+  return fl.is_parsed() and "verbosity" in fl and fl["verbosity"].present and fl.verbosity >= 1
+
+
+def _fail(message: str, hint: str = _HINT) -> None:
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ih_jax"
+  sys.stderr.write(f"{prog}: error: {message}\n{hint}\n")
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  def wrapped(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      ih_jax_error = type(e).__module__.startswith("ih_jax")  # e.g. CheckpointError
+      if _want_traceback() or not (isinstance(e, _USER_ERRORS) or ih_jax_error):
+        raise
+      _fail(short_message(e))
+  return wrapped
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override errors (typos, bad config files) short."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+      raise
+    _fail(f"bad flag: {short_message(e, argv)}", _FLAG_HINT)
+  return []  # unreachable: _fail exits
+
+
+def short_message(e: BaseException, argv: list[str] | None = None) -> str:
+  """One line for an exception: its message, without nested tracebacks or escapes."""
+  text = _innermost_text(e)
+  m = _DID_YOU_MEAN.search(text)
+  if isinstance(e, (KeyError, AttributeError)) or m:  # an unknown --config.<field>
+    key = m.group(2) if m else (text.strip().splitlines() or [""])[0].strip("'\"")
+    flag = _flag_naming(key, argv or [])
+    where = f" in {flag}" if flag else ""
+    return (f"unknown config field {key!r}{where}"
+            + (f"; did you mean {m.group(1)!r}?" if m else ""))
+  if "Traceback (most recent call last)" in text:  # ml_collections embeds one
+    head, _, tail = text.partition("Traceback (most recent call last)")
+    last = [l.strip() for l in tail.splitlines() if l.strip()][-1:]
+    text = " ".join([head.strip().rstrip(":") + ":"] + last)
+  return " ".join(l.strip() for l in text.splitlines() if l.strip()) or type(e).__name__
+
+
+def _innermost_text(e: BaseException) -> str:
+  """The message, unwrapping ml_collections' AttributeError(KeyError(msg)) and its repr."""
+  while e.args and (isinstance(e, (KeyError, AttributeError))
+                    or isinstance(e.args[0], BaseException)):
+    if not isinstance(e.args[0], BaseException):
+      return _unescape(str(e.args[0]))  # str(KeyError) would repr the message
+    e = e.args[0]
+  return _unescape(str(e))
+
+
+def _unescape(text: str) -> str:
+  # A repr'd message inside a flag error: unescape so "did you mean" reads plainly.
+  return text.replace("\\n", "\n").replace("\\'", "'")
+
+
+def _flag_naming(key: str, argv: list[str]) -> str | None:
+  for a in argv[1:]:
+    name = a.split("=", 1)[0]
+    if name.startswith("--") and key in name.lstrip("-").split("."):
+      return name
+  return None
