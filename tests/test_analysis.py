@@ -13,6 +13,8 @@ from ih_jax import plots, toy
 from ih_jax.analysis import ablation, composition, context, measures, timing
 from ih_jax.data import evalsets
 
+import numerics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,8 +54,11 @@ def test_ablating_a_head_equals_zeroing_its_value_weights(params, cfg, feature_t
   zeroed["blocks_1"]["qkv"]["kernel"][:, cols] = 0
   zeroed["blocks_1"]["qkv"]["bias"][cols] = 0
   plain = measures.measure(one(zeroed), feature_table, dense, cfg)
-  np.testing.assert_allclose(abl["loss"][0, 0], plain["loss"][0], rtol=1e-6)
-  np.testing.assert_allclose(abl["acc"][0, 0], plain["acc"][0])
+  # Two programs (clamp machinery vs zeroed weights): equal up to rounding; a real
+  # difference moves the loss by > 1e-3. The accuracy is exact unless rounding flips the
+  # argmax of a near-tied query: allow one of the 300 sequences.
+  np.testing.assert_allclose(abl["loss"][0, 0], plain["loss"][0], rtol=1e-5)
+  np.testing.assert_allclose(abl["acc"][0, 0], plain["acc"][0], atol=1.01 / 300)
 
 
 def test_vmapped_over_checkpoints_equals_one_at_a_time(params, cfg, feature_table, dense):
@@ -66,9 +71,13 @@ def test_vmapped_over_checkpoints_equals_one_at_a_time(params, cfg, feature_tabl
   for k, p in enumerate(stack):
     alone = measures.measure(one(p), feature_table, dense, cfg, seq_batch=300,
                              per_sequence=True)
-    for name in ("loss", "acc", "induction_strength", "pt_score", "seq_loss"):
-      np.testing.assert_allclose(together[name][k], alone[name][0], rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+    # Other programs (vmapped, other chunking): rounding only, judged per array against
+    # its scale (the attention scores' natural scale is 1: keep 1e-6 as a floor).
+    for name in ("loss", "induction_strength", "pt_score", "seq_loss"):
+      numerics.assert_close(together[name][k], alone[name][0], rtol=1e-5, rel_atol=1e-5,
+                            atol=1e-6, err_msg=name)
+    # Exact unless rounding flips the argmax of a near-tied query: allow one of 300.
+    np.testing.assert_allclose(together["acc"][k], alone["acc"][0], atol=1.01 / 300)
 
 
 def test_learning_time_and_phase_times():
@@ -174,10 +183,16 @@ def test_analyze_cli_end_to_end(tmp_path):
     assert f in names, f
   assert "subcircuits_run0.csv" not in names  # run 0 is not a single-head run
   with open(os.path.join(wd, "analysis", "layer1_set_ablations_run0.csv")) as f:
-    assert [r["heads"] for r in csv.DictReader(f)] == ["L1H0,L1H3", "L1H5"]
+    rows = list(csv.DictReader(f))
+  assert [(r["heads"], r["clamped"]) for r in rows] == [
+      ("L1H0,L1H3", "1"), ("L1H5", "1"), ("L1H0,L1H3", "0"), ("L1H5", "0")]
   with open(os.path.join(wd, "analysis", "progress_run0.csv")) as f:
     rows = f.read().strip().splitlines()
-  assert len(rows) == 1 + 5  # header + checkpoints 0, 1024, 2016, 3008, 3200
+  # header + checkpoints 0, 1024, 2016, 3008, 3200, in both views (the same numbers:
+  # run 0 is unclamped)
+  assert len(rows) == 1 + 2 * 5
+  assert "[clamps on]" in proc.stdout and "[clamps off]" in proc.stdout  # run 1 is clamped
+  assert "wiring_run1_clampfree.png" in names
 
 
 def test_mistake_fixing_invariants(params, cfg, feature_table, dense):

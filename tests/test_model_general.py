@@ -11,6 +11,7 @@ from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.config import ExperimentConfig
 
+import numerics
 from conftest import assert_query_only_exact, make_batch
 
 F = 512  # feature width of the synthetic features
@@ -100,16 +101,17 @@ def test_forward_shapes_and_sites(cfg, batch):
     assert aux[f"blocks.{l}.q"].shape == (B, 8, 5, 8)
     mid = aux[f"blocks.{l}.resid_pre"] + aux[f"blocks.{l}.attn_out"]
     if cfg.mlp_ratio:
-      np.testing.assert_allclose(aux[f"blocks.{l}.resid_mid"], mid, atol=1e-5)
+      numerics.assert_close(aux[f"blocks.{l}.resid_mid"], mid, rtol=1e-5, rel_atol=1e-6)
       mid = mid + aux[f"blocks.{l}.mlp_out"]
       assert np.abs(aux[f"blocks.{l}.mlp_out"]).max() > 1e-3
-    np.testing.assert_allclose(aux[f"blocks.{l}.resid_post"], mid, atol=1e-5)
+    numerics.assert_close(aux[f"blocks.{l}.resid_post"], mid, rtol=1e-5, rel_atol=1e-6)
     if l:
       np.testing.assert_array_equal(aux[f"blocks.{l}.resid_pre"], aux[f"blocks.{l - 1}.resid_post"])
   if cfg.learned_pos:  # the positions are part of the embedding site
     E_tok = model_lib.Transformer(cfg).apply({"params": params}, batch.x, batch.y,
                                              method=model_lib.Transformer.embed)
-    np.testing.assert_allclose(aux["embed"], E_tok + params["pos_embed"]["embedding"], atol=1e-6)
+    numerics.assert_close(aux["embed"], E_tok + params["pos_embed"]["embedding"], rtol=1e-5,
+                          rel_atol=1e-6)
   with pytest.raises(ValueError, match="unknown activation sites"):
     model_lib.apply(params, batch, None, model_lib.ModelConfig(), sites=("blocks.0.mlp_out",))
 
@@ -123,8 +125,10 @@ def test_learned_only_positions_drop_rope_and_table_length_is_checked(batch, fea
   u = aux["blocks.0.resid_pre"]
   u = (u - u.mean(-1, keepdims=True)) / jnp.sqrt(u.var(-1, keepdims=True) + 1e-5)
   q = (u * b0["ln"]["scale"] + b0["ln"]["bias"]) @ b0["qkv"]["kernel"][:, :64]
-  np.testing.assert_allclose(aux["blocks.0.q"], model_lib.to_heads(q + b0["qkv"]["bias"][:64], 8),
-                             atol=1e-5)  # no rotation
+  # The model's fused LN + projection vs the formula by hand: other op orders (per-leaf
+  # scale); a rotation would change q by O(1).
+  numerics.assert_close(aux["blocks.0.q"], model_lib.to_heads(q + b0["qkv"]["bias"][:64], 8),
+                        rtol=1e-5, rel_atol=1e-5)  # no rotation
   # A table built for n = 2 (T = 5) cannot serve n = 3 (T = 7).
   long = make_batch(feature_table, paper_splits, n=3, batch_size=2)
   with pytest.raises(ValueError, match="learned position table has 5 rows"):
@@ -158,7 +162,7 @@ def test_clamps_act_in_middle_and_last_layers(p3, batch):
   np.testing.assert_allclose(aux["blocks.1.pattern"][:, 3], np.broadcast_to(P, (16, 5, 5)))
   np.testing.assert_array_equal(aux["blocks.1.v"][:, 1], 0.0)
   np.testing.assert_allclose(aux["blocks.2.pattern"][:, 5, -1],
-                             model_lib.induction_row(batch.y, jnp.array([1.0]))[:, 0], atol=1e-7)
+                             model_lib.induction_row(batch.y, jnp.array([1.0]))[:, 0], atol=1e-6)
   # perfect_l1 at L = 3: block 0 (attention and MLP) removed; layers 1 and 2 take their
   # patterns from a pass of layers 1..2 over the shifted input (positions unshifted).
   c, plan = _parse("perfect_l1")
@@ -172,7 +176,7 @@ def test_clamps_act_in_middle_and_last_layers(p3, batch):
   for l in (1, 2):
     q, k, _ = Tm.apply({"params": p3}, l, h, method=model_lib.Transformer.project)
     expect = jax.nn.softmax(model_lib.causal_scores(q, k, 8), axis=2).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(aux[f"blocks.{l}.pattern"], expect, atol=2e-5)
+    numerics.assert_close(aux[f"blocks.{l}.pattern"], expect, rtol=1e-5, rel_atol=2e-5)
     h = Tm.apply({"params": p3}, l, h, method=lambda m, l, h: model_lib._layer(m, l, h))
   assert not np.allclose(aux["blocks.2.pattern"], ref["blocks.2.pattern"], atol=1e-3)
 

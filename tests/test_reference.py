@@ -2,12 +2,13 @@
 token block 0, query-only last layer) against the textbook forward of ih_jax.reference."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ih_jax import model as model_lib
 from ih_jax import reference
 from ih_jax.data.sampler import Batch, IndexedFeatures
+
+import numerics
 
 CONFIGS = {
     "paper": model_lib.ModelConfig(),
@@ -46,19 +47,17 @@ def test_model_matches_reference_forward_and_gradients(name, n):
   want = reference.forward(params, x, y, cfg)
   for inputs in (indexed, x):  # the per-distinct-token route and the per-token one
     got, _ = model_lib.apply(params, Batch(inputs, y), None, cfg)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Textbook reference vs the packed model: other op orders; per-leaf scale. A real
+    # discrepancy (a head, position or bias wrong) is O(1) of the logits' scale.
+    numerics.assert_close(got, want, rtol=1e-4, rel_atol=1e-4)
     got_q, _ = model_lib.apply(params, Batch(inputs, y), None, cfg, query_only=True)
-    np.testing.assert_allclose(got_q[:, 0], want[:, -1], rtol=1e-4, atol=1e-4)
+    numerics.assert_close(got_q[:, 0], want[:, -1], rtol=1e-4, rel_atol=1e-4)
 
   want_g = jax.grad(reference.query_loss)(params, x, y, cfg)
   for inputs in (indexed, x):
     got_g = jax.grad(lambda p, inputs=inputs: model_lib.query_loss(
         model_lib.apply(p, Batch(inputs, y), None, cfg, query_only=True)[0], y))(params)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g),
-                            jax.tree.leaves(want_g)):
-      scale = float(jnp.abs(w).max()) + 1e-6
-      np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
-                                 err_msg=jax.tree_util.keystr(path))
+    numerics.assert_close(got_g, want_g, rtol=1e-3, rel_atol=1e-4, atol=1e-10)
 
 
 def test_reference_refuses_the_token_model():
