@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 
 import ih_jax  # noqa: F401  (CPU XLA flags before JAX starts)
+from experiments import cli
 from experiments.paper import registry, report, scales
 from experiments.paper.study import Study
 
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

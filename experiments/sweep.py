@@ -15,9 +15,8 @@ into separate programs under --workdir/program_<k>/ (see ih_jax/sweep.py).
 Kill it at any point and rerun the same command to resume.
 """
 
-from absl import app
-
+from experiments import cli
 from experiments import train as train_launcher
 
 if __name__ == "__main__":
-  app.run(train_launcher.main)
+  cli.run(train_launcher.main)

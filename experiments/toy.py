@@ -9,6 +9,8 @@ import os
 
 from absl import app, flags
 
+from experiments import cli
+
 _OUT = flags.DEFINE_string("out", "toy_out", "Folder for toy_model.{png,pdf} and toy_curves.csv.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Gradient-descent iterations.")
 _SEED = flags.DEFINE_integer("seed", 1, "Seed of the true and initial vectors.")
@@ -37,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
@@ -74,4 +76,4 @@ def summarise(result) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -35,6 +35,18 @@ Spec grammar (clauses joined by ';'):
   preserve_pattern | preserve_value
 Example: "ih:L2H3;keep_only:L2H3" = perfect match on L2H3, the other L2 heads ablated.
 
+Combining clauses. Clauses add up: ablations are the union of every ablate clause and
+of every head a keep_only clause drops, where the keep_only clauses naming one layer
+keep the union of their heads ("keep_only:L2H0;keep_only:L2H1" keeps both). Repeating a
+clause (or a head, e.g. "pt:L1H*;pt:L1H2") is harmless. Refused, naming both clauses:
+  - a head both kept (keep_only) and ablated (ablate);
+  - a pt / ih / copy clamp on a head the same spec ablates (its output is zero, so the
+    clamp would do nothing);
+  - pt and ih on one head (one pattern clamp per head);
+  - one head given two different strengths by clauses of one kind;
+  - 'none' together with any other clause.
+Strengths '@s' must be numbers in [0, 1] (nan / inf are refused).
+
 Any depth (#8): ablate and pt take heads of any layer; ih heads of any layer but the
 first; copy one head of the last layer; perfect_l1 needs L >= 2 and refuses layer-L1
 clamps, as graft does. A block's MLP (ModelConfig.mlp_ratio > 0) belongs to its block:
@@ -224,9 +236,17 @@ def build(num_layers: int, num_heads: int, *,
 
   for hd in ablate:
     c["v_keep"][check(hd, "ablate")] = 0.0
-  for hd, s in strengths(pt, "pt clamp").items():
+  pt, ih = strengths(pt, "pt clamp"), strengths(ih, "ih clamp")
+  both = sorted(set(pt) & set(ih))
+  if both:
+    raise ValueError(f"pt and ih both clamp {head_name(both[0])}; a head takes one pattern clamp")
+  clamped = set(pt) | set(ih) | ({check(copy, "copy")} if copy is not None else set())
+  dead = sorted(hd for hd in clamped if c["v_keep"][hd] != 1)
+  if dead:  # an ablated head outputs nothing, so its clamp would do nothing
+    raise ValueError(f"{head_name(dead[0])} is both clamped and ablated")
+  for hd, s in pt.items():
     c["pt_on"][hd], c["pt_strength"][hd] = True, s
-  for hd, s in strengths(ih, "ih clamp").items():
+  for hd, s in ih.items():
     if hd[0] == 0:
       raise ValueError(f"ih clamp on {head_name(hd)}: an induction (match) clamp needs a "
                        "previous layer to compose with; use a head in layer L2 or later"
@@ -263,9 +283,20 @@ def build(num_layers: int, num_heads: int, *,
   return c
 
 
-_STRENGTH = re.compile(r"^(.*)@([0-9.eE+-]+)$")
+_STRENGTH = re.compile(r"^(.*)@(.*)$")
 _FLAG_KINDS = ("perfect_l1", "preserve_pattern", "preserve_value", "none")
 _HEAD_KINDS = ("ablate", "keep_only", "pt", "ih", "match", "copy")
+
+
+def _strength(clause: str, text: str) -> float:
+  """The '@s' of a pt / ih clause: a number in [0, 1] (nan and inf are refused)."""
+  try:
+    s = float(text)
+  except ValueError:
+    s = float("nan")
+  if not 0.0 <= s <= 1.0:
+    raise ValueError(f"clamp clause {clause!r}: strength {text!r} must be a number in [0, 1]")
+  return s
 
 
 def parse(spec: str, num_layers: int, num_heads: int,
@@ -273,13 +304,15 @@ def parse(spec: str, num_layers: int, num_heads: int,
   """Parses a condition spec (see the module docstring) into a validated clamp dict.
 
   `donors` names the graft donors a `graft:NAME` clause may use (in order).
+  Contradictory clauses are refused naming both ("Combining clauses", module docstring).
   """
   L, H = num_layers, num_heads
   graft: int | None = None
-  ablate: set[Head] = set()
-  pt: dict[Head, float] = {}
-  ih: dict[Head, float] = {}
-  copy: Head | None = None
+  ablated: dict[Head, str] = {}          # head -> the ablate clause naming it
+  kept: dict[int, dict[Head, str]] = {}  # layer -> kept head -> its keep_only clause
+  keep_clauses: dict[int, list[str]] = {}
+  pattern: dict[Head, tuple[str, float, str]] = {}  # head -> (pt | ih, strength, clause)
+  copy: tuple[Head, str] | None = None
   flags = dict(perfect_l1=False, preserve_pattern=False, preserve_value=False)
   clauses = [c.strip() for c in spec.split(";") if c.strip()]
   if not clauses:
@@ -299,6 +332,9 @@ def parse(spec: str, num_layers: int, num_heads: int,
     if kind in _FLAG_KINDS:
       if arg:
         raise ValueError(f"clamp clause {clause!r}: {kind!r} takes no heads")
+      if kind == "none" and len(clauses) > 1:  # 'none;ablate:...' is a typo or a mix-up
+        raise ValueError(f"'none' means no clamp and cannot be combined with other clauses; "
+                         f"got {spec!r}")
       if kind != "none":
         flags[kind] = True
       continue
@@ -312,26 +348,48 @@ def parse(spec: str, num_layers: int, num_heads: int,
     if m:
       if kind not in ("pt", "ih", "match"):
         raise ValueError(f"clamp clause {clause!r}: only pt and ih take a strength '@s'")
-      arg = m.group(1)
-      try:
-        strength = float(m.group(2))
-      except ValueError:
-        raise ValueError(f"clamp clause {clause!r}: bad strength {m.group(2)!r}") from None
+      arg, strength = m.group(1), _strength(clause, m.group(2))
     heads = parse_heads(arg, L, H)
     if kind == "ablate":
-      ablate.update(heads)
-    elif kind == "keep_only":
-      layers = {l for l, _ in heads}
-      ablate.update((l, h) for l in layers for h in range(H) if (l, h) not in heads)
-    elif kind == "pt":
-      pt.update({hd: strength for hd in heads})
-    elif kind in ("ih", "match"):
-      ih.update({hd: strength for hd in heads})
+      for hd in heads:
+        ablated.setdefault(hd, clause)
+    elif kind == "keep_only":  # several keep_only clauses on one layer keep the union
+      for l in sorted({l for l, _ in heads}):
+        keep_clauses.setdefault(l, []).append(clause)
+      for hd in heads:
+        kept.setdefault(hd[0], {}).setdefault(hd, clause)
+    elif kind in ("pt", "ih", "match"):
+      kind = "ih" if kind == "match" else kind
+      for hd in heads:
+        old = pattern.get(hd)
+        if old and old[0] != kind:
+          raise ValueError(f"clauses {old[2]!r} and {clause!r} both clamp {head_name(hd)}'s "
+                           "pattern (pt and ih); a head takes one pattern clamp")
+        if old and old[1] != strength:
+          raise ValueError(f"clauses {old[2]!r} and {clause!r} give {head_name(hd)} two "
+                           f"strengths ({old[1]:g}, {strength:g}); give one")
+        pattern.setdefault(hd, (kind, strength, clause))
     elif kind == "copy":
       if len(heads) != 1 or copy is not None:
         raise ValueError(f"perfect copy takes exactly one head, got {spec!r}")
-      copy = heads[0]
-  return build(L, H, ablate=sorted(ablate), pt=pt, ih=ih, copy=copy, graft=graft, **flags)
+      copy = heads[0], clause
+  for hd, clause in ablated.items():
+    if hd in kept.get(hd[0], {}):
+      raise ValueError(f"clauses {kept[hd[0]][hd]!r} and {clause!r} contradict: the first "
+                       f"keeps {head_name(hd)}, the second ablates it")
+  for l, heads_kept in kept.items():
+    for h in range(H):
+      if (l, h) not in heads_kept:
+        ablated.setdefault((l, h), ";".join(keep_clauses[l]))
+  # A value-ablated head outputs nothing, so a clamp on it would have no effect.
+  clamped = [(hd, c) for hd, (_, _, c) in pattern.items()] + ([copy] if copy else [])
+  for hd, clause in clamped:
+    if hd in ablated:
+      raise ValueError(f"clauses {clause!r} and {ablated[hd]!r} contradict: {head_name(hd)} "
+                       "is clamped and ablated (a clamp on an ablated head does nothing)")
+  pick = lambda kind: {hd: s for hd, (k, s, _) in pattern.items() if k == kind}
+  return build(L, H, ablate=sorted(ablated), pt=pick("pt"), ih=pick("ih"),
+               copy=copy[0] if copy else None, graft=graft, **flags)
 
 
 def describe(c: Clamps, donors: Sequence[str] = ()) -> str:
@@ -352,3 +410,46 @@ def describe(c: Clamps, donors: Sequence[str] = ()) -> str:
     d = int(np.asarray(c["graft_donor"]))
     parts.append(f"graft:{donors[d] if d < len(donors) else d}")
   return ";".join(parts) or "none"
+
+
+# ------------------------------------------------------------------ combining conditions
+
+def combine(base: Clamps, extra: Clamps) -> Clamps:
+  """`extra` applied on top of `base` (one run each): what analysing a clamped run needs.
+
+  A post-hoc condition (e.g. "ablate:L2H3") is measured under the clamps the run was
+  trained with, so both must hold at once: ablations multiply, pattern clamps and
+  flags add up (extra's strength wins on a head both clamp). Combinations the model
+  cannot express (two copy heads; perfect_l1 or graft with layer-L1 ablations, pattern
+  clamps or preserve_*) raise ValueError, so a study can report "not applicable".
+  A donor tree under `graft_params` (a grafted run's) travels along.
+  """
+  out = {k: np.asarray(base[k]).copy() for k in CLAMP_KEYS}
+  e = {k: np.asarray(extra[k]) for k in CLAMP_KEYS}
+  out["v_keep"] = out["v_keep"] * e["v_keep"]
+  for kind in ("pt", "ih"):
+    on = e[f"{kind}_on"]
+    out[f"{kind}_strength"] = np.where(on, e[f"{kind}_strength"], out[f"{kind}_strength"])
+    out[f"{kind}_on"] = out[f"{kind}_on"] | on
+  for flag in ("preserve_pattern", "preserve_value", "perfect_l1"):
+    out[flag] = np.asarray(bool(out[flag]) or bool(e[flag]))
+  if out["copy_on"].any() and e["copy_on"].any() and (out["copy_on"] != e["copy_on"]).any():
+    raise ValueError("two different perfect-copy heads in one condition")
+  out["copy_on"] = out["copy_on"] | e["copy_on"]
+  if bool(e["graft_on"]):
+    if bool(out["graft_on"]) and int(out["graft_donor"]) != int(e["graft_donor"]):
+      raise ValueError("two different graft donors in one condition")
+    out["graft_on"], out["graft_donor"] = e["graft_on"].copy(), e["graft_donor"].copy()
+  if bool(out["perfect_l1"]) and bool(out["graft_on"]):
+    raise ValueError("graft and perfect_l1 both replace the residual after layer L1")
+  replaced = ("perfect_l1" if bool(out["perfect_l1"]) else
+              "graft" if bool(out["graft_on"]) else None)
+  if replaced:
+    if (out["v_keep"][0] != 1).any() or out["pt_on"][0].any():
+      raise ValueError(f"{replaced} replaces layer L1, so its heads cannot be ablated or "
+                       "clamped")
+    if bool(out["preserve_pattern"]) or bool(out["preserve_value"]):
+      raise ValueError(f"{replaced} cannot be combined with preserve_pattern/preserve_value")
+  if "graft_params" in base:
+    out["graft_params"] = base["graft_params"]
+  return out

@@ -8,7 +8,9 @@ launchers in `experiments/` depend on ml_collections. Unknown keys are errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
+import warnings
 from typing import Any, Mapping
 
 from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
@@ -18,6 +20,27 @@ from ih_jax.model import ModelConfig
 
 
 TASK_KINDS = ("fewshot", "tokens")
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+# Adam moves every parameter by up to ~lr per step: above this a run diverges or
+# oscillates, so it is warned about (not refused: a deliberate stress test may want it).
+LEARNING_RATE_WARN = 1.0
+
+
+def _check_int(where: str, value: int, low: int, allowed: str = "") -> None:
+  """Refuses an integer below `low`, naming the field (`allowed` overrides the text)."""
+  if value < low:
+    raise ValueError(f"{where} must be {allowed or f'>= {low}'}, got {value}")
+
+
+def _check_seconds(where: str, value: float, meaning: str) -> None:
+  if not value >= 0:  # also refuses nan
+    raise ValueError(f"{where} must be >= 0 seconds ({meaning}), got {value}")
+
+
+def _check_seeds(where: str, seeds: tuple[int, ...]) -> None:
+  for s in seeds:  # seeds become uint32 PRNG seeds
+    if not 0 <= s < 2**32:
+      raise ValueError(f"{where} entries must be in [0, 2**32), got {s}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +77,28 @@ class TrainConfig:
   matmul_precision: str = "highest"
   progress_every_s: float = 5.0  # seconds between progress lines (0 = every evaluation)
 
+  def __post_init__(self):
+    # Checked here, not when the program compiles: a bad value would otherwise cost a
+    # compile and then fail obscurely (nan lr) or silently train nonsense (lr < 0).
+    _check_int("train.num_seqs", self.num_seqs, 1)
+    _check_int("train.batch_size", self.batch_size, 1)
+    _check_int("train.eval_every", self.eval_every, 1,
+               ">= 1 (sequences between evaluations; the final point is always evaluated)")
+    lr = self.learning_rate
+    if not (math.isfinite(lr) and lr > 0):
+      raise ValueError(f"train.learning_rate must be a finite number > 0, got {lr}")
+    if lr > LEARNING_RATE_WARN:
+      warnings.warn(f"train.learning_rate={lr:g} is > {LEARNING_RATE_WARN:g}: Adam moves every "
+                    "parameter by up to lr per step, so training will likely diverge "
+                    "(the paper uses 1e-5)", UserWarning, stacklevel=3)
+    _check_seeds("train.train_seed", (self.train_seed,))
+    _check_seeds("train.eval_seed", (self.eval_seed,))
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"train.matmul_precision={self.matmul_precision!r} is unknown; allowed: "
+                       f"{', '.join(MATMUL_PRECISIONS)}")
+    _check_seconds("train.progress_every_s", self.progress_every_s,
+                   "0 = a line at every evaluation")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -72,6 +117,20 @@ class CheckpointConfig:
   windows: tuple[tuple[int, ...], ...] = ()   # (start, stop, every): dense, stop inclusive
   resume_every_s: float = 60.0      # 0 = no resume checkpoints (resume from the schedule)
 
+  def __post_init__(self):
+    _check_int("checkpoint.every", self.every, 0, ">= 0 (0 = no periodic checkpoints)")
+    for p in self.at:
+      _check_int("checkpoint.at entries", p, 0, ">= 0 (sequences seen)")
+    _check_int("checkpoint.log_num", self.log_num, 0, ">= 0 (0 = no log-spaced checkpoints)")
+    if self.log_num:
+      _check_int("checkpoint.log_start", self.log_start, 1)
+    for i, w in enumerate(self.windows):
+      if len(w) != 3 or w[2] < 1 or w[0] < 0 or w[1] < w[0]:
+        raise ValueError(f"checkpoint.windows[{i}]={tuple(w)} must be (start, stop, every) "
+                         "with 0 <= start <= stop and every >= 1")
+    _check_seconds("checkpoint.resume_every_s", self.resume_every_s,
+                   "0 = no resume checkpoints")
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
@@ -89,6 +148,16 @@ class SweepConfig:
   # Graft-in donors (SPEC §4.2g) for "graft:NAME" conditions: "NAME=WORKDIR[:RUN][@SEQS]",
   # a run of a finished workdir (run index 0 and its final checkpoint by default).
   donors: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not self.conditions:
+      raise ValueError("sweep.conditions is empty; give at least one, e.g. ('none',) for a "
+                       "plain run")
+    if not self.init_seeds:
+      raise ValueError("sweep.init_seeds is empty; give at least one seed, e.g. (5,)")
+    _check_seeds("sweep.init_seeds", self.init_seeds)
+    _check_int("sweep.max_runs_per_program", self.max_runs_per_program, 0,
+               ">= 0 (0 = automatic)")
 
 
 @dataclasses.dataclass(frozen=True)

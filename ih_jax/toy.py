@@ -39,6 +39,10 @@ def run(steps: int = 1000, lr: float = 1.0, seed: int = 1,
   unknown = [c for c in conditions if c not in CONDITIONS]
   if unknown:
     raise ValueError(f"unknown toy condition(s) {unknown}; allowed: {list(CONDITIONS)}")
+  if steps < 1:
+    raise ValueError(f"toy steps must be >= 1, got {steps}")
+  if not (np.isfinite(lr) and lr > 0):
+    raise ValueError(f"toy learning rate must be a finite number > 0, got {lr}")
   keys = jax.random.split(jax.random.key(seed), 6)
   a_t, b_t, c_t, a0, b0, c0 = (jax.random.normal(k, (DIM,)) for k in keys)
   n = DIM ** 3

@@ -9,6 +9,7 @@ from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.data import evalsets, sampler
 
+import numerics
 from conftest import assert_query_only_exact, make_batch
 
 L, H, K, D = 2, 8, 8, 64
@@ -101,7 +102,7 @@ def test_prev_token_pattern(T):
   np.testing.assert_array_equal(P[0], np.eye(T, k=-1) + np.eye(T) * (np.arange(T) == 0)[:, None])
   assert P[1, 0, 0] == 1.0
   np.testing.assert_allclose(np.diagonal(P[1], -1), 0.7)
-  np.testing.assert_allclose(np.diagonal(P[1])[1:], 0.3, atol=1e-7)
+  np.testing.assert_allclose(np.diagonal(P[1])[1:], 0.3, atol=1e-6)
   np.testing.assert_allclose(P.sum(-1), 1.0, atol=1e-6)
 
 
@@ -109,14 +110,14 @@ def test_induction_row_paper_case():
   y = jnp.array([[3, 1, 3], [0, 2, 2]])  # query matches context 0, resp. context 1
   row = np.asarray(model_lib.induction_row(y, jnp.array([1.0, 0.8])))
   np.testing.assert_allclose(row[0, 0], [0, 1, 0, 0, 0])
-  np.testing.assert_allclose(row[0, 1], [0, 0.8, 0, 0.2, 0], atol=1e-7)
-  np.testing.assert_allclose(row[1, 1], [0, 0.2, 0, 0.8, 0], atol=1e-7)
+  np.testing.assert_allclose(row[0, 1], [0, 0.8, 0, 0.2, 0], atol=1e-6)
+  np.testing.assert_allclose(row[1, 1], [0, 0.2, 0, 0.8, 0], atol=1e-6)
 
 
 def test_induction_row_generic_n_spreads_mass():
   y = jnp.array([[1, 2, 1, 4, 1]])  # n = 4: two matching labels, two others
   row = np.asarray(model_lib.induction_row(y, jnp.array([0.9])))[0, 0]
-  np.testing.assert_allclose(row, [0, 0.45, 0, 0.05, 0, 0.45, 0, 0.05, 0], atol=1e-7)
+  np.testing.assert_allclose(row, [0, 0.45, 0, 0.05, 0, 0.45, 0, 0.05, 0], atol=1e-6)
 
 
 def _run(params, cfg, batch, spec, sites=()):
@@ -135,10 +136,12 @@ def test_pattern_clamps_act_in_the_model(params, cfg, feature_table, paper_split
   P = model_lib.prev_token_pattern(T, jnp.array([1.0]))[0]
   np.testing.assert_array_equal(aux["blocks.0.pattern"][:, 2], np.broadcast_to(P, (8, T, T)))
   others = [h for h in range(8) if h != 2]
-  np.testing.assert_allclose(aux["blocks.0.pattern"][:, others], clean["blocks.0.pattern"][:, others])
+  # Unclamped heads of a clamped run (another program than the clean run): rounding only.
+  numerics.assert_close(aux["blocks.0.pattern"][:, others], clean["blocks.0.pattern"][:, others],
+                        rtol=1e-5, rel_atol=1e-5)
   ih = aux["blocks.1.pattern"][:, 5]
   np.testing.assert_allclose(ih[:, -1], model_lib.induction_row(b.y, jnp.array([0.9]))[:, 0],
-                             atol=1e-7)
+                             atol=1e-6)
   assert not np.allclose(ih[:, :-1], 0)  # only the query row is replaced
   strength = (ih[:, -1, 1::2] * (b.y[:, :-1] == b.y[:, -1:])).sum(-1) - \
       (ih[:, -1, 1::2] * (b.y[:, :-1] != b.y[:, -1:])).sum(-1)
@@ -176,14 +179,14 @@ def test_perfect_l1_uses_shifted_embedding_patterns(params, cfg, batch):
   q, k, _ = model_lib.Block(cfg).apply({"params": params["blocks_1"]}, shifted,
                                        method=model_lib.Block.project)
   expect = jax.nn.softmax(model_lib.causal_scores(q, k, 8), axis=2).transpose(0, 3, 1, 2)
-  np.testing.assert_allclose(aux["blocks.1.pattern"], expect, atol=1e-6)
+  numerics.assert_close(aux["blocks.1.pattern"], expect, rtol=1e-5, rel_atol=1e-5)
 
 
 def test_preservation_is_identity_without_ablation(params, cfg, batch):
   base, _ = _run(params, cfg, batch, "none")
   for spec in ("preserve_pattern", "preserve_value", "preserve_pattern;preserve_value"):
     out, _ = _run(params, cfg, batch, spec)
-    np.testing.assert_allclose(out, base, atol=1e-6)
+    numerics.assert_close(out, base, rtol=1e-5, rel_atol=1e-5, err_msg=spec)
 
 
 def test_pattern_preserving_ablation_keeps_layer1_patterns(params, cfg, batch):
@@ -191,9 +194,10 @@ def test_pattern_preserving_ablation_keeps_layer1_patterns(params, cfg, batch):
   _, clean = _run(params, cfg, batch, "none", sites)
   _, pp = _run(params, cfg, batch, "preserve_pattern;ablate:L1H0-3", sites)
   _, pv = _run(params, cfg, batch, "preserve_value;ablate:L1H0-3", sites)
-  np.testing.assert_allclose(pp["blocks.1.pattern"], clean["blocks.1.pattern"], atol=1e-6)
+  numerics.assert_close(pp["blocks.1.pattern"], clean["blocks.1.pattern"], rtol=1e-5,
+                        rel_atol=1e-5)
   assert not np.allclose(pp["blocks.1.v"], clean["blocks.1.v"], atol=1e-4)
-  np.testing.assert_allclose(pv["blocks.1.v"], clean["blocks.1.v"], atol=1e-6)
+  numerics.assert_close(pv["blocks.1.v"], clean["blocks.1.v"], rtol=1e-5, rel_atol=1e-5)
   assert not np.allclose(pv["blocks.1.pattern"], clean["blocks.1.pattern"], atol=1e-4)
 
 
@@ -206,7 +210,7 @@ def test_vmapped_conditions_equal_individual_runs(params, cfg, batch):
       jax.tree.map(jnp.asarray, stacked))
   for i, s in enumerate(specs):
     alone, _ = _run(params, cfg, batch, s)
-    np.testing.assert_allclose(out[i], alone, atol=2e-5, err_msg=s)
+    numerics.assert_close(out[i], alone, rtol=1e-5, rel_atol=1e-5, err_msg=s)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -341,8 +345,8 @@ def test_graft_replaces_block0_residual_with_the_donors(params, cfg, gbatch):
   c, plan = _graft_clamps(donor)
   _, aux = model_lib.apply(params, gbatch, c, cfg, plan, sites=("blocks.1.resid_pre",))
   _, ref = model_lib.apply(donor, gbatch, None, cfg, sites=("blocks.0.resid_post",))
-  np.testing.assert_allclose(aux["blocks.1.resid_pre"], ref["blocks.0.resid_post"],
-                             rtol=1e-6, atol=1e-6)
+  numerics.assert_close(aux["blocks.1.resid_pre"], ref["blocks.0.resid_post"], rtol=1e-5,
+                        rel_atol=1e-5)
 
 
 def test_grad_graft(trained_ish, params, cfg, gbatch):
@@ -392,14 +396,14 @@ def test_distinct_token_route_matches_the_per_token_route(trained_ish, cfg, ibat
   for qo in (False, True):
     lg_i = model_lib.apply(trained_ish, ibatch, c, cfg, plan, query_only=qo)[0]
     lg_g = model_lib.apply(trained_ish, gathered, c, cfg, plan, query_only=qo)[0]
-    np.testing.assert_allclose(lg_i, lg_g, rtol=1e-5, atol=1e-5)
+    numerics.assert_close(lg_i, lg_g, rtol=1e-5, rel_atol=1e-5)
   g_i, g_g = jax.grad(loss)(trained_ish, ibatch), jax.grad(loss)(trained_ish, gathered)
-  chex.assert_trees_all_close(g_i, g_g, rtol=1e-4, atol=1e-6)
+  numerics.assert_close(g_i, g_g, rtol=1e-4, rel_atol=1e-5)
   # Recorded sites hold the same activations (the gather is invisible to users).
   sites = ("embed", "blocks.0.q", "blocks.0.k", "blocks.0.v", "blocks.0.pattern")
   a_i = model_lib.apply(trained_ish, ibatch, c, cfg, plan, sites=sites)[1]
   a_g = model_lib.apply(trained_ish, gathered, c, cfg, plan, sites=sites)[1]
-  chex.assert_trees_all_close(a_i, a_g, rtol=1e-5, atol=1e-5)
+  numerics.assert_close(a_i, a_g, rtol=1e-5, rel_atol=1e-5)
 
 
 def test_distinct_token_route_is_skipped_where_it_does_not_apply(cfg, ibatch):
