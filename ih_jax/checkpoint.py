@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -267,13 +268,21 @@ def run_table(workdir: str) -> list[dict[str, Any]]:
 
 
 def load_params(workdir: str, run: int, seqs: int | None = None, *,
-                nearest: bool = True) -> Any:
-  """Plain params of one run (index into the runs axis) at `seqs` (latest if None)."""
-  _, stacked = load_stacked_params(workdir, seqs, nearest=nearest)
+                nearest: bool = True, return_step: bool = False) -> Any:
+  """Plain params of one run (index into the runs axis) at `seqs` (latest if None).
+
+  With `nearest`, a missing `seqs` loads the closest saved step, with a UserWarning
+  naming it, unless `return_step=True`: then (step loaded, params) is returned.
+  """
+  step, stacked = load_stacked_params(workdir, seqs, nearest=nearest)
+  if seqs is not None and step != seqs and not return_step:
+    warnings.warn(f"load_params: no checkpoint at {seqs:,d} seqs in {workdir!r}; loaded the "
+                  f"nearest, {step:,d}", stacklevel=2)
   num_runs = jax.tree.leaves(stacked)[0].shape[0]
   if not 0 <= run < num_runs:
     raise IndexError(f"run {run} out of range: this workdir has runs 0..{num_runs - 1}")
-  return jax.tree.map(lambda x: x[run], stacked)
+  params = jax.tree.map(lambda x: x[run], stacked)
+  return (step, params) if return_step else params
 
 
 def load_params_series(workdir: str, run: int, steps: list[int]) -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import threading
 import time
@@ -69,6 +68,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
   Returns one TrainResult when the sweep is one program, else one per program
   (their workdirs are `workdir/program_<k>`, listed in `workdir/sweep.json`).
   """
+  if workdir is not None:  # a file / read-only path fails now, not after the setup
+    workdir_lib.check_workdir(workdir)
   programs = sweep_lib.plan_programs(cfg, cfg.sweep.max_runs_per_program or auto_max_runs)
   if len(programs) == 1:
     return train_program(programs[0], cfg, workdir, overwrite=overwrite, verbose=verbose)
@@ -91,10 +92,13 @@ def _prepare_sweep_dir(workdir: str, cfg: ExperimentConfig, programs: list[sweep
                        overwrite: bool) -> None:
   """Checks every program's folder before training any, then writes sweep.json."""
   if overwrite:
-    for name in os.listdir(workdir) if os.path.isdir(workdir) else []:
-      if name.startswith("program_") or name == "sweep.json":
-        path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    workdir_lib.remove_outputs(workdir)
+  single = [n for n in workdir_lib.output_entries(workdir) if n in workdir_lib.RUN_OUTPUTS]
+  if single:  # a one-program run's outputs would sit stale beside the sweep's
+    raise FileExistsError(
+        f"workdir {workdir!r} holds {', '.join(single)} of a one-program run, but this sweep "
+        f"needs {len(programs)} programs; use a new --workdir or pass overwrite=True "
+        "(--overwrite)")
   for p in programs:
     sub = os.path.join(workdir, p.name)
     if os.path.isdir(sub):  # raises on a conflicting config or run list
@@ -166,6 +170,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
                   verbose: bool = True) -> TrainResult:
   """Trains one program's runs, resuming from `workdir` when it holds the same config."""
   t_start = time.time()
+  if workdir is not None:
+    workdir_lib.check_workdir(workdir)
   exp = setup_experiment(program)
   cfg = exp.cfg
   B = cfg.train.batch_size
@@ -180,7 +186,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
 
   status = "fresh"
   if workdir is not None:
-    status = workdir_lib.workdir_status(workdir, sweep_cfg, exp.runs, overwrite=overwrite)
+    status = workdir_lib.workdir_status(workdir, sweep_cfg, exp.runs, overwrite=overwrite,
+                                        features=workdir_lib.feature_records(exp), log=log)
     if status == "done":
       log(f"[ih_jax] {workdir} already holds this finished run; loading its results")
       return load_result(workdir, exp.runs)
@@ -206,7 +213,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         else:
           log(f"[ih_jax] {workdir}: no usable checkpoint; starting from scratch")
       writer = workdir_lib.RunWriter(workdir, exp,
-                                     resume_seqs=start_step * B if resumed else None)
+                                     resume_seqs=start_step * B if resumed else None, log=log)
     else:
       writer = None
 
@@ -231,16 +238,16 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     metrics_of_task = metric_names(cfg.task.kind)
     t_train, last_print, last_resume_save = time.time(), 0.0, time.time()
     done, pending = start_step, None
+    last_finite = np.full(R, np.nan)  # each run's latest loss, for a divergence message
 
     def consume(item):
       nonlocal last_print
       step_from, n_steps, did_eval, (losses, gnorms), evals = item
       losses = np.asarray(losses)[:R, :n_steps]
       gnorms = np.asarray(gnorms)[:R, :n_steps]
-      if not np.isfinite(losses).all():
-        bad = sorted({exp.runs[r].condition for r in np.where(~np.isfinite(losses).all(1))[0]})
-        raise FloatingPointError(f"non-finite training loss in run(s) of condition(s) {bad} "
-                                 f"between steps {step_from} and {step_from + n_steps}")
+      check_finite_losses(losses, exp.runs, step_from, B, last_finite, cfg.train.learning_rate)
+      if n_steps:
+        last_finite[:] = losses[:, -1]
       seqs_k = B * (step_from + 1 + np.arange(n_steps))  # loss of step k labelled B(k+1)
       log_seqs.append(seqs_k)
       log_loss.append(losses)
@@ -321,6 +328,30 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
   result.setup_s = setup_s
   log(f"[ih_jax] done in {wall:.1f}s (setup {setup_s:.1f}s, compile {compile_s:.1f}s)")
   return result
+
+
+def check_finite_losses(losses_RS: np.ndarray, runs: list[Run], step_from: int,
+                        batch_size: int, last_loss_R: np.ndarray, learning_rate: float) -> None:
+  """Raises FloatingPointError naming the first diverged run of a chunk's losses.
+
+  Checked per chunk (the host has the chunk's losses anyway), so no per-step sync.
+  `last_loss_R`: each run's loss at the end of the previous chunk (nan if none).
+  """
+  bad = ~np.isfinite(losses_RS)
+  if not bad.any():
+    return
+  r = int(np.argmax(bad.any(axis=1)))
+  k = int(np.argmax(bad[r]))
+  run = runs[r]
+  prev = losses_RS[r, k - 1] if k else last_loss_R[r]
+  last = f"{prev:.4g}" if np.isfinite(prev) else "none logged before"
+  others = int(bad.any(axis=1).sum()) - 1
+  raise FloatingPointError(
+      f"training loss is {losses_RS[r, k]} in run {run.index} (condition {run.condition!r}, "
+      f"seed {run.init_seed}{f', {run.variant}' if run.variant else ''}) at step "
+      f"{step_from + k + 1} ({batch_size * (step_from + k + 1):,d} seqs); last finite loss "
+      f"{last}{f'; {others} other run(s) too' if others else ''}. Lower train.learning_rate "
+      f"(now {learning_rate:g}) or check the clamps")
 
 
 def _state_from_saveable(exp: Experiment, content: dict[str, Any]) -> TrainState:

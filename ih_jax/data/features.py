@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any
 
@@ -144,6 +145,18 @@ def load_features(cfg: FeatureConfig) -> jax.Array:
     return jnp.asarray(feats)
   raise ValueError(f"unknown data.source {cfg.source!r}; allowed: "
                    f"{', '.join(repr(s) for s in SOURCES)}")
+
+
+def table_fingerprint(table: Any) -> str:
+  """SHA-256 of a feature table as float32 (shape included): what a run trained on.
+
+  Hashing the loaded table, not the file, ignores HDF5 metadata and other datasets
+  in the same file while catching any change of the values used.
+  """
+  arr = np.ascontiguousarray(np.asarray(table, np.float32))
+  h = hashlib.sha256(repr(arr.shape).encode())
+  h.update(arr.tobytes())
+  return h.hexdigest()
 
 
 def feature_metadata(cfg: FeatureConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -187,8 +188,15 @@ def read_archives(paths: Iterable[str]) -> OmniglotImages:
         seen[label] = (path, files)
         for info in infos:
           _, alphabet, character, _ = info.filename.split("/")
-          with Image.open(io.BytesIO(zf.read(info))) as im:
-            ink = ink_mask(np.asarray(im))
+          try:
+            with Image.open(io.BytesIO(zf.read(info))) as im:
+              ink = ink_mask(np.asarray(im))
+          except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+            # Bad CRC / deflate data / PNG: say which archive and member, not just zlib's text.
+            raise ValueError(
+                f"Omniglot archive {path}: member {info.filename!r} is corrupt "
+                f"({type(e).__name__}: {e}); download the archive again (official copies: "
+                "https://github.com/brendenlake/omniglot/tree/master/python)") from None
           _add(groups, label, alphabet, character, ink, path)
   return _assemble(groups, ", ".join(os.path.basename(p) for p in paths))
 
