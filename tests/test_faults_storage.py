@@ -175,6 +175,9 @@ def test_changed_feature_file_is_refused_on_reload_and_resume(tmp_path):
   np.save(path, table * 2)  # another file at the same path
   with pytest.raises(FileExistsError, match=r"feats.npy.*changed.*sha256 [0-9a-f]+.*restore"):
     train.train_and_evaluate(cfg, wd, verbose=False)
+  from ih_jax.analysis import context  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileExistsError, match=r"feats.npy.*changed"):  # analysis refuses too
+    context.load_context(wd)
   os.remove(os.path.join(wd, "done.json"))  # an unfinished run: resume is refused too
   with pytest.raises(FileExistsError, match=r"feats.npy.*changed"):
     train.train_and_evaluate(cfg, wd, verbose=False)

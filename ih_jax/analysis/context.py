@@ -70,6 +70,10 @@ def load_context(workdir: str) -> RunContext:
                      "induction strength, ablations) does not apply. Use "
                      "ih_jax.analysis.token_scores, or `experiments.reproduce --figure=tokens`")
   feats = features_lib.load_features(cfg.data)
+  if cfg.data.source == "file":  # the file must still hold the table the run trained on
+    current = dict(features_lib.feature_metadata(cfg.data),
+                   sha256=features_lib.table_fingerprint(np.asarray(feats)))
+    workdir_lib.check_feature_records(workdir, meta.get("features"), [current])
   C, E, _ = feats.shape
   splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
                                   cfg.task.exemplar_split, cfg.task.pair_weights)
