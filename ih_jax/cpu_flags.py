@@ -13,11 +13,16 @@ backend, hence at import. Neither has any effect on GPU/TPU.
   each core runs its share of the runs, instead of every tiny op being split over all
   cores' threads: 8 runs 7.3 -> 3.8 ms per step, 32 runs 29.9 -> 20.2 on 2 cores.
   A one-run program still uses one device (and every core's threads), as before.
+
+The flags are applied only while it is safe, i.e. before JAX has started a backend;
+importing ih_jax later warns instead of silently running with JAX's defaults.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 _DEFAULTS = (("--xla_cpu_experimental_ynn_fusion_type", lambda: "dot"),
              ("--xla_force_host_platform_device_count", lambda: str(usable_cores())))
@@ -31,12 +36,38 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def backend_started() -> bool:
+  """Whether JAX has already initialised a backend (XLA_FLAGS are read only then)."""
+  jax_mod = sys.modules.get("jax")
+  if jax_mod is None:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # a JAX without this helper: assume started
+    return True
+
+
 def apply_cpu_defaults() -> list[str]:
-  """Adds the default flags the user has not set to XLA_FLAGS; returns those added."""
+  """Adds the default flags the user has not set to XLA_FLAGS; returns those added.
+
+  When JAX's backend is already running (e.g. a notebook used JAX before importing
+  ih_jax), XLA_FLAGS can no longer take effect: nothing is changed and a warning
+  says how to get the defaults (import ih_jax first, or restart the runtime).
+  """
   if os.environ.get("IH_JAX_KEEP_XLA_FLAGS"):
     return []
   flags = os.environ.get("XLA_FLAGS", "")
-  added = [f"{name}={value()}" for name, value in _DEFAULTS if name not in flags]
-  if added:
-    os.environ["XLA_FLAGS"] = " ".join([flags] + added).strip()
-  return added
+  missing = [f"{name}={value()}" for name, value in _DEFAULTS if name not in flags]
+  if not missing:
+    return []
+  if backend_started():
+    warnings.warn(
+        "ih_jax was imported after JAX started its backend, so its CPU defaults ("
+        + " ".join(missing) + ") cannot take effect: CPU runs use one device and are "
+        "slower (sweeps ~2x). Import ih_jax before running anything in JAX, or restart "
+        "the runtime; set IH_JAX_KEEP_XLA_FLAGS=1 to silence this.", RuntimeWarning,
+        stacklevel=3)
+    return []
+  os.environ["XLA_FLAGS"] = " ".join([flags] + missing).strip()
+  return missing
