@@ -57,8 +57,11 @@ def main(argv):
     print(f"[analyze] {tag} ({s['condition']}, seed {s['seed']}"
           + (f", trained with clamps {s['spec']!r})" if s["clamped_run"] else ", unclamped)"))
     if s["unusable_heads"]:
-      print(f"          heads the run could not use (never chosen): "
-            f"{json.dumps(s['unusable_heads'])}")
+      by_reason: dict[str, list[str]] = {}
+      for head, why in s["unusable_heads"].items():
+        by_reason.setdefault(why, []).append(head)
+      print("          heads the run could not use (never chosen): " + "; ".join(
+          f"{why}: {','.join(heads)}" for why, heads in by_reason.items()))
     views = [("clamps on", s), ("clamps off", s["clamp_free"])] if s["clamped_run"] else \
         [("", s)]
     for name, v in views:

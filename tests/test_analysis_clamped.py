@@ -183,3 +183,55 @@ def test_plateau_exit_never_follows_the_learning_time():
         assert t["plateau_exit"] < t["learning_time"], t
     else:
       assert math.isnan(t["plateau_exit"]) and math.isnan(t["plateau_loss"])
+
+
+def test_bad_layer1_sets_are_refused_before_measuring(analysed):
+  wd, _ = analysed
+  with pytest.raises(ValueError, match="unknown head 'L1H9'"):
+    report.analyze_workdir(wd, l1_sets=["L1H9"], log=lambda _: None)
+  with pytest.raises(ValueError, match="outside layer L1"):
+    report.analyze_workdir(wd, l1_sets=["L1H0,L2H3"], log=lambda _: None)
+  with pytest.raises(ValueError, match=r"runs \[7\] do not exist.*0..2"):
+    report.analyze_workdir(wd, runs=[7], log=lambda _: None)
+
+
+def test_a_registered_head_score_is_measured_and_reported(tmp_path, analysed):
+  """A score defined outside ih_jax is computed by measure (all layers) and lands in the
+  progress CSV for its reported layers, without editing the library."""
+  from ih_jax.analysis import scores  # pylint: disable=g-import-not-at-top
+  wd, _ = analysed
+  ctx = context.load_context(wd)
+  params_K = ctx.stacked_params(0, ctx.checkpoint_steps()[-1:])
+  idx = ctx.dense_set(64)
+  mine = scores.HeadScore("query_to_first", lambda A, batch: A[:, :, -1, 0],
+                          "attention from the query to the first token", "last")
+  scores.register(mine)
+  try:
+    m = measures.measure(params_K, ctx.features, idx, ctx.cfg.model)
+    base = measures.measure(params_K, ctx.features, idx, ctx.cfg.model,
+                            head_scores=["induction_strength"])
+    assert set(base) == {"loss", "acc", "induction_strength"}
+    sites = ("blocks.0.pattern", "blocks.1.pattern")
+    from ih_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    from ih_jax.data import sampler  # pylint: disable=g-import-not-at-top
+    batch = sampler.gather_features(ctx.features, idx)
+    _, aux = model_lib.apply(jax.tree.map(lambda x: x[0], params_K), batch, None,
+                             ctx.cfg.model, sites=sites)
+    want = np.stack([np.asarray(aux[s])[:, :, -1, 0].mean(0) for s in sites])
+    np.testing.assert_allclose(m["query_to_first"][0], want, rtol=1e-5, atol=1e-6)
+    rows = report._progress_rows([0], {k: v for k, v in m.items()}, 2)  # pylint: disable=protected-access
+    assert "query_to_first_L2H7" in rows[0] and "query_to_first_L1H0" not in rows[0]
+    assert "is_L2H0" in rows[0] and "pt_L1H0" in rows[0]
+    with pytest.raises(ValueError, match="already registered"):
+      scores.register(mine)
+  finally:
+    scores.unregister("query_to_first")
+  with pytest.raises(ValueError, match="unknown head score"):
+    measures.measure(params_K, ctx.features, idx, ctx.cfg.model, head_scores=["nope"])
+
+
+def test_a_curve_that_never_falls_has_no_plateau_exit():
+  # A clamp-free view of a run that needs its clamps: flat near chance to the end.
+  loss = 2.15 - 0.02 * SEQS / SEQS[-1]
+  t = timing.phase_times(SEQS, loss)
+  assert not t["has_plateau"] and math.isnan(t["plateau_exit"]), t

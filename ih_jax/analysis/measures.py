@@ -7,21 +7,15 @@ optionally under a stack of Q clamp conditions, in ONE compiled program: a
 conditions, and a `lax.scan` over sequence chunks whose features are gathered per
 chunk (SPEC §8.21: the dense set's features never exist all at once).
 
-Measures (SPEC §6.1-6.2), per layer and head ([L, H]; "layer 1" = code layer 1):
-  induction_strength  mean A(q -> matching label) - mean A(q -> other labels)
-  pt_score            mean over tokens i >= 1 of a - (1 - a) / i, a = A(i -> i-1)
-  pt_score_labels     the same over label tokens only (odd i)
-  pt_raw              mean a (TransformerLens-style previous-token detection score:
-                      the attention mass on the previous-token pattern)
-  induction_detect    mean A(q -> matching label) (TransformerLens-style induction
-                      detection score: attention mass on the induction target)
-plus loss / acc (query CE and accuracy) and, if asked, per-sequence losses.
+Measures: loss / acc (query cross-entropy and accuracy), every registered head score
+per layer and head ([L, H]; ih_jax.analysis.scores: induction strength, previous-token
+scores, detection scores, and any a user registers) and, if asked, per-sequence losses.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +23,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
+from ih_jax.analysis import scores as scores_lib
 from ih_jax.data import sampler
 
 # pylint: disable=invalid-name
@@ -36,41 +31,24 @@ from ih_jax.data import sampler
 
 def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
                    cfg: model_lib.ModelConfig, clamps: clamps_lib.Clamps | None = None,
-                   plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS) -> tuple[dict, jax.Array]:
-  """Weighted sums of every measure over one batch, and per-sequence [loss, correct] [B, 2]."""
+                   plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
+                   head_scores: tuple[scores_lib.HeadScore, ...] | None = None
+                   ) -> tuple[dict, jax.Array]:
+  """Weighted sums of loss, accuracy and each head score ([L, H]) over one batch, and
+  per-sequence [loss, correct] [B, 2]."""
+  head_scores = scores_lib.registered() if head_scores is None else head_scores
   L = cfg.num_layers
   sites = tuple(f"blocks.{l}.pattern" for l in range(L))
   logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites)
-  n = batch.y.shape[1] - 1
-  q = 2 * n  # the query token
   logp_BC = jax.nn.log_softmax(logits[:, -1], axis=-1)
   target_B = batch.y[:, -1]
   loss_B = -jnp.take_along_axis(logp_BC, target_B[:, None], axis=1)[:, 0]
   correct_B = (jnp.argmax(logp_BC, axis=-1) == target_B).astype(jnp.float32)
-
-  match_BN = (batch.y[:, :n] == batch.y[:, -1:]).astype(jnp.float32)
-  other_BN = 1.0 - match_BN
-  i_T = jnp.arange(1, 2 * n + 1, dtype=jnp.float32)              # query tokens i >= 1
-  label_T = (jnp.arange(1, 2 * n + 1) % 2 == 1).astype(jnp.float32)
-  IS, PT, PTL, PTR, DET = [], [], [], [], []
-  for l in range(L):
-    A_BHTT = aux[f"blocks.{l}.pattern"]
-    to_labels_BHN = A_BHTT[:, :, q, 1:2 * n:2]                   # query -> label tokens
-    mean_match = (to_labels_BHN * match_BN[:, None]).sum(-1) / jnp.maximum(match_BN.sum(-1), 1)[:, None]
-    mean_other = (to_labels_BHN * other_BN[:, None]).sum(-1) / jnp.maximum(other_BN.sum(-1), 1)[:, None]
-    IS.append(mean_match - mean_other)                            # [B, H]
-    DET.append(mean_match)
-    a_BHT = jnp.diagonal(A_BHTT[:, :, 1:, :-1], axis1=2, axis2=3)  # A(i -> i-1), i = 1..T-1
-    score_BHT = a_BHT - (1.0 - a_BHT) / i_T
-    PT.append(score_BHT.mean(-1))
-    PTL.append((score_BHT * label_T).sum(-1) / label_T.sum())
-    PTR.append(a_BHT.mean(-1))
-  w = weight_B
-  wsum = lambda x_B: jnp.einsum("b,b...->...", w, x_B)
-  sums = dict(loss=wsum(loss_B), acc=wsum(correct_B),
-              induction_strength=wsum(jnp.stack(IS, 1)), pt_score=wsum(jnp.stack(PT, 1)),
-              pt_score_labels=wsum(jnp.stack(PTL, 1)), pt_raw=wsum(jnp.stack(PTR, 1)),
-              induction_detect=wsum(jnp.stack(DET, 1)))
+  wsum = lambda x_B: jnp.einsum("b,b...->...", weight_B, x_B)
+  sums = dict(loss=wsum(loss_B), acc=wsum(correct_B))
+  for score in head_scores:
+    per_layer = [score.fn(aux[s], batch) for s in sites]          # L x [B, H]
+    sums[score.name] = wsum(jnp.stack(per_layer, 1))
   return sums, jnp.stack([loss_B, correct_B], axis=-1)
 
 
@@ -87,18 +65,20 @@ def _chunks(idx: sampler.SequenceIndices, seq_batch: int):
 
 def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
             cfg: model_lib.ModelConfig, clamps_Q: clamps_lib.Clamps | None = None, *,
-            seq_batch: int = 2048, ckpt_batch: int = 4, per_sequence: bool = False
+            seq_batch: int = 2048, ckpt_batch: int = 4, per_sequence: bool = False,
+            head_scores: Sequence[str | scores_lib.HeadScore] | None = None
             ) -> dict[str, np.ndarray]:
   """Measures for K stacked checkpoints (x Q stacked clamp conditions, if given).
 
-  Returns host arrays: loss, acc [K(, Q)]; induction_strength, pt_score,
-  pt_score_labels, pt_raw, induction_detect [K(, Q), L, H]; and with per_sequence=True,
-  seq_loss and seq_correct (0/1) [K(, Q), S].
+  Returns host arrays: loss, acc [K(, Q)]; each head score (`head_scores`, default:
+  every registered one, ih_jax.analysis.scores) [K(, Q), L, H]; and with
+  per_sequence=True, seq_loss and seq_correct (0/1) [K(, Q), S].
   """
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   K = jax.tree.leaves(params_K)[0].shape[0]
-  run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K))
+  run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K),
+                         scores_lib.resolve(head_scores))
   clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
   out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
   if per_sequence:  # drop the padding rows
@@ -108,7 +88,8 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
 
 @functools.lru_cache(maxsize=64)
 def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, clamped: bool,
-                     per_sequence: bool, ckpt_batch: int):
+                     per_sequence: bool, ckpt_batch: int,
+                     head_scores: tuple[scores_lib.HeadScore, ...]):
   """The jitted measure program, one per static setting: an analysis calls `measure`
   dozens of times (checkpoints, runs, clamp sets) with few distinct shapes, and a fresh
   closure per call would recompile every time (seconds each)."""
@@ -117,11 +98,12 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
     def body(acc, inputs):
       ix, w = inputs
       sums, loss_B = batch_measures(params, sampler.gather_features(feats, ix), w, cfg,
-                                    clamps, plan)
+                                    clamps, plan, head_scores)
       return jax.tree.map(jnp.add, acc, sums), (loss_B if per_sequence else None)
     first = jax.tree.map(lambda x: x[0], chunk_idx)
     zero = jax.eval_shape(lambda: batch_measures(
-        params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan)[0])
+        params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan,
+        head_scores)[0])
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))
     out = jax.tree.map(lambda x: x / chunk_w.sum(), sums)  # sum of weights = set size

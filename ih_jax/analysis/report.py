@@ -4,7 +4,8 @@ Writes into WORKDIR/analysis/:
   phase_times.csv             per run and view: learning time (or censored), plateau
                               exit (or no plateau), steepest descent
   progress_run<r>.csv         per checkpoint: dense-set loss / acc, IS per last-layer head,
-                              PT score per first-layer head
+                              PT scores per first-layer head (and the reported layers of
+                              any head score a user registered, ih_jax.analysis.scores)
   head_ablations_run<r>.csv   remove-one / keep-only-one at the final checkpoint
   additivity_run<r>.csv       cumulative add-back in strength order
   mistake_fixing_run<r>.csv   per head: accuracy of keep-only-h, fraction of the strongest
@@ -44,7 +45,8 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import plots, workdir as workdir_lib
-from ih_jax.analysis import ablation, composition, context, heads as heads_lib, measures, timing
+from ih_jax.analysis import ablation, composition, context, heads as heads_lib, measures
+from ih_jax.analysis import scores as scores_lib, timing
 
 
 def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoints: int = 100,
@@ -71,6 +73,15 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
   if bad:
     raise ValueError(f"runs {bad} do not exist in {workdir!r}: it holds runs "
                      f"0..{len(ctx.runs) - 1}")
+
+  for heads in l1_sets or []:  # checked now, not after minutes of measuring
+    named = clamps_lib.parse_heads(heads, cfg.num_layers, cfg.num_heads)
+    if any(l != 0 for l, _ in named):
+      raise ValueError(f"l1_sets entry {heads!r} names heads outside layer L1; a set lists "
+                       "layer-L1 heads, e.g. 'L1H0,L1H3'")
+  if not os.path.exists(os.path.join(workdir, workdir_lib.DONE_JSON)):
+    log(f"[analyze] note: {workdir} has no {workdir_lib.DONE_JSON}: the run is unfinished or "
+        "still training; analysing the checkpoints written so far")
 
   metrics = workdir_lib.read_metrics(workdir)
   phase = {c: timing.run_phase_table(metrics, clamped=c) for c in (1, 0)}
@@ -352,13 +363,17 @@ def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _progress_rows(steps: list[int], m: dict[str, np.ndarray], L: int) -> list[dict[str, Any]]:
-  H = m["induction_strength"].shape[-1]
+  """Loss, acc and each registered head score's reported layers, per checkpoint."""
   rows = []
   for k, s in enumerate(steps):
     row = dict(seqs=s, loss=float(m["loss"][k]), acc=float(m["acc"][k]))
-    row.update({f"is_L{L}H{h}": float(m["induction_strength"][k, L - 1, h]) for h in range(H)})
-    row.update({f"pt_L1H{h}": float(m["pt_score"][k, 0, h]) for h in range(H)})
-    row.update({f"pt_labels_L1H{h}": float(m["pt_score_labels"][k, 0, h]) for h in range(H)})
+    for score in scores_lib.registered():
+      if score.name not in m:
+        continue
+      H = m[score.name].shape[-1]
+      for l in score.layers(L):
+        row.update({f"{score.prefix}_L{l + 1}H{h}": float(m[score.name][k, l, h])
+                    for h in range(H)})
     rows.append(row)
   return rows
 

@@ -3,9 +3,10 @@
   learning_time      first eval seqs with loss < 0.4 ln 2; NaN (censored) if never
   steepest_descent   eval seqs where the (3-point median smoothed) loss falls fastest
                      per sequence seen
-  has_plateau        whether the curve sits on a plateau before learning: the smoothed
-                     loss at its flattest point (smallest |slope| per sequence) before
-                     the steepest descent is above the learning threshold and at least
+  has_plateau        whether the curve sits on a plateau and then leaves it: the
+                     smoothed loss at its flattest point (smallest |slope| per sequence)
+                     before the steepest descent is above the learning threshold, the
+                     final loss is at least PLATEAU_MIN_DROP below it, and at least
                      PLATEAU_MIN_POINTS consecutive eval points stay within 10% (of the
                      plateau-to-final drop) of that level, all before the learning time
   plateau_loss       that level; NaN when there is no plateau
@@ -39,6 +40,7 @@ def _smooth(loss: np.ndarray) -> np.ndarray:
 
 
 PLATEAU_MIN_POINTS = 3
+PLATEAU_MIN_DROP = 0.1   # nats from the plateau to the final loss: a plateau is left
 
 
 def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str, Any]:
@@ -65,8 +67,8 @@ def phase_times(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> dict[str,
   flat = start + int(np.argmin(np.abs(slope[start:k + 1])))
   plateau = float(sm[flat])
   drop = plateau - float(sm[-1])
-  if plateau < threshold or drop <= 0:
-    return out  # flattest point already learned, or no fall after it: no plateau
+  if plateau < threshold or drop < PLATEAU_MIN_DROP:
+    return out  # flattest point already learned, or no real fall after it: no plateau
   # The stretch of points around the flattest one that stay near its level, cut at
   # the learning time (a plateau ends before the run has learned).
   near = np.abs(sm - plateau) <= 0.1 * drop
