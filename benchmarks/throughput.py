@@ -5,6 +5,7 @@
   .venv/bin/python benchmarks/throughput.py --runs=1,8,32 --out=bench.json
   .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs=1,8,32
   .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs= --scaling
+  .venv/bin/python benchmarks/throughput.py --snapshots-only   # #19's rows alone
 
 Measures (after compilation, best of --repeats timings):
   * two naive baselines, each one jitted Adam step per batch driven by a Python loop
@@ -23,9 +24,11 @@ Measures (after compilation, best of --repeats timings):
     (1e6 seqs with its evaluations) and peak host memory (RSS);
   * with --scaling: one run along context length, labels, training classes and width
     (step time, evaluation time, compiled program size);
-  * checkpointing: end-to-end `train_and_evaluate` wall time of R runs with dense
-    Orbax checkpoints (every 1000 seqs, SPEC §5.2's main-run schedule) vs only the
-    final one, same evaluations.
+  * snapshots (#19): end-to-end `train_and_evaluate` time after compilation of R runs
+    writing dense snapshots (every 1000 seqs, SPEC §5.2's main-run schedule, plus the
+    resume checkpoints) vs the same run without a workdir (nothing saved), alternating,
+    best of --snap-repeats; the workdir's size on disk and the time to read 100
+    snapshots of one run (`load_params_series`, files just written: page cache warm).
 """
 
 from __future__ import annotations
@@ -162,27 +165,40 @@ def ih_jax_chunk(name: str, conditions: list[str], seeds: list[int], steps: int,
               compile_s=compile_s, eval_s=eval_s, program_mb=program_mb)
 
 
-def checkpoint_cost(runs: int, num_seqs: int) -> dict:
-  """End-to-end wall time with dense checkpoints (every 1000 seqs) vs the final one only."""
+def _du(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def snapshot_cost(runs: int, num_seqs: int, repeats: int = 2) -> dict:
+  """Wall time after compile with dense snapshots (every 1000 seqs) vs nothing saved."""
+  from ih_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ih_jax.analysis import context  # pylint: disable=g-import-not-at-top
   out = dict(runs=runs, num_seqs=num_seqs)
-  # Alternating order, best of two each: the first run in a process pays one-off costs.
-  for label, every in (("no_ckpt", 0), ("ckpt_every_1000", 1000)) * 2:
+  # Alternating order, best of `repeats` each: the machine is shared and noisy.
+  for label in ("no_saving", "snapshots") * repeats:
     cfg = ExperimentConfig.from_dict({
         "train": {"num_seqs": num_seqs, "progress_every_s": 1e9},
         "sweep": {"init_seeds": list(range(10, 10 + runs))},
-        "checkpoint": {"every": every, "resume_every_s": 0}})
-    wd = tempfile.mkdtemp(prefix="ih_bench_")
+        "checkpoint": {"every": 1000}})
+    wd = tempfile.mkdtemp(prefix="ih_bench_") if label == "snapshots" else None
     try:
       res = train.train_and_evaluate(cfg, wd, verbose=False)
+      extra = {}
+      if wd is not None:
+        steps = context.subsample_steps(ckpt_lib.list_steps(wd), 100)
+        t = time.perf_counter()
+        ckpt_lib.load_params_series(wd, 0, steps)
+        extra = dict(read_100_s=time.perf_counter() - t, disk_mb=_du(wd) / 1e6,
+                     snapshots=len(ckpt_lib.list_steps(wd)))
     finally:
-      shutil.rmtree(wd, ignore_errors=True)
+      if wd is not None:
+        shutil.rmtree(wd, ignore_errors=True)
     train_s = res.wall_s - res.compile_s
     if label in out and out[label]["after_compile_s"] <= train_s:
       continue
     out[label] = dict(wall_s=res.wall_s, after_compile_s=train_s,
-                      seqs_per_s_total=runs * num_seqs / train_s,
-                      checkpoints=(num_seqs // every + 1) if every else 1)
-  out["overhead"] = out["ckpt_every_1000"]["after_compile_s"] / out["no_ckpt"]["after_compile_s"]
+                      seqs_per_s_total=runs * num_seqs / train_s, **extra)
+  out["ratio"] = out["snapshots"]["after_compile_s"] / out["no_saving"]["after_compile_s"]
   return out
 
 
@@ -270,6 +286,41 @@ def check_targets(rows: list[dict], main_row: dict | None) -> list[dict]:
   return out
 
 
+def snapshot_rows(args) -> list[dict]:
+  rows = []
+  runs = [int(r) for r in args.ckpt_runs.split(",") if r]
+  seqs = [int(float(x)) for x in str(args.ckpt_seqs).split(",")]
+  for R, n in zip(runs, seqs * len(runs) if len(seqs) == 1 else seqs):
+    rows.append(snapshot_cost(R, n, args.snap_repeats))
+    c = rows[-1]
+    print(f"snapshots, {R} run(s): {c['no_saving']['after_compile_s']:.1f} s without saving, "
+          f"{c['snapshots']['after_compile_s']:.1f} s with {c['snapshots']['snapshots']} "
+          f"snapshots ({c['ratio']:.2f}x)", flush=True)
+  return rows
+
+
+def print_snapshot_rows(rows: list[dict]) -> None:
+  print(f"\n{'snapshots (#19: every 1000 seqs, eval every 5000)':50s} {'runs':>4s} "
+        f"{'seqs':>9s} {'none s':>7s} {'snap s':>7s} {'ratio':>6s} {'#snap':>6s} "
+        f"{'disk MB':>8s} {'read100 s':>9s}")
+  for c in rows:
+    sn = c["snapshots"]
+    print(f"{'':50s} {c['runs']:4d} {c['num_seqs']:9,d} {c['no_saving']['after_compile_s']:7.1f} "
+          f"{sn['after_compile_s']:7.1f} {c['ratio']:5.2f}x {sn['snapshots']:6d} "
+          f"{sn['disk_mb']:8.1f} {sn['read_100_s']:9.3f}")
+  print("target (#19): ratio <= 1.25 for the main run (1 run, 1e6 seqs) and an 8-run sweep: " +
+        ", ".join(f"{c['runs']} run(s) {'met' if c['ratio'] <= 1.25 else 'NOT met'}"
+                  for c in rows))
+
+
+def snapshot_table(args) -> None:
+  rows = snapshot_rows(args)
+  print_snapshot_rows(rows)
+  with open(args.out, "w") as f:
+    json.dump(dict(snapshots=rows, machine=machine_info()), f, indent=2)
+  print(f"wrote {args.out}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--runs", default="1,8,32", help="runs per program for the 'none' condition")
@@ -278,12 +329,21 @@ def main():
                   help="timings per row; the best is reported (this machine is shared)")
   ap.add_argument("--quick", action="store_true", help="skip the 1e6-sequence main run")
   ap.add_argument("--skip-clamps", action="store_true", help="skip the per-clamp-kind rows")
-  ap.add_argument("--ckpt-runs", default="1,8", help="runs for the checkpointing rows ('' = none)")
-  ap.add_argument("--ckpt-seqs", type=int, default=50_000, help="sequences per checkpoint row")
+  ap.add_argument("--ckpt-runs", default="1,8",
+                  help="runs for the snapshot rows (#19; '' = none)")
+  ap.add_argument("--ckpt-seqs", default="1000000",
+                  help="sequences per snapshot row (1e6 = the main run); a comma list gives "
+                       "one per --ckpt-runs entry")
+  ap.add_argument("--snap-repeats", type=int, default=2, help="timings per snapshot row")
+  ap.add_argument("--snapshots-only", action="store_true",
+                  help="only the snapshot rows (#19), then exit")
   ap.add_argument("--scaling", action="store_true",
                   help="also time one run along context length, labels, classes and width")
   ap.add_argument("--out", default="benchmarks/throughput.json")
   args = ap.parse_args()
+  if args.snapshots_only:
+    snapshot_table(args)
+    return
 
   rows = [naive_baseline(args.steps, args.repeats, plain=True),
           naive_baseline(args.steps, args.repeats, plain=False)]
@@ -296,13 +356,7 @@ def main():
   for kind, spec in ({} if args.skip_clamps else CLAMP_KINDS).items():
     rows.append(ih_jax_chunk(f"ih_jax, 1 run, {kind}", [spec], [5], args.steps, args.repeats))
     print(f"{rows[-1]['name']}: {rows[-1]['ms_per_step']:.3f} ms/step", flush=True)
-  ckpt_rows = []
-  for R in [int(r) for r in args.ckpt_runs.split(",") if r]:
-    ckpt_rows.append(checkpoint_cost(R, args.ckpt_seqs))
-    c = ckpt_rows[-1]
-    print(f"checkpointing, {R} run(s): {c['no_ckpt']['after_compile_s']:.1f} s without, "
-          f"{c['ckpt_every_1000']['after_compile_s']:.1f} s with "
-          f"{c['ckpt_every_1000']['checkpoints']} checkpoints", flush=True)
+  ckpt_rows = snapshot_rows(args)
   scaling = scaling_rows(args.steps, args.repeats) if args.scaling else []
   main_row = None if args.quick else main_run()
   if _one_run(rows):
@@ -326,14 +380,7 @@ def main():
   print("x plain / x loop: total seq/s over the naive baseline with the plain model / with "
         "ih_jax's model")
   if ckpt_rows:
-    print(f"\n{'checkpointing (' + str(args.ckpt_seqs) + ' seqs, eval every 5000)':44s} "
-          f"{'runs':>4s} {'no ckpt s':>9s} {'ckpt s':>8s} {'#ckpt':>6s} {'overhead':>8s} "
-          f"{'seq/s total':>11s}")
-    for c in ckpt_rows:
-      print(f"{'':44s} {c['runs']:4d} {c['no_ckpt']['after_compile_s']:9.1f} "
-            f"{c['ckpt_every_1000']['after_compile_s']:8.1f} "
-            f"{c['ckpt_every_1000']['checkpoints']:6d} {c['overhead']:7.2f}x "
-            f"{c['ckpt_every_1000']['seqs_per_s_total']:11,.0f}")
+    print_snapshot_rows(ckpt_rows)
   if scaling:
     print(f"\n{'scaling (1 run, no clamps)':44s} {'ms/step':>8s} {'seq/s':>10s} {'eval ms':>8s} "
           f"{'prog MB':>8s} {'compile s':>9s}")

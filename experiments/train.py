@@ -5,7 +5,7 @@
       --config.train.num_seqs=300000 --workdir=/tmp/ih_short
   python -m experiments.train --config=experiments/configs/clamps.py:head=3 --workdir=/tmp/ih_cl
 
-Writes config.json, metrics.csv, train_log.csv, checkpoints/ (Orbax) and
+Writes config.json, metrics.csv, train_log.csv, snapshots/, resume/ (Orbax) and
 loss_curves.{png,pdf} into --workdir (into --workdir/program_<k>/ when the sweep
 needs several programs). Interrupt with Ctrl-C (or SIGTERM) and rerun the same
 command to resume from the latest checkpoint.

@@ -1,24 +1,29 @@
-"""Orbax checkpoints of a stacked sweep, keyed by sequences seen (SPEC §5.2).
+"""Saved state of a program: resume checkpoints (Orbax) and params snapshots (#19).
 
 Layout inside a workdir:
 
-  checkpoints/<seqs>/params   runs-stacked params (leading axis = runs)
-  checkpoints/<seqs>/train    Adam state, data-stream key(s), step, fingerprint
-  resume/<seqs>/...           same content, written every `checkpoint.resume_every_s`
-                              seconds of wall time and on SIGINT/SIGTERM; deleted
-                              when the run finishes
+  snapshots/                  params only, on the configured dense schedule, in one
+                              array store (ih_jax.snapshots): what analysis reads
+  resume/<seqs>/params        the full training state: runs-stacked params ...
+  resume/<seqs>/train         ... Adam state, data-stream key(s), step, fingerprint;
+                              written every `checkpoint.resume_every_s` seconds of wall
+                              time, on SIGINT/SIGTERM and at the end (the latest two kept)
+  checkpoints/<seqs>/         the layout before #19 (an Orbax checkpoint per scheduled
+                              step): still read by the analysis API below
 
-`checkpoints/` holds exactly the configured schedule (plus the final point).
-Each checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
-its bits; the params' one also in the step's custom metadata) so silent
-corruption is caught on load, not only the checksum failures Orbax reports.
+Each resume checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
+its bits) so silent corruption is caught on load, not only the checksum failures
+Orbax reports. A resume checkpoint is written only once every snapshot up to it is on
+disk, so resuming from it never loses one.
 
-Analysis API: `list_steps(workdir)` and `load_params(workdir, run, seqs)`.
+Analysis API: `list_steps(workdir)`, `load_params(workdir, run, seqs)`,
+`load_params_series(workdir, run, steps)` (snapshots, or the old checkpoints/).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -28,13 +33,28 @@ import jax
 import numpy as np
 from orbax.checkpoint import v1 as ocp
 
-CHECKPOINT_DIR = "checkpoints"
+from ih_jax import snapshots as snap_lib
+
+CHECKPOINT_DIR = "checkpoints"   # the pre-#19 layout (read only)
 RESUME_DIR = "resume"
 CORRUPT_DIR = "corrupt_checkpoints"   # unreadable checkpoints are moved here, not deleted
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or unreadable."""
+
+
+class _DropOrbaxWaitWarning(logging.Filter):
+  """Orbax warns "Waiting for previous save to complete took ..." (absl logger) when a
+  save waits on the previous one; resume saves are rare and the wait is intended."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Waiting for previous save")
+
+
+_absl_logger = logging.getLogger("absl")
+if not any(isinstance(f, _DropOrbaxWaitWarning) for f in _absl_logger.filters):
+  _absl_logger.addFilter(_DropOrbaxWaitWarning())
 
 
 def fingerprint(tree: Any) -> np.ndarray:
@@ -94,37 +114,33 @@ def _first_line(e: BaseException) -> str:
 
 
 class RunCheckpointer:
-  """Writes the scheduled and the resume checkpoints of one program's workdir."""
+  """Writes one program's resume checkpoints (the full training state) to `resume/`."""
 
-  def __init__(self, workdir: str, schedule_seqs: list[int], metadata: dict[str, Any]):
+  def __init__(self, workdir: str, metadata: dict[str, Any]):
     self.workdir = workdir = os.path.abspath(workdir)  # Orbax wants absolute paths
-    self.schedule_seqs = sorted(schedule_seqs)
     self.num_runs = len(metadata["runs"])  # real runs; the stack may be padded
     policies = ocp.training.save_decision_policies
-    self._main = ocp.training.Checkpointer(
-        os.path.join(workdir, CHECKPOINT_DIR),
-        save_decision_policy=policies.SpecificStepsPolicy(steps=set(self.schedule_seqs)),
-        custom_metadata=metadata, cleanup_tmp_directories=True)
-    # Periodic (every resume_every_s) and on-interrupt saves; the caller decides when.
+    # Periodic (every resume_every_s), on-interrupt and final saves; the caller decides when.
     self._resume = ocp.training.Checkpointer(
         os.path.join(workdir, RESUME_DIR),
         save_decision_policy=policies.AnySavePolicy([]),  # saves only when forced
         preservation_policy=ocp.training.preservation_policies.LatestN(2),
         custom_metadata=metadata, cleanup_tmp_directories=True)
 
-  def save(self, seqs: int, content: dict[str, Any], scheduled: bool, resume: bool) -> None:
+  def save(self, seqs: int, content: dict[str, Any]) -> None:
     """Starts an async save of `to_host(state)` content (blocks only on a previous save)."""
     meta = dict(seqs=seqs, num_runs=self.num_runs,
                 params_fingerprint=fingerprint(content["params"]).tolist())
-    if scheduled:
-      self._main.save_checkpointables_async(seqs, content, custom_metadata=meta)
-    elif resume:
-      self._resume.save_checkpointables_async(seqs, content, force=True, overwrite=True,
-                                              custom_metadata=meta)
+    self._resume.save_checkpointables_async(seqs, content, force=True, overwrite=True,
+                                            custom_metadata=meta)
+
+  def steps(self) -> list[int]:
+    return sorted(m.step for m in self._resume.checkpoints)
 
   def restore_latest(self, template: dict[str, Any], from_saveable: Callable[[dict], Any],
-                     log: Callable[[str], None] = print) -> tuple[int, Any] | None:
-    """Loads the newest readable checkpoint from either directory.
+                     log: Callable[[str], None] = print, max_seqs: int | None = None
+                     ) -> tuple[int, Any] | None:
+    """Loads the newest readable resume checkpoint (at or before `max_seqs` if given).
 
     Unreadable ones (Orbax errors or a fingerprint mismatch) are moved to
     `corrupt_checkpoints/` with a message, and the previous one is tried.
@@ -134,9 +150,9 @@ class RunCheckpointer:
     Returns (seqs, from_saveable(host content)), or None when there are no
     checkpoints; raises CheckpointError when there are some but none is readable.
     """
-    candidates = [(m.step, 1, self._main) for m in self._main.checkpoints]
-    candidates += [(m.step, 0, self._resume) for m in self._resume.checkpoints]
-    for seqs, _, ckptr in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+    candidates = [(m.step, self._resume) for m in self._resume.checkpoints
+                  if max_seqs is None or m.step <= max_seqs]
+    for seqs, ckptr in sorted(candidates, key=lambda c: c[0], reverse=True):
       where = os.path.join(str(ckptr.directory), str(seqs))
       try:
         content = ckptr.load_checkpointables(seqs, _restore_target(ckptr, seqs, template))
@@ -173,17 +189,16 @@ class RunCheckpointer:
         self._resume.delete(m.step)
 
   def wait(self) -> None:
-    self._main.wait()
     self._resume.wait()
 
   def finish(self) -> None:
-    """Waits for pending saves and removes the transient resume checkpoints."""
+    """Waits for pending saves; only the final state stays in resume/."""
     self.wait()
+    for step in self.steps()[:-1]:
+      self._resume.delete(step)
     self.close()
-    shutil.rmtree(os.path.join(self.workdir, RESUME_DIR), ignore_errors=True)
 
   def close(self) -> None:
-    self._main.close()
     self._resume.close()
 
 
@@ -192,25 +207,37 @@ class RunCheckpointer:
 def _checkpoint_dir(workdir: str) -> str:
   path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)  # Orbax wants absolute paths
   if not os.path.isdir(path):
-    raise CheckpointError(f"no checkpoints in {workdir!r} (expected a {CHECKPOINT_DIR}/ "
-                          "folder; was the run trained with checkpointing on?)")
+    raise CheckpointError(f"no checkpoints in {workdir!r} (expected a {snap_lib.SNAPSHOT_DIR}/ "
+                          f"store or an older {CHECKPOINT_DIR}/ folder; was the run trained "
+                          "with a workdir?)")
   return path
 
 
-def list_steps(workdir: str) -> list[int]:
-  """Sequences-seen labels of the checkpoints saved in `workdir/checkpoints`.
+def _store(workdir: str) -> snap_lib.Store | None:
+  """The workdir's snapshot store, or None for a pre-#19 workdir (checkpoints/)."""
+  if not snap_lib.has_store(workdir):
+    return None
+  try:
+    return snap_lib.Store(workdir)
+  except snap_lib.SnapshotError as e:
+    raise CheckpointError(str(e)) from None
 
-  Read from the folder names: Orbax renames a step's temporary folder to its bare
-  number only once the step is complete.
-  """
+
+def list_steps(workdir: str) -> list[int]:
+  """Sequences-seen labels of the saved params: the snapshots (or, in a workdir written
+  before #19, the Orbax checkpoints in `checkpoints/`)."""
+  store = _store(workdir)
+  if store is not None:
+    return store.steps()
   path = _checkpoint_dir(workdir)
+  # Orbax renames a step's temporary folder to its bare number only once it is complete.
   return sorted(int(d) for d in os.listdir(path)
                 if d.isdigit() and os.path.isdir(os.path.join(path, d)))
 
 
 def resolve_step(steps: list[int], seqs: int | None, nearest: bool) -> int:
   if not steps:
-    raise CheckpointError("the checkpoint folder is empty")
+    raise CheckpointError("no params were saved (empty snapshot store / checkpoint folder)")
   if seqs is None:
     return steps[-1]
   if seqs in steps:
@@ -230,12 +257,28 @@ def _summarise(steps: list[int]) -> str:
 
 def load_stacked_params(workdir: str, seqs: int | None = None, *,
                         nearest: bool = True) -> tuple[int, Any]:
-  """(seqs, runs-stacked params) of the checkpoint at `seqs` (latest if None).
+  """(seqs, runs-stacked params) saved at `seqs` (latest if None).
 
   The runs axis holds the real runs only (padding added for sharding is dropped).
-  The params are checked against the fingerprint saved with them.
+  The params are checked against the fingerprints saved with them.
   """
+  store = _store(workdir)
+  if store is not None:
+    step = resolve_step(store.steps(), seqs, nearest)
+    return step, store.layout.unravel(_read(store, [step])[0])
   step = resolve_step(list_steps(workdir), seqs, nearest)
+  return step, _load_orbax_params(workdir, step)
+
+
+def _read(store: snap_lib.Store, steps: list[int], run: int | None = None) -> np.ndarray:
+  try:
+    return store.read(steps, None if run is None else run)
+  except snap_lib.SnapshotError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def _load_orbax_params(workdir: str, step: int) -> Any:
+  """Runs-stacked params of a pre-#19 Orbax checkpoint (checkpoints/<step>)."""
   path = os.path.join(_checkpoint_dir(workdir), str(step))
   try:
     meta = ocp.checkpointables_metadata(path)
@@ -253,11 +296,14 @@ def load_stacked_params(workdir: str, seqs: int | None = None, *,
                           "them (corrupt file?)")
   if custom.get("num_runs") is not None:
     params = jax.tree.map(lambda x: x[:custom["num_runs"]], params)
-  return step, params
+  return params
 
 
 def run_table(workdir: str) -> list[dict[str, Any]]:
-  """The runs of a workdir's checkpoints (index, condition, spec, init_seed, variant)."""
+  """The runs of a workdir's saved params (index, condition, spec, init_seed, variant)."""
+  store = _store(workdir)
+  if store is not None:
+    return list(store.runs)
   path = os.path.join(_checkpoint_dir(workdir), "metadata", "_ROOT_METADATA")
   try:
     with open(path) as f:
@@ -274,18 +320,37 @@ def load_params(workdir: str, run: int, seqs: int | None = None, *,
   With `nearest`, a missing `seqs` loads the closest saved step, with a UserWarning
   naming it, unless `return_step=True`: then (step loaded, params) is returned.
   """
-  step, stacked = load_stacked_params(workdir, seqs, nearest=nearest)
+  store = _store(workdir)
+  if store is not None:
+    step = resolve_step(store.steps(), seqs, nearest)
+    _check_run(run, store.num_runs)
+    params = store.layout.unravel(_read(store, [step], run)[0])
+  else:
+    step, stacked = load_stacked_params(workdir, seqs, nearest=nearest)
+    _check_run(run, jax.tree.leaves(stacked)[0].shape[0])
+    params = jax.tree.map(lambda x: x[run], stacked)
   if seqs is not None and step != seqs and not return_step:
     warnings.warn(f"load_params: no checkpoint at {seqs:,d} seqs in {workdir!r}; loaded the "
                   f"nearest, {step:,d}", stacklevel=2)
-  num_runs = jax.tree.leaves(stacked)[0].shape[0]
-  if not 0 <= run < num_runs:
-    raise IndexError(f"run {run} out of range: this workdir has runs 0..{num_runs - 1}")
-  params = jax.tree.map(lambda x: x[run], stacked)
   return (step, params) if return_step else params
 
 
+def _check_run(run: int, num_runs: int) -> None:
+  if not 0 <= run < num_runs:
+    raise IndexError(f"run {run} out of range: this workdir has runs 0..{num_runs - 1}")
+
+
 def load_params_series(workdir: str, run: int, steps: list[int]) -> Any:
-  """[K, ...] params of one run at the given checkpoint steps (exact steps)."""
+  """[K, ...] params of one run at the given saved steps (exact steps).
+
+  From snapshots this is one read (a memory-mapped slice of P floats per step).
+  """
+  store = _store(workdir)
+  if store is not None:
+    _check_run(run, store.num_runs)
+    saved = store.steps()
+    for s in steps:
+      resolve_step(saved, s, nearest=False)  # the error names what was saved
+    return store.layout.unravel(_read(store, list(steps), run))
   per = [load_params(workdir, run, s, nearest=False) for s in steps]
   return jax.tree.map(lambda *xs: np.stack(xs), *per)

@@ -466,9 +466,12 @@ class FlatParams:
     return unravel_R(params_RP), opt
 
 
-def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
+def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = False
+                     ) -> Callable:
   """Jitted (state, n_steps, do_eval, clamps_R, features_V, eval_batches_V)
-  -> (state, (losses, gnorms), evals).
+  -> (state, (losses, gnorms), evals), plus the final params as one flat [R_pad, P_pad]
+  array (FlatParams order) with `flat_params_out` (for snapshots: not donated with
+  the state, so the host can copy it while the next chunk runs).
 
   Runs n_steps (dynamic, <= max_steps) optimizer steps in a device loop, then
   evaluates if do_eval (a traced flag, so one compile serves both kinds of
@@ -540,13 +543,15 @@ def make_train_chunk(exp: Experiment, max_steps: int) -> Callable:
     buf = jnp.full((R, max_steps), jnp.nan, jnp.float32)
     if rs is not None:
       buf = jax.lax.with_sharding_constraint(buf, rs)
-    params, opt_state, data_key, losses, gnorms = jax.lax.fori_loop(
+    flat_params, opt_state, data_key, losses, gnorms = jax.lax.fori_loop(
         0, n_steps, body, (params_R, opt_state_R, state.data_key, buf, buf))
-    params, opt_state = flat.unravel_state(params, opt_state, state.opt_state)
+    params, opt_state = flat.unravel_state(flat_params, opt_state, state.opt_state)
     new_state = TrainState(params, opt_state, data_key, state.step + n_steps)
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  jax.eval_shape(evaluate, params, clamps_R, batches_V))
     evals = jax.lax.cond(do_eval, lambda: evaluate(params, clamps_R, batches_V), zeros)
+    if flat_params_out:
+      return new_state, (losses, gnorms), evals, flat_params
     return new_state, (losses, gnorms), evals
 
   return jax.jit(chunk, donate_argnums=(0,))

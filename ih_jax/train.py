@@ -6,10 +6,15 @@ program (ih_jax.program). The host only dispatches one call per schedule
 boundary (an evaluation or checkpoint point) and writes the previous chunk's
 metrics while the next one runs.
 
+Saved state (#19): params-only snapshots on the configured dense schedule go to one
+array store (ih_jax.snapshots, written by a background thread); the full training
+state goes to a few Orbax resume checkpoints (every checkpoint.resume_every_s, on
+SIGINT/SIGTERM, at the end).
+
 Resume: rerunning with the same config and workdir continues from the newest
-readable checkpoint; the data stream lives in the checkpoint, so the resumed run
-is step-for-step the uninterrupted one. SIGINT / SIGTERM stop at the next
-boundary after writing a resume checkpoint.
+readable resume checkpoint whose snapshots are all intact; the data stream lives in
+the checkpoint, so the resumed run is step-for-step the uninterrupted one. SIGINT /
+SIGTERM stop at the next boundary after writing a resume checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
+from ih_jax import snapshots as snap_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
@@ -195,23 +201,34 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
   with jax.default_matmul_precision(cfg.train.matmul_precision):
     state = init_state(exp)
     clamps_dev, feats_dev, batches_dev = place_inputs(exp)
-    ckptr, start_step, resumed = None, 0, False
+    ckptr, snaps, start_step, resumed = None, None, 0, False
     if workdir is not None:
+      if status == "resume":
+        _refuse_old_layout(workdir)
       if status == "fresh":
         workdir_lib.write_config(workdir, exp, sweep_cfg)
-      meta = dict(config=sweep_cfg.to_dict(), runs=[dataclasses.asdict(r) for r in exp.runs])
-      ckptr = ckpt_lib.RunCheckpointer(workdir, [s * B for s in ckpt_steps], meta)
+      runs_json = [dataclasses.asdict(r) for r in exp.runs]
+      ckptr = ckpt_lib.RunCheckpointer(workdir, dict(config=sweep_cfg.to_dict(), runs=runs_json))
+      layout = snap_lib.Layout.of(jax.tree.map(lambda x: x[0], state.params))
+      snaps = snap_lib.SnapshotWriter(workdir, layout, runs_json, log=log)
+      seqs0 = None
       if status == "resume":
-        restored = ckptr.restore_latest(ckpt_lib.to_host(state),
-                                        lambda content: _state_from_saveable(exp, content),
-                                        log=log)
+        # The newest resume checkpoint before the first missing or damaged snapshot
+        # (a damaged batch sends the run back to before it).
+        limit = snaps.resume_limit([s * B for s in ckpt_steps])
+        restored = None
+        if limit is None or limit >= 0:
+          restored = ckptr.restore_latest(ckpt_lib.to_host(state),
+                                          lambda content: _state_from_saveable(exp, content),
+                                          log=log, max_seqs=limit)
         if restored is not None:
           seqs0, state = restored
           start_step, resumed = seqs0 // B, True
           ckptr.drop_after(seqs0)
           log(f"[ih_jax] resuming {workdir} from the checkpoint at {seqs0:,d} seqs")
         else:
-          log(f"[ih_jax] {workdir}: no usable checkpoint; starting from scratch")
+          log(f"[ih_jax] {workdir}: no usable resume checkpoint; starting from scratch")
+      snaps.open(seqs0)
       writer = workdir_lib.RunWriter(workdir, exp,
                                      resume_seqs=start_step * B if resumed else None, log=log)
     else:
@@ -221,15 +238,17 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     # step 0's evaluation / checkpoint (a chunk of zero steps).
     todo = [b for b in boundaries if b > start_step or (b == 0 and not resumed)]
     max_chunk = max(1, int(max(np.diff([0] + boundaries))))
-    chunk_fn = make_train_chunk(exp, max_chunk)
+    chunk_fn = make_train_chunk(exp, max_chunk, flat_params_out=snaps is not None)
     t0 = time.time()
     setup_s = t0 - t_start
+    log(f"[ih_jax] setup {setup_s:.1f}s (features, eval sets, init, workdir); compiling the "
+        "training program ...")
     compiled = chunk_fn.lower(state, 0, True, clamps_dev, feats_dev, batches_dev).compile()
     compile_s = time.time() - t0
     log(f"[ih_jax] {len(exp.runs)} run(s)"
         f"{f' (padded to {exp.num_padded} over {exp.mesh.size} devices)' if exp.mesh else ''}"
         f" x {total_seqs:,d} seqs, {len(eval_steps)} evaluations, {len(ckpt_steps)} "
-        f"checkpoints; clamp plan: {exp.plan.num_passes} pass(es); compile {compile_s:.1f}s")
+        f"snapshots; clamp plan: {exp.plan.num_passes} pass(es); compile {compile_s:.1f}s")
 
     metrics_rows: list[dict[str, Any]] = []
     log_seqs, log_loss, log_gnorm = [], [], []
@@ -266,40 +285,49 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         print(_progress_line(seqs, total_seqs, rate, rows, exp.runs, now - t_start), flush=True)
         last_print = now
 
-    with _stop_on_signals(ckptr is not None) as stop:
-      # A checkpoint's state is copied to host at its boundary, but written only after
-      # the next chunk is dispatched and the boundary's rows are on disk: the device
-      # keeps training while Orbax writes, and a resume from any checkpoint on disk
-      # never loses rows (later rows are cut).
+    def save_resume(seqs: int, content: dict[str, Any]) -> None:
+      snaps.sync()  # every snapshot up to `seqs` on disk before the checkpoint that needs it
+      ckptr.save(seqs, content)
+
+    with _stop_on_signals(ckptr is not None) as stop, _closing_on_error(snaps):
+      # A snapshot is a flat params array the chunk returns beside the (donated) state:
+      # the writer thread copies it to host and writes it while the device trains on.
+      # A resume checkpoint's state is copied to host at its boundary, but written only
+      # after the next chunk is dispatched and the boundary's rows and snapshots are on
+      # disk: a resume from any checkpoint on disk never loses rows or snapshots (later
+      # ones are cut).
       deferred = None
       for target in todo:
         n_steps = target - done
         did_eval = target in eval_set
-        state, logs, evals = compiled(state, n_steps, did_eval, clamps_dev, feats_dev,
-                                      batches_dev)
+        out = compiled(state, n_steps, did_eval, clamps_dev, feats_dev, batches_dev)
+        state, logs, evals = out[:3]
+        if snaps is not None and target in ckpt_set:
+          out[3].copy_to_host_async()
+          snaps.add(target * B, out[3])
         if pending is not None:  # host work for the previous chunk overlaps this one
           consume(pending)
           pending = None
         if deferred is not None:
-          ckptr.save(*deferred)
+          save_resume(*deferred)
           deferred = None
         pending = (done, n_steps, did_eval, logs, evals)
         done = target
         if ckptr is None:
           continue
         signalled = stop["signal"]  # read once: a signal may land at any moment
-        scheduled = target in ckpt_set
-        resume_due = (cfg.checkpoint.resume_every_s > 0 and
-                      time.time() - last_resume_save >= cfg.checkpoint.resume_every_s)
-        if scheduled or resume_due or signalled:
-          deferred = (target * B, ckpt_lib.to_host(state), scheduled,
-                      resume_due or bool(signalled))
+        resume_due = (target == total_steps or (
+            cfg.checkpoint.resume_every_s > 0 and
+            time.time() - last_resume_save >= cfg.checkpoint.resume_every_s))
+        if resume_due or signalled:
+          deferred = (target * B, ckpt_lib.to_host(state))
           last_resume_save = time.time()
         if signalled and target != total_steps:
           consume(pending)
-          ckptr.save(*deferred)
+          save_resume(*deferred)
           ckptr.wait()
           ckptr.close()
+          snaps.close()
           if writer is not None:
             writer.close()
           raise TrainingInterrupted(
@@ -308,9 +336,10 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       if pending is not None:
         consume(pending)
       if deferred is not None:
-        ckptr.save(*deferred)
+        save_resume(*deferred)
     params = jax.tree.map(lambda x: x[:R], jax.device_get(state.params))
     if ckptr is not None:
+      snaps.close()
       ckptr.finish()
 
   wall = time.time() - t_start
@@ -328,6 +357,30 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
   result.setup_s = setup_s
   log(f"[ih_jax] done in {wall:.1f}s (setup {setup_s:.1f}s, compile {compile_s:.1f}s)")
   return result
+
+
+@contextlib.contextmanager
+def _closing_on_error(snaps: snap_lib.SnapshotWriter | None):
+  """Stops the snapshot thread if training fails (what it buffered is dropped, as in a
+  crash; the next run recomputes it from the resume checkpoint)."""
+  try:
+    yield
+  except BaseException:
+    if snaps is not None:
+      snaps.abort()
+    raise
+
+
+def _refuse_old_layout(workdir: str) -> None:
+  """An unfinished workdir of the pre-#19 layout (Orbax checkpoints/<seqs>) cannot be
+  continued into a snapshot store; its finished results still load for analysis."""
+  old = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+  if (os.path.isdir(old) and any(d.isdigit() for d in os.listdir(old))
+      and not snap_lib.has_store(workdir)):
+    raise FileExistsError(
+        f"workdir {workdir!r} holds an unfinished run saved in the layout before #19 "
+        f"({ckpt_lib.CHECKPOINT_DIR}/<seqs>); finish it with the ih_jax version that started "
+        "it, or pass overwrite=True (--overwrite) to train it again")
 
 
 def check_finite_losses(losses_RS: np.ndarray, runs: list[Run], step_from: int,

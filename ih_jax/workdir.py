@@ -3,7 +3,8 @@
   config.json     resolved config, runs, clamp plan, relabel pairs, versions
   metrics.csv     one row per run x eval point x eval set x (clamped | unclamped)
   train_log.csv   per step: run, seqs, train loss, global gradient-norm
-  checkpoints/    Orbax checkpoints on the configured schedule (ih_jax.checkpoint)
+  snapshots/      params on the configured schedule, one array store (ih_jax.snapshots)
+  resume/         Orbax resume checkpoints: the full training state (ih_jax.checkpoint)
   done.json       written last: the run finished (wall time, compile time)
   (later, by other tools: loss_curves.{png,pdf}, analysis/; a sweep's folder holds
   sweep.json and program_<k>/ instead)
@@ -35,6 +36,7 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
+from ih_jax import snapshots as snap_lib
 from ih_jax.data import features as features_lib
 from ih_jax.metrics import METRIC_NAMES, metric_names
 
@@ -60,7 +62,7 @@ SWEEP_JSON = "sweep.json"
 # Everything ih_jax writes into a workdir, and nothing else: --overwrite removes these
 # (and program_<k>/ folders) but never a file of the user's.
 RUN_OUTPUTS = (METRICS_CSV, TRAIN_LOG_CSV, CONFIG_JSON, DONE_JSON, ckpt_lib.CHECKPOINT_DIR,
-            ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR)
+            ckpt_lib.RESUME_DIR, ckpt_lib.CORRUPT_DIR, snap_lib.SNAPSHOT_DIR)
 LATER_OUTPUTS = ("loss_curves.png", "loss_curves.pdf", "analysis", SWEEP_JSON,
                   CONFIG_JSON + ".tmp", METRICS_CSV + ".tmp", TRAIN_LOG_CSV + ".tmp")
 _PROGRAM_DIR = re.compile(r"program_\d+$")
@@ -99,14 +101,17 @@ def _as_json(tree: Any) -> Any:
 
 # The data fields that shape the embedded synthetic features; the others (file path,
 # Omniglot reader / encoder settings) do not affect a synthetic run.
-_SYNTHETIC_FIELDS = ("source", "rho", "eta", "feature_seed", "num_classes", "num_exemplars",
-                     "dim")
+_SYNTHETIC_FIELDS = ("source", "family", "rho", "eta", "feature_seed", "latent_dim",
+                     "num_classes", "num_exemplars", "dim")
 
 
 def _relevant(cfg_json: Any) -> Any:
   data = cfg_json.get("data") if isinstance(cfg_json, dict) else None
   if isinstance(data, dict) and data.get("source") == "synthetic":
-    cfg_json = dict(cfg_json, data={k: data[k] for k in _SYNTHETIC_FIELDS if k in data})
+    keep = {k: data[k] for k in _SYNTHETIC_FIELDS if k in data}
+    if keep.get("family") == "gaussian":
+      keep.pop("latent_dim", None)  # the Gaussian family has no latent space
+    cfg_json = dict(cfg_json, data=keep)
   return cfg_json
 
 
@@ -118,7 +123,8 @@ def _with_defaults(stored: dict[str, Any]) -> Any:
   """
   from ih_jax.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   try:
-    return _as_json(ExperimentConfig.from_dict(stored).to_dict())
+    # from_stored: a stored synthetic config without data.family is the Gaussian family.
+    return _as_json(ExperimentConfig.from_stored(stored).to_dict())
   except (ValueError, TypeError):
     return stored  # e.g. written by a newer version: compare as stored
 
@@ -176,6 +182,13 @@ def holds_results(workdir: str) -> bool:
     if name in (ckpt_lib.CHECKPOINT_DIR, ckpt_lib.RESUME_DIR):
       if any(d.isdigit() for d in os.listdir(p)):  # Orbax names a step only once complete
         return True
+    elif name == snap_lib.SNAPSHOT_DIR:
+      try:
+        if snap_lib.read_manifest(workdir)["batches"]:
+          return True
+      except (snap_lib.SnapshotError, KeyError, TypeError):
+        if os.listdir(p):  # something there that is not an empty store: keep it
+          return True
     elif name in (METRICS_CSV, TRAIN_LOG_CSV):
       with open(p, newline="") as f:
         next(f, None)  # the header

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: schedule on disk, resume = uninterrupted, corruption fallback, signals.
+"""Saved state: snapshot schedule on disk, resume = uninterrupted, corruption fallback,
+signals (snapshot-store specifics: tests/test_snapshots.py).
 
 Equality claims here are exact: a resumed run replays the same compiled program
 on the same data stream, so metrics.csv / train_log.csv must match the
@@ -29,7 +30,9 @@ def cfg_with_checkpoints(num_seqs=2048, **ckpt):
   return ExperimentConfig.from_dict({
       "train": dict(num_seqs=num_seqs, eval_every=512, progress_every_s=0),
       "sweep": {"conditions": ["none", "match=ih:L2H0;keep_only:L2H0"], "init_seeds": [5, 6]},
-      "checkpoint": dict(dict(every=640, resume_every_s=0), **ckpt),
+      # resume_every_s tiny: a resume checkpoint at every boundary, so crash tests can
+      # die right after the n-th one.
+      "checkpoint": dict(dict(every=640, resume_every_s=1e-6), **ckpt),
       "evaluators": [{"name": "fsl_train", "size": 64}],
   })
 
@@ -65,7 +68,8 @@ def crash_after_saves(monkeypatch, n_saves):
 
 
 def crashed_run(monkeypatch, wd, n_saves):
-  """A run of cfg_with_checkpoints() in `wd` that dies after its n-th checkpoint."""
+  """A run of cfg_with_checkpoints() in `wd` that dies after its n-th resume checkpoint
+  (boundaries 0, 512, 640, 1024, 1280, 1536, 1920, 2048)."""
   crash_after_saves(monkeypatch, n_saves)
   with pytest.raises(Crash):
     train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
@@ -84,8 +88,8 @@ def test_checkpoints_follow_the_schedule_exactly(uninterrupted):
   wd, res = uninterrupted
   # every=640 -> points 0, 640, 1280, 1920 (fire at 0, 640, 1280, 1920), plus final 2048.
   assert ckpt_lib.list_steps(wd) == [0, 640, 1280, 1920, 2048]
-  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == sorted(
-      ["0", "640", "1280", "1920", "2048", "metadata"])
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))  # the pre-#19 layout
+  assert sorted(os.listdir(os.path.join(wd, "resume"))) == ["2048", "metadata"]  # final state
   chex.assert_trees_all_equal(ckpt_lib.load_params(wd, 2),
                               jax.tree.map(lambda x: x[2], res.params))
 
@@ -119,7 +123,7 @@ def test_schedule_union():
 def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
   wd_full, _ = uninterrupted
   wd = str(tmp_path / "crashed")
-  crashed_run(monkeypatch, wd, 3)  # dies after the checkpoint at 1280 seqs
+  crashed_run(monkeypatch, wd, 5)  # dies after the resume checkpoint at 1280 seqs
   assert ckpt_lib.list_steps(wd) == [0, 640, 1280]
   train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
   assert_same_outputs(wd_full, wd)
@@ -128,18 +132,18 @@ def test_resume_after_crash_equals_uninterrupted(uninterrupted, tmp_path, monkey
 def test_corrupt_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, monkeypatch, capsys):
   wd_full, _ = uninterrupted
   wd = str(tmp_path / "corrupt")
-  crashed_run(monkeypatch, wd, 3)
+  crashed_run(monkeypatch, wd, 5)  # resume/ holds 1024 and 1280
   # Flip one byte in every data file of the newest checkpoint.
-  for f in glob.glob(os.path.join(wd, "checkpoints", "1280", "**", "d", "*"), recursive=True):
+  for f in glob.glob(os.path.join(wd, "resume", "1280", "**", "d", "*"), recursive=True):
     data = bytearray(read_bytes(f))
     data[len(data) // 2] ^= 0xFF
     with open(f, "wb") as fh:
       fh.write(bytes(data))
   train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=True)
   out = capsys.readouterr().out
-  assert "checkpoints/1280 is unreadable" in out and "falling back to the previous one" in out
-  assert "resuming" in out and "from the checkpoint at 640 seqs" in out
-  assert os.path.isdir(os.path.join(wd, "corrupt_checkpoints", "checkpoints", "1280"))
+  assert "resume/1280 is unreadable" in out and "falling back to the previous one" in out
+  assert "resuming" in out and "from the checkpoint at 1,024 seqs" in out, out[:3000]
+  assert os.path.isdir(os.path.join(wd, "corrupt_checkpoints", "resume", "1280"))
   assert_same_outputs(wd_full, wd)
 
 
@@ -174,9 +178,14 @@ def test_sigterm_stops_cleanly_and_rerun_resumes(tmp_path):
   wd_full, wd = str(tmp_path / "full"), str(tmp_path / "killed")
   full = launch(wd_full)
   proc = launch(wd)
-  first_ckpt = os.path.join(wd, "checkpoints", "8000")
+  log = os.path.join(wd, "train_log.csv")
+  def past_first_snapshot():  # training has passed the snapshot at 8000 seqs
+    try:
+      return ",8032," in read(log)
+    except OSError:
+      return False
   deadline = time.time() + 240
-  while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
+  while not past_first_snapshot() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=240)
@@ -202,12 +211,13 @@ def test_sigterm_stops_cleanly_and_rerun_resumes(tmp_path):
 def test_interrupt_checkpoint_lands_in_resume_dir_and_is_removed_at_the_end(tmp_path, monkeypatch):
   """A SIGINT between schedule points writes a transient resume/ checkpoint."""
   wd = str(tmp_path / "sigint")
-  cfg = cfg_with_checkpoints(num_seqs=2048, every=0)  # only the final point is scheduled
+  # Only the final point is scheduled; no periodic resume checkpoints.
+  cfg = cfg_with_checkpoints(num_seqs=2048, every=0, resume_every_s=0)
   real_chunk = train.make_train_chunk
 
-  def chunk_that_signals(exp, max_steps):
+  def chunk_that_signals(exp, max_steps, **kw):
     """The real program; its 3rd call (the chunk ending at 1024 seqs) raises SIGINT."""
-    lowered = real_chunk(exp, max_steps).lower
+    lowered = real_chunk(exp, max_steps, **kw).lower
     calls = {"n": 0}
 
     def compiled_call(compiled, *args):
@@ -230,7 +240,7 @@ def test_interrupt_checkpoint_lands_in_resume_dir_and_is_removed_at_the_end(tmp_
   assert sorted(os.listdir(os.path.join(wd, "resume"))) == ["1024", "metadata"]
   monkeypatch.undo()
   res = train.train_and_evaluate(cfg, wd, verbose=False)
-  assert not os.path.exists(os.path.join(wd, "resume"))
+  assert sorted(os.listdir(os.path.join(wd, "resume"))) == ["2048", "metadata"]  # final only
   assert ckpt_lib.list_steps(wd) == [2048]
   fresh = train.train_and_evaluate(cfg, None, verbose=False)
   chex.assert_trees_all_equal(res.params, fresh.params)
@@ -247,8 +257,8 @@ def test_relative_workdir(tmp_path, monkeypatch):
 
 def test_no_readable_checkpoint_refuses_to_restart_silently(tmp_path, monkeypatch):
   wd = str(tmp_path / "allbad")
-  crashed_run(monkeypatch, wd, 2)
-  for f in glob.glob(os.path.join(wd, "checkpoints", "*", "**", "d", "*"), recursive=True):
+  crashed_run(monkeypatch, wd, 2)  # resume/ holds 0 and 512
+  for f in glob.glob(os.path.join(wd, "resume", "*", "**", "d", "*"), recursive=True):
     with open(f, "r+b") as fh:
       fh.truncate(8)
   with pytest.raises(ckpt_lib.CheckpointError, match="none of the 2 checkpoint"):

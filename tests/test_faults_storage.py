@@ -27,11 +27,12 @@ SHARED_OMNIGLOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def tiny(num_seqs=640, **data):
-  """One run, 20 steps of 32: evaluations every 160 seqs, checkpoints at 0, 320, 640."""
+  """One run, 20 steps of 32: evaluations every 160 seqs, snapshots at 0, 320, 640, a
+  resume checkpoint at every boundary (resume_every_s tiny)."""
   task = {"class_split": [50, -1, 100]} if data else {}
   return ExperimentConfig.from_dict({
       "train": dict(num_seqs=num_seqs, eval_every=160, progress_every_s=0),
-      "checkpoint": dict(every=320, resume_every_s=0),
+      "checkpoint": dict(every=320, resume_every_s=1e-6),
       "evaluators": [{"name": "fsl_train", "size": 32}],
       "data": data, "task": task,
   })
@@ -77,7 +78,7 @@ def crashed_template(tmp_path_factory):
   """A workdir whose run died right after its checkpoint at 320 seqs."""
   wd = str(tmp_path_factory.mktemp("crashed") / "wd")
   with pytest.MonkeyPatch.context() as mp:
-    crash_after_saves(mp, 2)  # saves: 0, 320
+    crash_after_saves(mp, 3)  # resume checkpoints: 0, 160, 320
     with pytest.raises(Crash):
       train.train_and_evaluate(tiny(), wd, verbose=False)
   assert ckpt_lib.list_steps(wd) == [0, 320]
@@ -196,8 +197,8 @@ def test_overwrite_removes_every_output_and_keeps_user_files(full, tmp_path):
     os.makedirs(os.path.dirname(os.path.join(wd, rel)), exist_ok=True)
     write(os.path.join(wd, rel), "x")
   train.train_and_evaluate(tiny(num_seqs=320), wd, overwrite=True, verbose=False)
-  assert sorted(os.listdir(wd)) == ["checkpoints", "config.json", "done.json", "metrics.csv",
-                                    "mine", "notes.txt", "train_log.csv"]
+  assert sorted(os.listdir(wd)) == ["config.json", "done.json", "metrics.csv", "mine",
+                                    "notes.txt", "resume", "snapshots", "train_log.csv"]
   # A sweep's folder: the same, one level up.
   for rel in stale + ["notes.txt"]:
     os.makedirs(os.path.dirname(os.path.join(wd, rel)), exist_ok=True)

@@ -43,10 +43,9 @@ def sweep_result(tmp_path_factory):
 
 def test_workdir_outputs(sweep_result):
   wd, res = sweep_result
-  for f in ("config.json", "metrics.csv", "train_log.csv", "done.json", "checkpoints"):
+  for f in ("config.json", "metrics.csv", "train_log.csv", "done.json", "snapshots", "resume"):
     assert os.path.exists(os.path.join(wd, f)), f
-  assert not os.path.exists(os.path.join(wd, "resume"))  # transient, removed at the end
-  # Default schedule: only the final checkpoint, holding the final params.
+  # Default schedule: only the final snapshot, holding the final params.
   assert ckpt_lib.list_steps(wd) == [640]
   chex.assert_trees_all_equal(ckpt_lib.load_params(wd, 3), jax.tree.map(lambda x: x[3], res.params))
   rows = workdir_lib.read_metrics(wd)
