@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crashes import Crash, crash_after_saves
+
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
 from ih_jax import train
@@ -42,9 +44,6 @@ def read(path):
     return f.read()
 
 
-class Crash(Exception):
-  """Stands in for the process dying right after a checkpoint is on disk."""
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
@@ -52,19 +51,6 @@ def uninterrupted(tmp_path_factory):
   res = train.train_and_evaluate(cfg_with_checkpoints(), wd, verbose=False)
   return wd, res
 
-
-def crash_after_saves(monkeypatch, n_saves):
-  original = ckpt_lib.RunCheckpointer.save
-  count = {"n": 0}
-
-  def save(self, *args, **kwargs):
-    original(self, *args, **kwargs)
-    count["n"] += 1
-    if count["n"] == n_saves:
-      self.wait()
-      self.close()
-      raise Crash()
-  monkeypatch.setattr(ckpt_lib.RunCheckpointer, "save", save)
 
 
 def crashed_run(monkeypatch, wd, n_saves):

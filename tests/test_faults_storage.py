@@ -13,6 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
+from crashes import Crash, crash_after_saves
+
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import train
@@ -38,22 +40,6 @@ def tiny(num_seqs=640, **data):
   })
 
 
-class Crash(Exception):
-  """Stands in for the process dying right after a checkpoint is on disk."""
-
-
-def crash_after_saves(mp, n_saves):
-  original = ckpt_lib.RunCheckpointer.save
-  count = {"n": 0}
-
-  def save(self, *args, **kwargs):
-    original(self, *args, **kwargs)
-    count["n"] += 1
-    if count["n"] == n_saves:
-      self.wait()
-      self.close()
-      raise Crash()
-  mp.setattr(ckpt_lib.RunCheckpointer, "save", save)
 
 
 def read(path):

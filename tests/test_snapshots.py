@@ -11,6 +11,8 @@ import chex
 import jax
 import numpy as np
 import pytest
+
+from crashes import Crash, crash_after_saves
 from orbax.checkpoint import v1 as ocp
 
 from ih_jax import checkpoint as ckpt_lib
@@ -38,22 +40,6 @@ def read(path):
     return f.read()
 
 
-class Crash(Exception):
-  pass
-
-
-def crash_after_saves(mp, n):
-  original = ckpt_lib.RunCheckpointer.save
-  count = {"n": 0}
-
-  def save(self, *args, **kwargs):
-    original(self, *args, **kwargs)
-    count["n"] += 1
-    if count["n"] == n:
-      self.wait()
-      self.close()
-      raise Crash()
-  mp.setattr(ckpt_lib.RunCheckpointer, "save", save)
 
 
 @pytest.fixture(scope="module")
