@@ -29,8 +29,10 @@ flags.DEFINE_string("figure", None, "entry or paper figure id (e.g. 5b, 3a, A7, 
 flags.DEFINE_enum("scale", "quick", sorted(scales.SCALES), "quick: CPU-sized (minutes); "
                   "medium: quick's lr, 2x its length, 5 seeds; full: the paper's lengths and "
                   "seeds; smoke: tests only")
-flags.DEFINE_string("features", "gaussian", "gaussian (embedded default) | h5:PATH | a "
-                    "data.source name such as omniglot_conv, optionally SOURCE:field=value,...")
+flags.DEFINE_string("features", "synthetic", "synthetic (embedded default family) | gaussian "
+                    "| relu | lowrank (an embedded family, optionally FAMILY:field=value,...) | "
+                    "h5:PATH | a data.source name such as omniglot_conv, optionally "
+                    "SOURCE:field=value,...")
 flags.DEFINE_string("workdir", None, "reproduction folder (runs are reused from here)")
 flags.DEFINE_bool("list", False, "list the registry and exit")
 flags.DEFINE_bool("quiet", False, "no per-run training progress lines")

@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Mapping
 
 from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
-from ih_jax.data.features import FeatureConfig, check_class_split
+from ih_jax.data.features import LEGACY_FAMILY, FeatureConfig, check_class_split
 from ih_jax.data.tokens import TokenTaskConfig
 from ih_jax.model import ModelConfig
 
@@ -198,8 +198,28 @@ class ExperimentConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
     return _build(cls, d, "config")
 
+  @classmethod
+  def from_stored(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    """A config read back from a workdir's config.json (see `stored_defaults`)."""
+    return cls.from_dict(stored_defaults(d))
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def stored_defaults(d: Mapping[str, Any]) -> dict[str, Any]:
+  """Fills fields whose default changed since a stored config was written.
+
+  A missing field otherwise takes today's default; for `data.family` that would be the
+  wrong table: a synthetic run written before the field existed trained on the Gaussian
+  family (features.LEGACY_FAMILY), whatever the default is now.
+  """
+  out = dict(d)
+  data = out.get("data")
+  if isinstance(data, Mapping) and data.get("source", "synthetic") == "synthetic" \
+      and "family" not in data:
+    out["data"] = dict(data, family=LEGACY_FAMILY)
+  return out
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 from ih_jax.config import ExperimentConfig
 
 # Fields that may differ between runs of one program.
-PER_RUN_FIELDS = ("train.train_seed", "data.rho", "data.eta", "data.feature_seed")
+PER_RUN_FIELDS = ("train.train_seed", "data.rho", "data.eta", "data.feature_seed", "data.family",
+                  "data.latent_dim")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,12 +3,20 @@ import h5py
 import numpy as np
 import pytest
 
+from ih_jax.config import ExperimentConfig
 from ih_jax.data.features import (AUTHORS_H5_DATASET, FeatureConfig, feature_metadata,
-                                  load_feature_file, load_features, synthetic_features)
+                                  latent_features, load_feature_file, load_features,
+                                  relu_bias, synthetic_features)
 
 
 @pytest.fixture(scope="module")
 def feats():
+  """The Gaussian family (the default before #20), named: its recorded values below."""
+  return np.asarray(load_features(FeatureConfig(family="gaussian")))
+
+
+@pytest.fixture(scope="module")
+def relu_feats():
   return np.asarray(load_features(FeatureConfig()))
 
 
@@ -70,6 +78,89 @@ def test_rho_zero_gives_uncorrelated_prototypes():
 def test_bad_rho_eta(kw):
   with pytest.raises(ValueError, match="rho|eta"):
     synthetic_features(num_classes=4, dim=8, **kw)
+
+
+def test_default_family_is_relu():
+  assert FeatureConfig().family == "relu" and FeatureConfig().latent_dim == 64
+
+
+def test_relu_golden_values(relu_feats):
+  # Pinned from the default (family relu, latent_dim 64, rho 0.8, eta 0.2, feature_seed 0;
+  # JAX 0.10.2, threefry partitionable). atol 1e-5 as for the Gaussian values: the normal
+  # transform and numpy's float32 matmul may differ by a few ulps across CPUs.
+  x = relu_feats
+  assert x.shape == (1623, 5, 512) and x.dtype == np.float32
+  np.testing.assert_allclose(x[0, 0, :3], [1.2150552, 0.89331377, 1.1621896], atol=1e-5)
+  np.testing.assert_allclose(x[1622, 4, 511], 1.761137, atol=1e-5)
+  np.testing.assert_allclose(x[17, 2, 100], 0.9391899, atol=1e-5)
+  np.testing.assert_allclose(x.mean(dtype=np.float64), 0.89456936, atol=1e-5)
+  np.testing.assert_allclose(x.std(dtype=np.float64), 0.44686123, atol=1e-5)
+
+
+def test_relu_statistics(relu_feats):
+  x = relu_feats
+  assert (x >= 0).all()  # non-negative, like CNN (ResNet avgpool) features
+  protos = x[:, 0]
+  assert abs((protos ** 2).sum(-1).mean() / 512 - 1) < 0.05
+  assert abs(_mean_offdiag_cosine(protos) - 0.8) < 0.02  # rho keeps its meaning
+  # Exemplars are perturbed in the latent space: cosine to the prototype
+  # ~ rho + (1 - rho) sqrt(1 - eta) (the shared offset is not perturbed).
+  u = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  cos_to_proto = (u[:, 1:] * u[:, :1]).sum(-1).mean()
+  assert abs(cos_to_proto - (0.8 + 0.2 * np.sqrt(0.8))) < 0.01, cos_to_proto
+  # The whole table lies near a 64-dim latent space (+ the offset): the 50 training
+  # classes cover most of what the held-out classes use (the point of the family).
+  centred = protos - protos.mean(0)
+  sv = np.linalg.svd(centred, compute_uv=False) ** 2
+  assert sv[:65].sum() / sv.sum() > 0.95
+
+
+@pytest.mark.parametrize("rho", [0.2, 1 / np.pi, 0.5, 0.95])
+def test_relu_bias_gives_cosine_rho(rho):
+  protos = np.asarray(latent_features("relu", rho=rho, num_exemplars=1, num_classes=300))[:, 0]
+  assert abs(_mean_offdiag_cosine(protos) - rho) < 0.03
+  assert abs(relu_bias(1 / np.pi)) < 1e-9  # b = 0 gives 1/pi
+
+
+def test_latent_families_deterministic_and_seeded():
+  small = dict(num_classes=20, dim=64, latent_dim=16)
+  for fam in ("relu", "lowrank"):
+    a = np.asarray(latent_features(fam, rho=0.5, eta=0.0, seed=3, **small))
+    b = np.asarray(latent_features(fam, rho=0.5, eta=0.7, seed=3, **small))
+    c = np.asarray(latent_features(fam, rho=0.5, eta=0.7, seed=4, **small))
+    np.testing.assert_array_equal(a[:, 0], b[:, 0])  # exemplar 0 ignores eta
+    np.testing.assert_array_equal(a, np.broadcast_to(a[:, :1], a.shape))  # eta=0: identical
+    assert not np.allclose(b[:, 0], c[:, 0])
+    np.testing.assert_array_equal(b, latent_features(fam, rho=0.5, eta=0.7, seed=3, **small))
+
+
+def test_family_errors():
+  with pytest.raises(ValueError, match="unknown data.family 'cnn'"):
+    FeatureConfig(family="cnn")  # refused when the config is built
+  with pytest.raises(ValueError, match="data.latent_dim must be >= 1"):
+    ExperimentConfig.from_dict({"data": {"latent_dim": 0}})
+  with pytest.raises(ValueError, match="needs rho in"):
+    latent_features("relu", rho=0.0, num_classes=4, dim=8)
+  with pytest.raises(ValueError, match="latent_dim"):
+    latent_features("relu", latent_dim=0, num_classes=4, dim=8)
+
+
+def test_stored_config_without_family_is_gaussian():
+  # A config.json written before data.family existed trained on the Gaussian family.
+  old = ExperimentConfig().to_dict()
+  del old["data"]["family"], old["data"]["latent_dim"]
+  assert ExperimentConfig.from_stored(old).data.family == "gaussian"
+  assert ExperimentConfig.from_dict(old).data.family == "relu"  # a new config: the default
+  # Resume / reuse compare configs this way (ih_jax.workdir.workdir_status): the old
+  # workdir matches a Gaussian config and is refused for the new default.
+  from ih_jax import workdir as wd  # pylint: disable=g-import-not-at-top
+  as_new = lambda cfg: wd._relevant(wd._as_json(cfg.to_dict()))  # pylint: disable=protected-access
+  stored = wd._relevant(wd._with_defaults(wd._as_json(old)))  # pylint: disable=protected-access
+  gauss = ExperimentConfig.from_dict(dict(old, data=dict(old["data"], family="gaussian")))
+  assert wd.config_diff(stored, as_new(gauss)) == []
+  assert "data.family" in wd.config_diff(stored, as_new(ExperimentConfig()))
+  assert feature_metadata(FeatureConfig(family="gaussian"))["family"] == "gaussian"
+  assert feature_metadata(FeatureConfig())["latent_dim"] == 64
 
 
 def _table():

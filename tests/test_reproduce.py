@@ -79,7 +79,10 @@ def test_resolve_figures():
 
 
 def test_feature_overrides():
-  assert feature_overrides("gaussian") == {}
+  assert feature_overrides("synthetic") == {}
+  assert feature_overrides("gaussian") == {"source": "synthetic", "family": "gaussian"}
+  assert feature_overrides("relu:latent_dim=128") == {"source": "synthetic", "family": "relu",
+                                                      "latent_dim": "128"}
   assert feature_overrides("h5:/x/f.h5") == {"source": "file", "path": "/x/f.h5"}
   assert feature_overrides("omniglot_conv:dim=64") == {"source": "omniglot_conv", "dim": "64"}
   with pytest.raises(ValueError, match="field=value"):

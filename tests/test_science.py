@@ -1,8 +1,9 @@
 """Scientific integration checks with the real training (SPEC §5.6), at CI scale.
 
-Budgets were measured with the default synthetic features (rho = 0.8), init seed 5
-and train seed 0: the main run's fsl_train loss sits near ln 2 from ~1e5 to
-~3e5 sequences and crosses 0.4 ln 2 at 430,016 sequences (BUILD_NOTES.md).
+Budgets were measured with the default synthetic features (family relu, latent_dim 64,
+rho = 0.8), init seed 5 and train seed 0: the main run's fsl_train loss sits near ln 2
+from ~1e5 to ~3e5 sequences and crosses 0.4 ln 2 at 440,000 sequences (430,016 on the
+Gaussian family, the default before #20; BUILD_NOTES.md "Synthetic features (#20)").
 """
 import math
 
@@ -45,18 +46,25 @@ def test_main_run_plateau_then_phase_change():
   assert loss[-1] < 0.4 * LN2
   drop_window = (seqs >= lt - 100_000) & (seqs <= lt)
   assert loss[drop_window][0] - loss[drop_window][-1] > 0.3  # steep, not a slow drift
-  # The trained model has an induction head: found from the data (no index hard-coded),
-  # it is clearly stronger than the rest and alone carries the task.
+  # The trained model has induction heads, found from the data (no index hard-coded). On
+  # the relu features the task is shared by several (as the paper's Fig. 4a): measured at
+  # 5e5, induction strength 0.61 / 0.44 / 0.36 / 0.32 (L2H2, H5, H0, H4), keep-only-one
+  # accuracy 0.80 for the strongest (median head 0.54), removing it 0.976 -> 0.876 (the
+  # largest drop). (On the Gaussian family one head dominated: IS > 2x the next, keep-only
+  # accuracy > 0.9.)
   params = jax.tree.map(lambda x: x[0], res.params)
   m = measures.measure(jax.tree.map(lambda x: x[None], params), res_features(cfg),
                        dense_subset(cfg, 2000), cfg.model)
   strength = m["induction_strength"][0, 1]
   order = np.argsort(-strength)
-  assert strength[order[0]] > 0.4 and strength[order[0]] > 2 * strength[order[1]], strength
+  assert strength[order[0]] > 0.4, strength
+  assert (strength > 0.25).sum() >= 2, strength  # redundant induction heads
   abl = ablation.head_ablations(params, res_features(cfg), dense_subset(cfg, 2000), cfg.model,
                                 strength)
-  assert abl["only_acc"][order[0]] > 0.9, abl
-  assert np.median(abl["only_acc"]) < 0.8, abl
+  only, remove = np.asarray(abl["only_acc"]), np.asarray(abl["remove_acc"])
+  assert only[order[0]] == only.max() and only[order[0]] > 0.7, abl
+  assert np.median(only) < 0.65, abl
+  assert remove[order[0]] == remove.min(), abl  # the strongest is the one most needed
 
 
 def res_features(cfg):

@@ -33,23 +33,32 @@ PAPER_SEED = 5
 def feature_overrides(text: str) -> dict[str, Any]:
   """--features value -> data config fields.
 
-  gaussian | synthetic     the embedded correlated-Gaussian default
+  synthetic                the embedded default (data.family's default: relu)
+  gaussian | relu | lowrank  that embedded family (gaussian = the default before #20)
+  FAMILY:k=v,k2=v2         ... with data.* fields (e.g. relu:latent_dim=128,rho=0.7)
   h5:PATH | file:PATH      a feature file (.h5 in the authors' layout, or .npy)
   SOURCE                   any other data.source (e.g. omniglot_conv; see README)
   SOURCE:k=v,k2=v2         ... with extra data.* fields
   """
-  text = (text or "gaussian").strip()
+  text = (text or "synthetic").strip()
   name, _, arg = text.partition(":")
-  if name in ("gaussian", "synthetic"):
+  if name == "synthetic":
     if arg:
-      raise ValueError(f"--features={text!r}: the Gaussian default takes no argument")
+      raise ValueError(f"--features={text!r}: the embedded default takes no argument "
+                       "(name a family to set fields, e.g. relu:latent_dim=128)")
     return {}
-  if name in ("h5", "file"):
+  out: dict[str, Any]
+  if name in features_lib.FAMILIES:
+    # Named explicitly so a workdir keeps its family when the default changes.
+    out = {"source": "synthetic", "family": name}
+    arg_items = arg
+  elif name in ("h5", "file"):
     if not arg:
       raise ValueError(f"--features={text!r}: give the file, e.g. h5:/path/features.h5")
     return {"source": "file", "path": arg}
-  out: dict[str, Any] = {"source": name}
-  for item in filter(None, (s.strip() for s in arg.split(","))):
+  else:
+    out, arg_items = {"source": name}, arg
+  for item in filter(None, (s.strip() for s in arg_items.split(","))):
     k, sep, v = item.partition("=")
     if not sep:
       raise ValueError(f"--features={text!r}: {item!r} must look like field=value")
@@ -60,7 +69,7 @@ def feature_overrides(text: str) -> dict[str, Any]:
 class Study:
   """Stages of one reproduction workdir, trained once and reused."""
 
-  def __init__(self, root: str, scale: Scale, features: str = "gaussian",
+  def __init__(self, root: str, scale: Scale, features: str = "synthetic",
                log: Callable[[str], None] = print, verbose: bool = True):
     self.root = os.path.abspath(root)
     self.scale = scale

@@ -64,7 +64,7 @@ def load_context(workdir: str) -> RunContext:
                             "workdir (for a multi-program sweep, pass WORKDIR/program_<k>)")
   with open(path) as f:
     meta = json.load(f)
-  cfg = ExperimentConfig.from_dict(meta.get("program_config", meta["config"]))
+  cfg = ExperimentConfig.from_stored(meta.get("program_config", meta["config"]))
   if cfg.is_tokens:
     raise ValueError(f"{workdir!r} is a token-task workdir: the few-shot analysis (dense set, "
                      "induction strength, ablations) does not apply. Use "

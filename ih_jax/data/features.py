@@ -1,7 +1,9 @@
 """Feature tables [classes, exemplars, dim] behind one interface (SPEC §1.1, §2).
 
 Sources:
-  * "synthetic": the embedded correlated-Gaussian family (no download).
+  * "synthetic": an embedded family picked by `family` (no download): "gaussian"
+    (correlated Gaussian classes, SPEC §2) or "relu" (classes drawn from a
+    `latent_dim`-dimensional latent space through a fixed random ReLU layer).
   * "file": a user-supplied `.npy` or HDF5 file in the authors' layout
     (HDF5 dataset path configurable, default `resnet18/224/feat`).
   * "omniglot_pixels", "omniglot_conv": real Omniglot characters (official zip
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 from typing import Any
 
@@ -27,15 +30,22 @@ PAPER_FEATURE_DIM = 512
 AUTHORS_H5_DATASET = "resnet18/224/feat"
 OMNIGLOT_SOURCES = ("omniglot_pixels", "omniglot_conv")
 SOURCES = ("synthetic", "file", *OMNIGLOT_SOURCES)
+FAMILIES = ("gaussian", "relu", "lowrank")
+# A stored config (config.json) written before data.family existed trained on this family.
+LEGACY_FAMILY = "gaussian"
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
   source: str = "synthetic"          # "synthetic" | "file" | "omniglot_pixels" | "omniglot_conv"
-  # synthetic family (SPEC §2)
-  rho: float = 0.8                   # shared-direction fraction: pairwise cosine ≈ rho
+  # synthetic families (SPEC §2; `synthetic_table` has the formulas)
+  # "relu" (default since #20: held-out classes generalise) | "gaussian" (before #20; what a
+  # stored config without this field means) | "lowrank" (relu's linear twin, for comparison)
+  family: str = "relu"
+  rho: float = 0.8                   # pairwise cosine of class prototypes ≈ rho
   eta: float = 0.2                   # held-out exemplar perturbation (exemplars 1..)
   feature_seed: int = 0
+  latent_dim: int = 64               # relu / lowrank: dimension k of the class latent space
   num_classes: int = PAPER_NUM_CLASSES  # synthetic only (Omniglot: set by the data)
   num_exemplars: int = PAPER_NUM_EXEMPLARS  # synthetic; Omniglot: drawings kept per character
   dim: int = PAPER_FEATURE_DIM       # synthetic; Omniglot: output dim (PCA / random / conv width)
@@ -62,16 +72,21 @@ class FeatureConfig:
   feature_scale: float = 1.0         # rescale to mean squared norm scale^2 * dim (0 = raw)
   cache_dir: str = ""                # "" = $IH_JAX_CACHE_DIR or ~/.cache/ih_jax; "none" = off
 
+  def __post_init__(self):
+    # Checked when the config is built (#17), not when the table is first generated.
+    if self.family not in FAMILIES:
+      raise ValueError(f"unknown data.family {self.family!r}; allowed: "
+                       f"{', '.join(repr(f) for f in FAMILIES)}")
+    if self.latent_dim < 1:
+      raise ValueError(f"data.latent_dim must be >= 1, got {self.latent_dim}")
+
 
 def synthetic_features(rho: float = 0.8, eta: float = 0.2, seed: int = 0,
                        num_classes: int = PAPER_NUM_CLASSES,
                        num_exemplars: int = PAPER_NUM_EXEMPLARS,
                        dim: int = PAPER_FEATURE_DIM) -> jax.Array:
   """x_c = sqrt(1-rho) g_c + sqrt(rho) s; exemplar e>0 = sqrt(1-eta) x_c + sqrt(eta) eps."""
-  if not 0.0 <= rho <= 1.0:
-    raise ValueError(f"rho must be in [0, 1], got {rho}")
-  if not 0.0 <= eta <= 1.0:
-    raise ValueError(f"eta must be in [0, 1], got {eta}")
+  _check_rho_eta(rho, eta)
   shared_F, g_CF, eps_CEF = (np.asarray(a) for a in _normal_draws(
       jax.random.key(seed), num_classes, num_exemplars, dim))
   # The arithmetic in numpy, one float32 op at a time: the same values as unfused (eager)
@@ -132,11 +147,97 @@ def load_feature_file(path: str, h5_dataset: str = AUTHORS_H5_DATASET) -> np.nda
   return arr.astype(np.float32)
 
 
+def _check_rho_eta(rho: float, eta: float) -> None:
+  if not 0.0 <= rho <= 1.0:
+    raise ValueError(f"rho must be in [0, 1], got {rho}")
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta must be in [0, 1], got {eta}")
+
+
+def _relu_moments(b: float) -> tuple[float, float]:
+  """E[relu(u)], E[relu(u)^2] for u ~ N(b, 1)."""
+  pdf = math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+  cdf = 0.5 * (1 + math.erf(b / math.sqrt(2)))
+  return b * cdf + pdf, (b * b + 1) * cdf + b * pdf
+
+
+def relu_bias(rho: float) -> float:
+  """The pre-activation offset b whose ReLU units give independent classes cosine rho.
+
+  For two independent latents the units' pre-activations are independent N(b, 1), so
+  the cosine of the two feature vectors tends to m1(b)^2 / m2(b) (increasing in b:
+  1/pi at b = 0). Solved by bisection so `rho` keeps its Gaussian-family meaning.
+  """
+  lo, hi = -6.0, 60.0
+  f = lambda b: _relu_moments(b)[0] ** 2 / _relu_moments(b)[1]
+  if not f(lo) < rho < f(hi):
+    raise ValueError(f"family 'relu' needs rho in ({f(lo):.1e}, {f(hi):.4f}), got {rho}")
+  for _ in range(100):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if f(mid) < rho else (lo, mid)
+  return 0.5 * (lo + hi)
+
+
+def latent_features(family: str, rho: float = 0.8, eta: float = 0.2, seed: int = 0,
+                    latent_dim: int = 64, num_classes: int = PAPER_NUM_CLASSES,
+                    num_exemplars: int = PAPER_NUM_EXEMPLARS,
+                    dim: int = PAPER_FEATURE_DIM) -> jax.Array:
+  """Classes from a k-dimensional latent space (k = latent_dim), mapped into `dim`.
+
+  z_c ~ N(0, I_k); exemplar e > 0 has z = sqrt(1-eta) z_c + sqrt(eta) eps (exemplar 0 is
+  z_c); W ~ N(0, 1/k) is a fixed [k, dim] map, so u = z W has N(0, 1) units.
+    relu:    x = relu(u + b) / sqrt(m2(b)), b = relu_bias(rho) (cosine of classes ≈ rho)
+    lowrank: x = sqrt(1-rho) u + sqrt(rho) s (the Gaussian family with g_c = z_c W)
+  Both have mean squared norm ≈ dim. Every class lies in the same k-dim latent space,
+  so the 50 training classes span most of the directions held-out classes use (the
+  Gaussian family's independent g_c span only 50 of 512: held-out classes never
+  generalise there; BUILD_NOTES.md "Synthetic features (#20)").
+  """
+  _check_rho_eta(rho, eta)
+  if family not in ("relu", "lowrank"):
+    raise ValueError(f"latent_features: family must be 'relu' or 'lowrank', got {family!r}")
+  if latent_dim < 1:
+    raise ValueError(f"data.latent_dim must be >= 1, got {latent_dim}")
+  z_CK, eps_CEK, w_KF, shared_F = (np.asarray(a) for a in _latent_draws(
+      jax.random.key(seed), num_classes, num_exemplars, latent_dim, dim))
+  root = lambda a: np.sqrt(np.float32(a))
+  z_CEK = np.concatenate([z_CK[:, None], root(1.0 - eta) * z_CK[:, None] + root(eta) * eps_CEK],
+                         axis=1)
+  u_CEF = (z_CEK @ w_KF) / root(latent_dim)
+  if family == "relu":
+    b = relu_bias(rho)
+    x = np.maximum(u_CEF + np.float32(b), 0) / root(_relu_moments(b)[1])
+  else:
+    x = root(1.0 - rho) * u_CEF + root(rho) * shared_F
+  return jnp.asarray(x.astype(np.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _latent_draws(key: jax.Array, num_classes: int, num_exemplars: int, latent_dim: int,
+                  dim: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  z_key, noise_key, map_key, shared_key = jax.random.split(key, 4)
+  return (jax.random.normal(z_key, (num_classes, latent_dim), jnp.float32),
+          jax.random.normal(noise_key, (num_classes, num_exemplars - 1, latent_dim), jnp.float32),
+          jax.random.normal(map_key, (latent_dim, dim), jnp.float32),
+          jax.random.normal(shared_key, (dim,), jnp.float32))
+
+
+def synthetic_table(cfg: FeatureConfig) -> jax.Array:
+  """The embedded table data.family names (data.source='synthetic')."""
+  if cfg.family == "gaussian":
+    return synthetic_features(cfg.rho, cfg.eta, cfg.feature_seed, cfg.num_classes,
+                              cfg.num_exemplars, cfg.dim)
+  if cfg.family in FAMILIES:
+    return latent_features(cfg.family, cfg.rho, cfg.eta, cfg.feature_seed, cfg.latent_dim,
+                           cfg.num_classes, cfg.num_exemplars, cfg.dim)
+  raise ValueError(f"unknown data.family {cfg.family!r}; allowed: "
+                   f"{', '.join(repr(f) for f in FAMILIES)}")
+
+
 def load_features(cfg: FeatureConfig) -> jax.Array:
   """Returns the [classes, exemplars, dim] float32 feature table on device."""
   if cfg.source == "synthetic":
-    return synthetic_features(cfg.rho, cfg.eta, cfg.feature_seed, cfg.num_classes,
-                              cfg.num_exemplars, cfg.dim)
+    return synthetic_table(cfg)
   if cfg.source == "file":
     return jnp.asarray(load_feature_file(cfg.path, cfg.h5_dataset))
   if cfg.source in OMNIGLOT_SOURCES:
@@ -161,7 +262,11 @@ def table_fingerprint(table: Any) -> str:
 
 def feature_metadata(cfg: FeatureConfig) -> dict[str, Any]:
   if cfg.source == "synthetic":
-    return dict(source="synthetic", rho=cfg.rho, eta=cfg.eta, feature_seed=cfg.feature_seed)
+    out = dict(source="synthetic", family=cfg.family, rho=cfg.rho, eta=cfg.eta,
+               feature_seed=cfg.feature_seed)
+    if cfg.family != "gaussian":
+      out["latent_dim"] = cfg.latent_dim
+    return out
   if cfg.source in OMNIGLOT_SOURCES:
     from ih_jax.data import encoders  # pylint: disable=g-import-not-at-top
     settings = encoders.table_settings(cfg, encoders.image_source_id(cfg))
