@@ -5,7 +5,7 @@
   .venv/bin/python benchmarks/throughput.py --runs=1,8,32 --out=bench.json
   .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs=1,8,32
   .venv/bin/python benchmarks/throughput.py --quick --skip-clamps --ckpt-runs= --scaling
-  .venv/bin/python benchmarks/throughput.py --snapshots-only   # #19's rows alone
+  .venv/bin/python benchmarks/throughput.py --snapshots-only   # the snapshot rows alone
 
 Measures (after compilation, best of --repeats timings):
   * two naive baselines, each one jitted Adam step per batch driven by a Python loop
@@ -24,8 +24,8 @@ Measures (after compilation, best of --repeats timings):
     (1e6 seqs with its evaluations) and peak host memory (RSS);
   * with --scaling: one run along context length, labels, training classes and width
     (step time, evaluation time, compiled program size);
-  * snapshots (#19): end-to-end `train_and_evaluate` time after compilation of R runs
-    writing dense snapshots (every 1000 seqs, SPEC §5.2's main-run schedule, plus the
+  * snapshots: end-to-end `train_and_evaluate` time after compilation of R runs
+    writing dense snapshots (every 1000 seqs, the paper's main-run schedule, plus the
     resume checkpoints) vs the same run without a workdir (nothing saved), alternating,
     best of --snap-repeats; the workdir's size on disk and the time to read 100
     snapshots of one run (`load_params_series`, files just written: page cache warm).
@@ -300,7 +300,7 @@ def snapshot_rows(args) -> list[dict]:
 
 
 def print_snapshot_rows(rows: list[dict]) -> None:
-  print(f"\n{'snapshots (#19: every 1000 seqs, eval every 5000)':50s} {'runs':>4s} "
+  print(f"\n{'snapshots (every 1000 seqs, eval every 5000)':50s} {'runs':>4s} "
         f"{'seqs':>9s} {'none s':>7s} {'snap s':>7s} {'ratio':>6s} {'#snap':>6s} "
         f"{'disk MB':>8s} {'read100 s':>9s}")
   for c in rows:
@@ -308,7 +308,7 @@ def print_snapshot_rows(rows: list[dict]) -> None:
     print(f"{'':50s} {c['runs']:4d} {c['num_seqs']:9,d} {c['no_saving']['after_compile_s']:7.1f} "
           f"{sn['after_compile_s']:7.1f} {c['ratio']:5.2f}x {sn['snapshots']:6d} "
           f"{sn['disk_mb']:8.1f} {sn['read_100_s']:9.3f}")
-  print("target (#19): ratio <= 1.25 for the main run (1 run, 1e6 seqs) and an 8-run sweep: " +
+  print("target: ratio <= 1.25 for the main run (1 run, 1e6 seqs) and an 8-run sweep: " +
         ", ".join(f"{c['runs']} run(s) {'met' if c['ratio'] <= 1.25 else 'NOT met'}"
                   for c in rows))
 
@@ -330,13 +330,13 @@ def main():
   ap.add_argument("--quick", action="store_true", help="skip the 1e6-sequence main run")
   ap.add_argument("--skip-clamps", action="store_true", help="skip the per-clamp-kind rows")
   ap.add_argument("--ckpt-runs", default="1,8",
-                  help="runs for the snapshot rows (#19; '' = none)")
+                  help="runs for the snapshot rows ('' = none)")
   ap.add_argument("--ckpt-seqs", default="1000000",
                   help="sequences per snapshot row (1e6 = the main run); a comma list gives "
                        "one per --ckpt-runs entry")
   ap.add_argument("--snap-repeats", type=int, default=2, help="timings per snapshot row")
   ap.add_argument("--snapshots-only", action="store_true",
-                  help="only the snapshot rows (#19), then exit")
+                  help="only the snapshot rows, then exit")
   ap.add_argument("--scaling", action="store_true",
                   help="also time one run along context length, labels, classes and width")
   ap.add_argument("--out", default="benchmarks/throughput.json")

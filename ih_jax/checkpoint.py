@@ -1,4 +1,4 @@
-"""Saved state of a program: resume checkpoints (Orbax) and params snapshots (#19).
+"""Saved state of a program: resume checkpoints (Orbax) and params snapshots.
 
 Layout inside a workdir:
 
@@ -8,7 +8,7 @@ Layout inside a workdir:
   resume/<seqs>/train         ... Adam state, data-stream key(s), step, fingerprint;
                               written every `checkpoint.resume_every_s` seconds of wall
                               time, on SIGINT/SIGTERM and at the end (the latest two kept)
-  checkpoints/<seqs>/         the layout before #19 (an Orbax checkpoint per scheduled
+  checkpoints/<seqs>/         the older layout (an Orbax checkpoint per scheduled
                               step): still read by the analysis API below
 
 Each resume checkpoint carries a fingerprint of every leaf (a wrapping uint32 sum of
@@ -35,7 +35,7 @@ from orbax.checkpoint import v1 as ocp
 
 from ih_jax import snapshots as snap_lib
 
-CHECKPOINT_DIR = "checkpoints"   # the pre-#19 layout (read only)
+CHECKPOINT_DIR = "checkpoints"   # the older per-step Orbax layout (read only)
 RESUME_DIR = "resume"
 CORRUPT_DIR = "corrupt_checkpoints"   # unreadable checkpoints are moved here, not deleted
 
@@ -214,7 +214,7 @@ def _checkpoint_dir(workdir: str) -> str:
 
 
 def _store(workdir: str) -> snap_lib.Store | None:
-  """The workdir's snapshot store, or None for a pre-#19 workdir (checkpoints/)."""
+  """The workdir's snapshot store, or None for an older workdir (Orbax checkpoints/)."""
   if not snap_lib.has_store(workdir):
     return None
   try:
@@ -225,7 +225,7 @@ def _store(workdir: str) -> snap_lib.Store | None:
 
 def list_steps(workdir: str) -> list[int]:
   """Sequences-seen labels of the saved params: the snapshots (or, in a workdir written
-  before #19, the Orbax checkpoints in `checkpoints/`)."""
+  in older workdirs, the Orbax checkpoints in `checkpoints/`)."""
   store = _store(workdir)
   if store is not None:
     return store.steps()
@@ -278,7 +278,7 @@ def _read(store: snap_lib.Store, steps: list[int], run: int | None = None) -> np
 
 
 def _load_orbax_params(workdir: str, step: int) -> Any:
-  """Runs-stacked params of a pre-#19 Orbax checkpoint (checkpoints/<step>)."""
+  """Runs-stacked params of an older workdir's Orbax checkpoint (checkpoints/<step>)."""
   path = os.path.join(_checkpoint_dir(workdir), str(step))
   try:
     meta = ocp.checkpointables_metadata(path)

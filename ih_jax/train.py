@@ -6,7 +6,7 @@ program (ih_jax.program). The host only dispatches one call per schedule
 boundary (an evaluation or checkpoint point) and writes the previous chunk's
 metrics while the next one runs.
 
-Saved state (#19): params-only snapshots on the configured dense schedule go to one
+Saved state: params-only snapshots on the configured dense schedule go to one
 array store (ih_jax.snapshots, written by a background thread); the full training
 state goes to a few Orbax resume checkpoints (every checkpoint.resume_every_s, on
 SIGINT/SIGTERM, at the end).
@@ -372,13 +372,13 @@ def _closing_on_error(snaps: snap_lib.SnapshotWriter | None):
 
 
 def _refuse_old_layout(workdir: str) -> None:
-  """An unfinished workdir of the pre-#19 layout (Orbax checkpoints/<seqs>) cannot be
-  continued into a snapshot store; its finished results still load for analysis."""
+  """An unfinished workdir of the older checkpoint layout (Orbax checkpoints/<seqs>)
+  cannot be continued into a snapshot store; its finished results still load."""
   old = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
   if (os.path.isdir(old) and any(d.isdigit() for d in os.listdir(old))
       and not snap_lib.has_store(workdir)):
     raise FileExistsError(
-        f"workdir {workdir!r} holds an unfinished run saved in the layout before #19 "
+        f"workdir {workdir!r} holds an unfinished run saved in the older checkpoint layout "
         f"({ckpt_lib.CHECKPOINT_DIR}/<seqs>); finish it with the ih_jax version that started "
         "it, or pass overwrite=True (--overwrite) to train it again")
 

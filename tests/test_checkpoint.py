@@ -74,7 +74,7 @@ def test_checkpoints_follow_the_schedule_exactly(uninterrupted):
   wd, res = uninterrupted
   # every=640 -> points 0, 640, 1280, 1920 (fire at 0, 640, 1280, 1920), plus final 2048.
   assert ckpt_lib.list_steps(wd) == [0, 640, 1280, 1920, 2048]
-  assert not os.path.exists(os.path.join(wd, "checkpoints"))  # the pre-#19 layout
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))  # the older checkpoint layout
   assert sorted(os.listdir(os.path.join(wd, "resume"))) == ["2048", "metadata"]  # final state
   chex.assert_trees_all_equal(ckpt_lib.load_params(wd, 2),
                               jax.tree.map(lambda x: x[2], res.params))

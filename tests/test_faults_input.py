@@ -1,4 +1,4 @@
-"""Fault injection, input side (#17): nonsense settings and contradictory specs are refused
+"""Fault injection, input side: nonsense settings and contradictory specs are refused
 before anything compiles, with a short message naming the bad value; launchers print it
 in a few lines instead of a traceback."""
 import math

@@ -1,4 +1,4 @@
-"""Fault injection on what ih_jax stores and reads (issue #17).
+"""Fault injection on what ih_jax stores and reads.
 
 Each case damages or swaps a file the way a user probe did and checks the outcome:
 refused with a message naming the file / line / value, or repaired with nothing lost

@@ -11,7 +11,7 @@ from ih_jax.data.features import (AUTHORS_H5_DATASET, FeatureConfig, feature_met
 
 @pytest.fixture(scope="module")
 def feats():
-  """The Gaussian family (the default before #20), named: its recorded values below."""
+  """The Gaussian family (the earlier default), named: its recorded values below."""
   return np.asarray(load_features(FeatureConfig(family="gaussian")))
 
 

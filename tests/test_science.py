@@ -3,7 +3,7 @@
 Budgets were measured with the default synthetic features (family relu, latent_dim 64,
 rho = 0.8), init seed 5 and train seed 0: the main run's fsl_train loss sits near ln 2
 from ~1e5 to ~3e5 sequences and crosses 0.4 ln 2 at 440,000 sequences (430,016 on the
-Gaussian family, the default before #20; BUILD_NOTES.md "Synthetic features (#20)").
+Gaussian family, the earlier default; BUILD_NOTES.md "Synthetic features").
 """
 import math
 

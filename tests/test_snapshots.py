@@ -1,5 +1,5 @@
-"""Snapshots (#19): schedule, equality with the training state, resume, torn batches,
-and workdirs of the pre-#19 layout (Orbax checkpoints/<seqs>).
+"""Snapshots: schedule, equality with the training state, resume, torn batches,
+and workdirs of the older checkpoint layout (Orbax checkpoints/<seqs>).
 
 Equalities are exact: every run here replays one compiled program on one data stream.
 """
@@ -171,7 +171,7 @@ def test_reading_one_runs_series_is_one_call(full):
 
 
 def write_old_layout(wd, params_R, steps, runs):
-  """A pre-#19 workdir: Orbax checkpoints/<seqs>/{params,train} as the old trainer wrote."""
+  """An older workdir: Orbax checkpoints/<seqs>/{params,train} as the old trainer wrote."""
   policies = ocp.training.save_decision_policies
   ck = ocp.training.Checkpointer(os.path.join(os.path.abspath(wd), "checkpoints"),
                                  save_decision_policy=policies.SpecificStepsPolicy(
@@ -202,7 +202,7 @@ def test_old_layout_workdir_still_loads(full, tmp_path):
   assert [r["init_seed"] for r in ckpt_lib.run_table(wd)] == [5, 6]
   assert context.load_context(wd).checkpoint_steps() == [0, 640]
   # An unfinished old-layout run is not continued into a snapshot store.
-  with pytest.raises(FileExistsError, match="layout before #19"):
+  with pytest.raises(FileExistsError, match="older checkpoint layout"):
     train.train_and_evaluate(cfg(), wd, verbose=False)
 
 

@@ -5,7 +5,7 @@ but trains with a 10x learning rate (1e-4) for 15% of the paper's sequences, wit
 fewer extra seeds and smaller eval/analysis sets. At 1e-4 the main run's plateau
 still sits near ln 2 and ends in an abrupt drop, ~8x earlier (learning time 55-70k
 sequences for init seeds 5-8 vs 430k at 1e-5, measured on the Gaussian family, the
-default before #20; BUILD_NOTES.md). Verdicts at quick
+earlier default; BUILD_NOTES.md). Verdicts at quick
 scale are about the same qualitative claims, not the paper's numbers.
 """
 

@@ -34,7 +34,7 @@ def feature_overrides(text: str) -> dict[str, Any]:
   """--features value -> data config fields.
 
   synthetic                the embedded default (data.family's default: relu)
-  gaussian | relu | lowrank  that embedded family (gaussian = the default before #20)
+  gaussian | relu | lowrank  that embedded family (gaussian = the earlier default)
   FAMILY:k=v,k2=v2         ... with data.* fields (e.g. relu:latent_dim=128,rho=0.7)
   h5:PATH | file:PATH      a feature file (.h5 in the authors' layout, or .npy)
   SOURCE                   any other data.source (e.g. omniglot_conv; see README)

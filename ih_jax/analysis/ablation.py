@@ -89,7 +89,7 @@ def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarra
   """Loss as last-layer heads are switched on cumulatively in decreasing strength.
 
   Two orders: (i) from the strongest head, (ii) from the second strongest with the
-  strongest left out (SPEC §6.3). `order` (e.g. only the heads the run could use)
+  strongest left out. `order` (e.g. only the heads the run could use)
   replaces the default order of all heads by decreasing strength.
   """
   L = cfg.num_layers

@@ -196,7 +196,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   if "seq_loss" in m:
     plots.plot_pca_trajectory(out_dir, steps, m["seq_loss"], name=fig("loss_pca"), title=label)
 
-  # Post-hoc clamps on every checkpoint (SPEC §6.6): layer 1's direct path removed
+  # Post-hoc clamps on every checkpoint: layer 1's direct path removed
   # (its heads ablated with patterns and values preserved), and layer 2 ablated.
   contrib_specs = {"layer-1 direct path removed (pp+pv)":
                    f"preserve_pattern;preserve_value;ablate:L1H0-{H - 1}",
@@ -269,7 +269,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
                                             enumerate(sub_specs)}, name=fig("subcircuits"),
         title=label)
 
-  # Layer-1 head sets under pattern- / value-preserving ablation (SPEC §6.4): the
+  # Layer-1 head sets under pattern- / value-preserving ablation: the
   # given sets, or by default the 3 strongest usable PT heads vs the other usable ones.
   pt_order = heads_lib.ranked(pt_KH[-1], usable[0])
   l1 = l1_sets or ([",".join(f"L1H{h}" for h in sorted(pt_order[:3])),

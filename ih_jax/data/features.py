@@ -2,7 +2,7 @@
 
 Sources:
   * "synthetic": an embedded family picked by `family` (no download): "gaussian"
-    (correlated Gaussian classes, SPEC §2) or "relu" (classes drawn from a
+    (correlated Gaussian classes, the paper's family) or "relu" (classes drawn from a
     `latent_dim`-dimensional latent space through a fixed random ReLU layer).
   * "file": a user-supplied `.npy` or HDF5 file in the authors' layout
     (HDF5 dataset path configurable, default `resnet18/224/feat`).
@@ -38,8 +38,8 @@ LEGACY_FAMILY = "gaussian"
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
   source: str = "synthetic"          # "synthetic" | "file" | "omniglot_pixels" | "omniglot_conv"
-  # synthetic families (SPEC §2; `synthetic_table` has the formulas)
-  # "relu" (default since #20: held-out classes generalise) | "gaussian" (before #20; what a
+  # synthetic families (`synthetic_table` has the formulas)
+  # "relu" (default: held-out classes generalise) | "gaussian" (the earlier default; what a
   # stored config without this field means) | "lowrank" (relu's linear twin, for comparison)
   family: str = "relu"
   rho: float = 0.8                   # pairwise cosine of class prototypes ≈ rho
@@ -73,7 +73,7 @@ class FeatureConfig:
   cache_dir: str = ""                # "" = $IH_JAX_CACHE_DIR or ~/.cache/ih_jax; "none" = off
 
   def __post_init__(self):
-    # Checked when the config is built (#17), not when the table is first generated.
+    # Checked when the config is built, not when the table is first generated.
     if self.family not in FAMILIES:
       raise ValueError(f"unknown data.family {self.family!r}; allowed: "
                        f"{', '.join(repr(f) for f in FAMILIES)}")
@@ -191,7 +191,7 @@ def latent_features(family: str, rho: float = 0.8, eta: float = 0.2, seed: int =
   Both have mean squared norm ≈ dim. Every class lies in the same k-dim latent space,
   so the 50 training classes span most of the directions held-out classes use (the
   Gaussian family's independent g_c span only 50 of 512: held-out classes never
-  generalise there; BUILD_NOTES.md "Synthetic features (#20)").
+  generalise there; BUILD_NOTES.md "Synthetic features").
   """
   _check_rho_eta(rho, eta)
   if family not in ("relu", "lowrank"):
