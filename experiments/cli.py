@@ -9,10 +9,12 @@ type are bugs and keep their traceback. Set IH_JAX_TRACEBACK=1 (or pass
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
@@ -24,9 +26,34 @@ _USER_ERRORS = (ValueError, OSError, FloatingPointError, app.UsageError)
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 
 
+_PLUGINS = flags.DEFINE_list(
+    "plugins", [], "Your own modules to import first (they register intervention kinds or "
+    "head scores): module names (my_lab.kinds) or .py files (path/to/my_kinds.py).")
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with short messages for flag errors and user errors."""
+  """`absl.app.run(main)` with short messages for flag errors and user errors; the
+  --plugins modules are imported before `main` runs."""
   app.run(_guarded(main), flags_parser=_parse_flags)
+
+
+def load_plugins(names: Sequence[str]) -> None:
+  """Imports each module name or .py file (running its register(...) calls)."""
+  for name in names:
+    if name.endswith(".py"):
+      if not os.path.isfile(name):
+        raise ValueError(f"--plugins: no file {name!r}")
+      mod_name = "ih_jax_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(name))[0])
+      spec = importlib.util.spec_from_file_location(mod_name, name)
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[mod_name] = module
+      spec.loader.exec_module(module)
+    else:
+      try:
+        importlib.import_module(name)
+      except ModuleNotFoundError as e:
+        raise ValueError(f"--plugins: cannot import module {name!r} ({e}); give a module on "
+                         "the Python path or a .py file") from e
 
 
 def _want_traceback() -> bool:
@@ -46,6 +73,7 @@ def _fail(message: str, hint: str = _HINT) -> None:
 def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   def wrapped(argv: list[str]) -> Any:
     try:
+      load_plugins(_PLUGINS.value)
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
       ih_jax_error = type(e).__module__.startswith("ih_jax")  # e.g. CheckpointError

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
 from ih_jax.data.features import LEGACY_FAMILY, FeatureConfig, check_class_split
+from ih_jax.data.sampler import check_layout
 from ih_jax.data.tokens import TokenTaskConfig
 from ih_jax.model import ModelConfig
 
@@ -177,7 +178,6 @@ class ExperimentConfig:
     if kind not in TASK_KINDS:
       raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")
     if kind == "fewshot":
-      from ih_jax.data.sampler import check_layout  # pylint: disable=g-import-not-at-top
       check_layout(self.task.num_context, self.task.bursty, self.task.zipf_exponent,
                    self.task.relabel_fraction, self.model.num_labels)
     if kind == "tokens":

@@ -1,9 +1,15 @@
-"""Per-sequence evaluation metrics of the query prediction (SPEC §3.6)."""
+"""In-graph evaluation metrics: the few-shot query prediction and the token task
+(losses, accuracies and the attention-pattern scores its metrics report)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ih_jax.data.tokens import TokenBatch
+from ih_jax.model import next_token_nll
+
+# pylint: disable=invalid-name
 
 METRIC_NAMES = ("loss", "acc", "prob", "in_context_acc", "in_context_prob",
                 "out_context_acc", "out_context_prob", "use_context_prob")
@@ -60,8 +66,6 @@ def metric_names(task_kind: str) -> tuple[str, ...]:
 def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],
                   segment_len: int, late_frac: float) -> dict[str, jax.Array]:
   """Each TOKEN_METRIC_NAMES entry as a scalar (mean over the eval set's sequences)."""
-  from ih_jax.analysis import token_scores  # pylint: disable=g-import-not-at-top
-  from ih_jax.model import next_token_nll  # pylint: disable=g-import-not-at-top
   tokens, rep_BT = batch.tokens, batch.repeated
   T = tokens.shape[1]
   nll_BP = next_token_nll(logits_BTV, tokens)  # P = T-1 predictions
@@ -73,8 +77,48 @@ def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],
              loss_first=mean_over(nll_BP, 1.0 - rep_BP),
              acc_repeated=mean_over(hit_BP, rep_BP),
              icl_score=nll_BP[:, -n:].mean() - nll_BP[:, :n].mean())
-  out["prev_token_max"] = token_scores.prev_token_score(patterns_LBHTT[0]).mean(0).max()
+  out["prev_token_max"] = prev_token_score(patterns_LBHTT[0]).mean(0).max()
   later = patterns_LBHTT[1:] or patterns_LBHTT
   out["prefix_match_max"] = jnp.max(jnp.stack([
-      token_scores.prefix_matching(p, batch, segment_len).mean(0) for p in later]))
+      prefix_matching(p, batch, segment_len).mean(0) for p in later]))
   return out
+
+
+# ----------------------------------------------------------------- token-task pattern scores
+
+def prev_token_score(pattern_BHTT: jax.Array) -> jax.Array:
+  return jnp.diagonal(pattern_BHTT, offset=-1, axis1=2, axis2=3).mean(-1)  # (t, t-1) pairs
+
+
+def _copy_positions(batch: TokenBatch, T: int, segment_len: int):
+  """(mask [B, T] of the second copy's positions, offset [B, T] = t - b + a)."""
+  t_T = jnp.arange(T)
+  a_B, b_B = batch.starts[:, 0], batch.starts[:, 1]
+  in_copy_BT = (t_T >= b_B[:, None]) & (t_T < b_B[:, None] + segment_len)
+  src_BT = jnp.clip(t_T[None] - b_B[:, None] + a_B[:, None], 0, T - 1)
+  return in_copy_BT, src_BT
+
+
+def _mass_at(pattern_BHTT: jax.Array, key_BT: jax.Array) -> jax.Array:
+  """[B, H, T]: attention of each query row t to key key_BT[b, t]."""
+  idx = jnp.broadcast_to(key_BT[:, None, :, None], pattern_BHTT.shape[:3] + (1,))
+  return jnp.take_along_axis(pattern_BHTT, idx, axis=3)[..., 0]
+
+
+def _masked_mean(x_BHT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+  m = mask_BT[:, None, :].astype(x_BHT.dtype)
+  return (x_BHT * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+
+
+def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int) -> jax.Array:
+  T = pattern_BHTT.shape[-1]
+  mask, src = _copy_positions(batch, T, segment_len)
+  return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1)), mask)
+
+
+def induction_strength(pattern_BHTT: jax.Array, batch: TokenBatch,
+                       segment_len: int) -> jax.Array:
+  T = pattern_BHTT.shape[-1]
+  mask, src = _copy_positions(batch, T, segment_len)
+  return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1))
+                      - _mass_at(pattern_BHTT, src), mask)

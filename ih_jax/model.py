@@ -1,4 +1,4 @@
-"""The paper's attention-only transformer (SPEC §3) with in-graph clamps (SPEC §4).
+"""The paper's attention-only transformer, with interventions (clamps) in the graph.
 
 Public API (pure functions; the Flax module is an implementation detail):
   init_params(key, cfg, feature_dim)                    -> params
@@ -11,10 +11,11 @@ ih_jax.data.tokens): a token embedding table [V, d] replaces the exemplar and la
 embeddings, `batch` is a TokenBatch, and apply returns logits over V at every
 position ([B, T, V]). Clamps that are specific to the few-shot task (perfect copy,
 perfect L1, graft) are refused on it; `ih` uses the token definition of
-token_induction_pattern.
+ih_jax.interventions.targets.token_induction_pattern.
 
 `clamps` is one run's condition (see ih_jax.clamps); `plan` is the static
-ClampPlan that decides which extra passes get compiled. `aux` holds only the
+ClampPlan that decides which intervention kinds (ih_jax.interventions) and extra
+passes get compiled; each kind's edit runs at its sites in the public layout. `aux` holds only the
 activation sites named in `sites` (e.g. "blocks.1.pattern"); under jit the rest
 is dead code.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ih_jax import clamps as clamps_lib
+from ih_jax.interventions import core
 from ih_jax.data.sampler import Batch, IndexedFeatures
 from ih_jax.data.tokens import copy_targets
 
 MASK_FILL = -1e20   # causal mask fill (pre-softmax), as in the authors' code
-COPY_FILL = -1e9    # perfect-copy logits for labels absent from the context
 
 # pylint: disable=invalid-name
 
@@ -447,78 +448,7 @@ def param_count(params: Any) -> int:
   return sum(int(p.size) for p in jax.tree.leaves(params))
 
 
-# ----------------------------------------------------------------------------- clamp targets
-
-def prev_token_pattern(T: int, strength_H: jax.Array) -> jax.Array:
-  """[H, T, T]: row 0 one-hot on key 0; row i>=1 has s on i-1 and 1-s on i."""
-  s = strength_H[:, None, None]
-  P = s * jnp.eye(T, k=-1) + (1.0 - s) * jnp.eye(T)
-  return P.at[:, 0, :].set(jax.nn.one_hot(0, T))
-
-
-def induction_row(y_BN: jax.Array, strength_H: jax.Array) -> jax.Array:
-  """[B, H, T]: the query row of a perfect-match pattern, built from ground-truth labels.
-
-  Mass s is spread evenly over the label tokens whose label equals the query's
-  label, 1 - s over the other label tokens; exemplars and the query get 0.
-  (With n = 2 and distinct context labels this is [0, s, 0, 1-s, 0] or its mirror.)
-  """
-  B, N = y_BN.shape
-  T = 2 * N - 1
-  match_Bn = (y_BN[:, :-1] == y_BN[:, -1:]).astype(jnp.float32)
-  n_match = match_Bn.sum(1, keepdims=True)
-  n_other = (N - 1) - n_match
-  s = strength_H[None, :, None]                                      # [1, H, 1]
-  w_match = jnp.where(n_match > 0, 1.0 / jnp.maximum(n_match, 1.0), 0.0)[:, None]
-  w_other = jnp.where(n_other > 0, 1.0 / jnp.maximum(n_other, 1.0), 0.0)[:, None]
-  on_label_BHn = (s * w_match * match_Bn[:, None] + (1.0 - s) * w_other * (1.0 - match_Bn[:, None]))
-  row = jnp.zeros((B, strength_H.shape[0], T), jnp.float32)
-  return row.at[:, :, 1::2].set(on_label_BHn)
-
-
-def token_induction_pattern(targets_BT: jax.Array, strength_H: jax.Array) -> jax.Array:
-  """[B, T, T, H] (internal layout): the perfect induction pattern of the token task.
-
-  `targets_BT` (ih_jax.data.tokens.copy_targets) holds, for each row of the second
-  copy, the token after x_t's earlier copy: the row puts mass s there and 1 - s on t
-  itself (as the PT clamp puts 1 - s on the diagonal). Every other row (no declared
-  earlier copy) attends to key 0 (a fixed "sink", like the PT clamp's row 0), so the
-  clamped head's queries and keys get no gradient from any row.
-  """
-  T = targets_BT.shape[1]
-  has_BT = targets_BT >= 0
-  s = strength_H[None, None, None, :]
-  hit_BTT = jax.nn.one_hot(jnp.maximum(targets_BT, 0), T)
-  P = s * hit_BTT[..., None] + (1.0 - s) * jnp.eye(T)[None, :, :, None]
-  sink = jax.nn.one_hot(0, T)[None, None, :, None]
-  return jnp.where(has_BT[:, :, None, None], P, sink)
-
-
-def shifted_embedding(E_BTD: jax.Array) -> jax.Array:
-  """Perfect previous-token input: [E0, E0, E1, ..., E(T-3), E(T-1)] (query unshifted)."""
-  return jnp.concatenate([E_BTD[:, :1], E_BTD[:, :-2], E_BTD[:, -1:]], axis=1)
-
-
-def copy_logits(scores_BTTH: jax.Array, y_BN: jax.Array, copy_on_H: jax.Array,
-                num_labels: int) -> jax.Array:
-  """Perfect copy: the query's logit for label y_c is the copying head's score on label token c.
-
-  Labels absent from the context get COPY_FILL; if a label appears twice the
-  larger score wins.
-  """
-  T = scores_BTTH.shape[1]
-  ell_BnH = scores_BTTH[:, T - 1, 1::2, :]
-  ell_Bn = jnp.einsum("bnh,h->bn", ell_BnH, copy_on_H.astype(ell_BnH.dtype))
-  onehot_BnC = jax.nn.one_hot(y_BN[:, :-1], num_labels, dtype=bool)
-  return jnp.max(jnp.where(onehot_BnC, ell_Bn[:, :, None], COPY_FILL), axis=1)
-
-
 # ----------------------------------------------------------------------------- forward
-
-# Clamp kinds defined on the token model, and ClampPlan fields refused there.
-TOKEN_CLAMP_KINDS = ("none", "ablate", "keep_only", "pt", "ih", "match", "preserve_pattern",
-                     "preserve_value")
-TOKEN_UNSUPPORTED = ("copy", "perfect_l1", "graft")
 
 _LAYER_SITES = ("resid_pre", "q", "k", "v", "scores", "pattern", "head_out", "attn_out",
                 "resid_post")
@@ -526,7 +456,7 @@ _MLP_SITES = ("resid_mid", "mlp_out")  # only in models with MLPs (mlp_ratio > 0
 
 
 def site_names(num_layers: int, mlp: bool = False) -> tuple[str, ...]:
-  """Every recordable activation site (SPEC §3.7); `mlp` adds the MLP sites.
+  """Every recordable activation site; `mlp` adds the MLP sites.
 
   With MLPs, blocks.l.resid_mid = resid_pre + attn_out (the MLP's input) and
   resid_post = resid_mid + mlp_out; without, resid_post = resid_pre + attn_out.
@@ -536,11 +466,16 @@ def site_names(num_layers: int, mlp: bool = False) -> tuple[str, ...]:
       f"blocks.{l}.{s}" for l in range(num_layers) for s in per_layer)
 
 
-def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
-           value_edit=None, record: dict[str, jax.Array] | None = None,
-           query_only: bool = False, qkv_BTZ: jax.Array | None = None) -> jax.Array:
-  """One block (attention, then the MLP if any) with optional edits of its pattern / v.
+Edit = Callable[[str, jax.Array], jax.Array]  # (intervention site, internal activation)
 
+
+def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, edit: Edit | None = None,
+           record: dict[str, jax.Array] | None = None,
+           query_only: bool = False, qkv_BTZ: jax.Array | None = None) -> jax.Array:
+  """One block (attention, then the MLP if any), with interventions at its sites.
+
+  edit(site, x) edits the activation at an intervention site (scores, pattern,
+  values, head_out, resid) in the internal layout.
   query_only: compute the block's output at the last (query) position only; its
   pattern, scores, q and outputs then have one row ([B, 1, ...]). Exact for the last
   layer when only the query logits are needed (the loss and every eval metric): keys
@@ -552,12 +487,15 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
     h_BTD = h_BTD[:, -1:]
   sliced = k.shape[1] <= SLICE_MAX_T and k.shape[0] <= SLICE_MAX_B
   scores = (causal_scores if sliced else causal_scores_dense)(q, k, model.cfg.num_heads)
+  if edit is not None:
+    scores = edit("scores", scores)
   pattern = jax.nn.softmax(scores, axis=2)
-  if pattern_edit is not None:
-    pattern = pattern_edit(pattern)
-  if value_edit is not None:
-    v = value_edit(v)
+  if edit is not None:
+    pattern = edit("pattern", pattern)
+    v = edit("values", v)
   head_out = (attend if sliced else attend_dense)(pattern, v)
+  if edit is not None:
+    head_out = edit("head_out", head_out)
   attn_out = model.output(l, head_out)
   out = h_BTD + attn_out
   sites = dict(resid_pre=h_BTD, q=q, k=k, v=v, scores=scores, pattern=pattern,
@@ -566,7 +504,9 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, pattern_edit=None,
     mlp_out = model.mlp(l, out)
     sites.update(resid_mid=out, mlp_out=mlp_out)
     out = out + mlp_out
-  if record is not None:  # internal layouts; see _public_site for the SPEC layouts
+  if edit is not None:
+    out = edit("resid", out)
+  if record is not None:  # internal layouts; see _public_site for the public ones
     record.update({f"blocks.{l}.{n}": a for n, a in dict(sites, resid_post=out).items()})
   return out
 
@@ -588,6 +528,24 @@ def distinct_tokens(x_BNF, cfg: ModelConfig) -> bool:
 def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
   """The residual stream after block 0 (embeddings + block 0's output), unclamped."""
   return _layer(model, 0, model.embed_with_positions(x_BNF, y_BN)[0])
+
+
+# Intervention sites' internal layout <-> the public one the kinds' edits see.
+def _to_public(site: str, x: jax.Array, num_heads: int) -> jax.Array:
+  if site in ("scores", "pattern"):
+    return x.transpose(0, 3, 1, 2)           # [B, Tq, Tk, H] -> [B, H, Tq, Tk]
+  if site in ("values", "head_out"):
+    return to_heads(x, num_heads)            # [B, T, H*K] -> [B, H, T, K]
+  return x
+
+
+def _from_public(site: str, y: jax.Array) -> jax.Array:
+  if site in ("scores", "pattern"):
+    return y.transpose(0, 2, 3, 1)
+  if site in ("values", "head_out"):
+    B, H, T, K = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
+  return y
 
 
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
@@ -612,77 +570,75 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   E = E_tok if P is None else E_tok + P
   rec["embed"] = E
 
-  clean: dict[str, jax.Array] = {}
-  if plan.needs_clean_pass:  # no manipulations at all
+  recorded: dict[str, dict[str, jax.Array]] = {"main": rec}
+  if plan.needs_clean_pass:  # no interventions at all
+    recorded["clean"] = {}
     h = E
     for l in range(L):
-      h = layer(l, h, record=clean, qkv_BTZ=qkv0 if l == 0 else None)
+      h = layer(l, h, record=recorded["clean"], qkv_BTZ=qkv0 if l == 0 else None)
 
-  ppass: dict[str, jax.Array] = {}
-  if plan.perfect_l1:  # layer 1+ patterns from the shifted residual
-    # Token content shifts; learned absolute positions (if any) stay at their slots.
-    h = shifted_embedding(E) if P is None else shifted_embedding(E_tok) + P
-    for l in range(1, L):
-      h = layer(l, h, record=ppass)
+  def run_layers(h, first):
+    out: dict[str, jax.Array] = {}
+    for l in range(first, L):
+      h = layer(l, h, record=out)
+    return out
 
-  def pattern_edit(l):
-    def edit(A_BTTH):  # precedence: computed < preserved < perfect L1 < PT < IH (query row)
-      A = A_BTTH
-      if plan.preserve_pattern:
-        A = jnp.where(c["preserve_pattern"], clean[f"blocks.{l}.pattern"], A)
-      if plan.perfect_l1 and l >= 1:
-        A = jnp.where(c["perfect_l1"], ppass[f"blocks.{l}.pattern"], A)
-      if plan.pt:  # (A may hold only the last rows: query_only)
-        P_TTH = prev_token_pattern(T, c["pt_strength"][l]).transpose(1, 2, 0)
-        A = jnp.where(c["pt_on"][l], P_TTH[None, T - A.shape[1]:], A)
-      if plan.ih and cfg.tokens:  # every row (token task)
-        P_BTTH = token_induction_pattern(y_BN, c["ih_strength"][l])  # y = copy targets
-        A = jnp.where(c["ih_on"][l], P_BTTH[:, T - A.shape[1]:], A)
-      elif plan.ih:
-        row_BTH = induction_row(y_BN, c["ih_strength"][l]).transpose(0, 2, 1)
-        A = A.at[:, -1].set(jnp.where(c["ih_on"][l], row_BTH, A[:, -1]))
-      return A
-    return edit
+  kinds = [core.get(name) for name in plan.kinds]
+  tools = core.PassTools(embed=E, token_embed=E_tok, positions=P, run_layers=run_layers,
+                         condition=c)
+  for kind in kinds:  # the kinds' own extra passes (perfect_l1's shifted pass)
+    extra = kind.pre_pass(c, tools)
+    if extra is not None:
+      recorded[kind.name] = extra
 
-  def value_edit(l):
-    def edit(v_BTD):  # precedence: computed < preserved < ablation
-      v = v_BTD
-      if plan.preserve_value:
-        v = jnp.where(c["preserve_value"], clean[f"blocks.{l}.v"], v)
-      if plan.ablate:
-        v = v * jnp.repeat(c["v_keep"][l], cfg.head_dim)
-      return v
+  def read(source: str, name: str) -> jax.Array:
+    if name not in recorded.get(source, {}):
+      raise ValueError(f"an intervention read {name!r} from the {source!r} pass, which does "
+                       f"not have it (a kind reading ctx.clean must set uses_clean_pass)")
+    return _public_site(name, recorded[source][name], cfg.num_heads)
+
+  by_site = {site: sorted((k for k in kinds if site in k.sites), key=lambda k: k.order)
+             for site in core.SITES}
+
+  def edit_at(l: int | None) -> Edit:
+    def edit(site: str, x: jax.Array) -> jax.Array:
+      if not by_site[site]:
+        return x
+      ctx = core.EditContext(site=site, layer=l, seq_len=T, condition=c, labels=y_BN,
+                             inputs=x_BNF, cfg=cfg, plan=plan, _read=read)
+      y = _to_public(site, x, cfg.num_heads)
+      for kind in by_site[site]:
+        y = kind.edit(y, c, ctx)
+      return _from_public(site, y)
     return edit
 
   h = E
   for l in range(L):
-    h = layer(l, h, pattern_edit=pattern_edit(l), value_edit=value_edit(l), record=rec,
+    h = layer(l, h, edit=edit_at(l) if kinds else None, record=rec,
               qkv_BTZ=qkv0 if l == 0 else None)
-    if l == 0 and plan.graft:  # a frozen donor's embeddings + block 0 (SPEC §4.2g)
-      h = jnp.where(c["graft_on"], c["graft_resid"], h)
-    if l == 0 and plan.perfect_l1:  # block 0 (attention and MLP) contributes nothing
-      h = jnp.where(c["perfect_l1"], E, h)
-  logits = model.logits(h)
-
-  if plan.copy:
-    last = f"blocks.{L - 1}.scores"
-    src = clean[last] if plan.copy_needs_clean_pass else rec[last]
-    if plan.perfect_l1:
-      src = jnp.where(c["perfect_l1"], ppass[last], src)
-    copied = copy_logits(src, y_BN, c["copy_on"], cfg.num_labels)
-    logits = logits.at[:, -1].set(jnp.where(c["copy_on"].any(), copied, logits[:, -1]))
+  logits = edit_at(None)("logits", model.logits(h))
   rec["logits"] = logits
   return logits, {s: _public_site(s, rec[s], cfg.num_heads) for s in sites}
 
 
 def _public_site(name: str, a: jax.Array, num_heads: int) -> jax.Array:
-  """Internal layout -> SPEC §3.7 layout ([B, H, T, K] or [B, H, T, T])."""
+  """Internal layout -> the public layout ([B, H, T, K] or [B, H, T, T])."""
   kind = name.rsplit(".", 1)[-1]
   if kind in ("q", "k", "v"):
     return to_heads(a, num_heads)
   if kind in ("scores", "pattern"):
     return a.transpose(0, 3, 1, 2)
   return a
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrepareTools:
+  """What an intervention's `prepare` may run outside the model (graft's donor pass)."""
+  cfg: ModelConfig
+
+  def block0_residual(self, params: Any, batch: Batch) -> jax.Array:
+    return Transformer(self.cfg).apply({"params": params}, batch.x, batch.y,
+                                       method=_block0_residual)
 
 
 def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: ModelConfig,
@@ -700,26 +656,29 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   unknown = set(sites) - set(allowed)
   if unknown:
     raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: {allowed}")
+  task = "tokens" if cfg.tokens else "fewshot"
+  bad = [k for k in plan.kinds if task not in core.get(k).tasks]
+  if bad:
+    raise ValueError(f"clamp kind(s) {bad} are specific to the few-shot task and not defined "
+                     f"on the token model; allowed there: {', '.join(token_clamp_kinds())}")
   if cfg.tokens:
-    bad = [k for k in TOKEN_UNSUPPORTED if getattr(plan, k)]
-    if bad:
-      raise ValueError(f"clamp kind(s) {bad} are specific to the few-shot task and not defined "
-                       f"on the token model; allowed there: {', '.join(TOKEN_CLAMP_KINDS)}")
     if query_only:
       raise ValueError("query_only is a few-shot option (the token task scores every position)")
     # The y slot carries the oracle induction targets (used only by the ih clamp).
     return Transformer(cfg).apply({"params": params}, batch.tokens, copy_targets(batch),
                                   clamps, plan, tuple(sites), False, method=_run)
-  if plan.graft:
-    if "graft_params" not in clamps:
-      raise ValueError("a graft condition needs the donor's params in clamps['graft_params'] "
-                       "(ih_jax.program adds them from sweep.donors)")
-    # The donor is a constant: stop_gradient keeps its params out of this model's grads.
-    donor = jax.lax.stop_gradient(clamps["graft_params"])
-    resid = Transformer(cfg).apply({"params": donor}, batch.x, batch.y, method=_block0_residual)
-    clamps = dict(clamps, graft_resid=resid)
+  for name in plan.kinds:
+    extra = core.get(name).prepare(clamps, batch, cfg, _PrepareTools(cfg))
+    if extra:
+      clamps = dict(clamps, **extra)
   return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
                                 tuple(sites), query_only, method=_run)
+
+
+def token_clamp_kinds() -> tuple[str, ...]:
+  """Clause keywords defined on the token model (the registered kinds' `tasks`)."""
+  return ("none",) + tuple(kw for kind in core.registered() if "tokens" in kind.tasks
+                           for kw in (kind.name,) + tuple(kind.aliases))
 
 
 def next_token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

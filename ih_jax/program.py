@@ -25,6 +25,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ih_jax import clamps as clamps_lib
+from ih_jax import sweep as sweep_lib
+from ih_jax import interventions
+from ih_jax.interventions import graft as graft_lib
 from ih_jax import model as model_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
@@ -78,7 +81,7 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
                      ) -> list[tuple[str, clamps_lib.Clamps]]:
   """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names.
 
-  `donors` are the graft donor names (`donor_names(cfg)`); `tokens`: the conditions
+  `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `tokens`: the conditions
   are for the token task, which refuses the few-shot-specific clamp kinds.
   """
   out, seen = [], set()
@@ -105,12 +108,12 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
 def check_token_clamps(c: clamps_lib.Clamps, entry: str) -> None:
   """Refuses clamp kinds that are only defined on the few-shot task."""
   plan = clamps_lib.plan_for(clamps_lib.stack([c]))
-  bad = [kind for kind in model_lib.TOKEN_UNSUPPORTED if getattr(plan, kind)]
+  bad = [kind for kind in plan.kinds if "tokens" not in interventions.get(kind).tasks]
   if bad:
     raise ValueError(
         f"condition {entry!r}: clamp kind(s) {bad} are specific to the few-shot task (they "
         "read its label tokens / query row) and are not defined on the token task; allowed "
-        f"there: {', '.join(model_lib.TOKEN_CLAMP_KINDS)}")
+        f"there: {', '.join(model_lib.token_clamp_kinds())}")
 
 
 def check_seeds(cfg: ExperimentConfig) -> None:
@@ -144,7 +147,6 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
                      shard: bool = True) -> Experiment:
   """Validates a single-program config (or a planned Program) and builds its inputs."""
   if isinstance(cfg_or_program, ExperimentConfig):
-    from ih_jax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
     programs = sweep_lib.plan_programs(cfg_or_program)
     if len(programs) != 1:
       raise ValueError(f"this sweep needs {len(programs)} programs; plan them with "
@@ -182,8 +184,9 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
   if mesh is not None:  # pad with copies of the last run
     specs += [specs[-1]] * (-len(specs) % mesh.size)
   stacked = clamps_lib.stack([conds[s.condition] for s in specs])
-  if clamps_lib.plan_for(stacked).graft:
-    stacked = add_graft_params(cfg, stacked, feats.shape[-1])
+  if clamps_lib.plan_for(stacked).uses("graft"):
+    template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, feats.shape[-1]))
+    stacked = graft_lib.add_graft_params(cfg, stacked, template)
   exp = Experiment(cfg, program.variants, feats, splits, train_spec, eval_batches, runs,
                    np.asarray([s.variant for s in specs], np.int32),
                    np.asarray([s.init_seed for s in specs], np.uint32),
@@ -207,76 +210,17 @@ def eval_set_names(cfg: ExperimentConfig) -> list[str]:
 
 def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
   cfg = program.cfg
-  return dict(parse_conditions(tuple(dict.fromkeys(r.condition_entry for r in program.runs)),
-                               cfg.model.num_layers, cfg.model.num_heads, donor_names(cfg),
-                               tokens=cfg.is_tokens))
+  entries = tuple(dict.fromkeys(r.condition_entry for r in program.runs))
+  return dict(parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
+                               graft_lib.donor_names(cfg), tokens=cfg.is_tokens))
 
 
 def program_runs(program: Program) -> list[Run]:
   """The runs of a program, in runs-axis order (cheap: builds no arrays)."""
   conds = program_conditions(program)
-  names = donor_names(program.cfg)
+  names = graft_lib.donor_names(program.cfg)
   return [Run(i, r.condition, clamps_lib.describe(conds[r.condition], names), r.init_seed,
               program.variants[r.variant].name) for i, r in enumerate(program.runs)]
-
-
-# ------------------------------------------------------------------ graft donors
-
-def parse_donor(entry: str) -> tuple[str, str, int, int | None]:
-  """'NAME=WORKDIR[:RUN][@SEQS]' -> (name, workdir, run, seqs or None = final)."""
-  name, sep, rest = entry.partition("=")
-  if not sep or not name.strip() or not rest.strip():
-    raise ValueError(f"sweep.donors entry {entry!r} must look like NAME=WORKDIR[:RUN][@SEQS]")
-  seqs = None
-  if "@" in rest:
-    rest, _, s = rest.rpartition("@")
-    try:
-      seqs = int(float(s))
-    except ValueError:
-      raise ValueError(f"sweep.donors entry {entry!r}: bad checkpoint seqs {s!r}") from None
-  run = 0
-  head, sep, tail = rest.rpartition(":")
-  if sep and tail.isdigit():
-    rest, run = head, int(tail)
-  return name.strip(), rest.strip(), run, seqs
-
-
-def donor_names(cfg: ExperimentConfig) -> tuple[str, ...]:
-  names = tuple(parse_donor(d)[0] for d in cfg.sweep.donors)
-  if len(set(names)) != len(names):
-    raise ValueError(f"duplicate donor names in sweep.donors {cfg.sweep.donors}")
-  return names
-
-
-def load_donors(cfg: ExperimentConfig, feature_dim: int) -> list[Any]:
-  """Each donor's params, checked against this model's parameter shapes."""
-  from ih_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, feature_dim))
-  out = []
-  for entry in cfg.sweep.donors:
-    name, workdir, run, seqs = parse_donor(entry)
-    try:
-      params = ckpt_lib.load_params(workdir, run, seqs)
-    except (FileNotFoundError, ckpt_lib.CheckpointError, IndexError) as e:
-      raise ValueError(f"graft donor {name!r} ({entry!r}): cannot load its checkpoint: "
-                       f"{e}") from None
-    want = jax.tree.map(lambda a: a.shape, template)
-    got = jax.tree.map(lambda a: np.shape(a), params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-      raise ValueError(f"graft donor {name!r} ({entry!r}) has parameter shapes that do not "
-                       f"match this model (model config {cfg.model})")
-    out.append(jax.tree.map(np.asarray, params))
-  return out
-
-
-def add_graft_params(cfg: ExperimentConfig, stacked: clamps_lib.Clamps,
-                     feature_dim: int) -> clamps_lib.Clamps:
-  """Adds the per-run donor params (zeros for runs that do not graft) as `graft_params`."""
-  donors = load_donors(cfg, feature_dim)
-  on, which = np.asarray(stacked["graft_on"]), np.asarray(stacked["graft_donor"])
-  zeros = jax.tree.map(np.zeros_like, donors[0])
-  per_run = [donors[int(d)] if o else zeros for o, d in zip(on, which)]
-  return dict(stacked, graft_params=jax.tree.map(lambda *xs: np.stack(xs), *per_run))
 
 
 # ------------------------------------------------------------------ placement

@@ -37,11 +37,11 @@ import numpy as np
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
 from ih_jax import snapshots as snap_lib
+from ih_jax.config import ExperimentConfig
 from ih_jax.data import features as features_lib
 from ih_jax.metrics import METRIC_NAMES, metric_names
 
-if TYPE_CHECKING:
-  from ih_jax.config import ExperimentConfig
+if TYPE_CHECKING:  # for type hints only: the format module never runs training code
   from ih_jax.program import Experiment
 
 METRICS_CSV = "metrics.csv"
@@ -121,7 +121,6 @@ def _with_defaults(stored: dict[str, Any]) -> Any:
   A run made before an option existed behaved like the option's default, so the
   new field must not count as a difference (reuse / resume keep working).
   """
-  from ih_jax.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
   try:
     # from_stored: a stored synthetic config without data.family is the Gaussian family.
     return _as_json(ExperimentConfig.from_stored(stored).to_dict())

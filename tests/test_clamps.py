@@ -1,4 +1,4 @@
-"""Clamp pytree (SPEC §4): parsing, validation, patterns, plans and gradient oracles (§4.4)."""
+"""Clamp pytree: parsing, validation, patterns, plans and gradient oracles."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 from ih_jax import clamps as cl
 from ih_jax import model as model_lib
+from ih_jax.interventions import targets
 from ih_jax.data import evalsets, sampler
 
 import numerics
@@ -38,7 +39,7 @@ def test_head_names_paper_and_code_numbering_agree():
     ("copy:L2H1,L2H2", "exactly one head"),
     ("ih:L2H1@1.5", r"in \[0, 1\]"),
     ("ablate:L2H1@0.5", "only pt and ih take a strength"),
-    ("perfect_l1;ablate:L1H0", "perfect_l1 removes layer L1"),
+    ("perfect_l1;ablate:L1H0", "perfect_l1 replaces layer L1"),
     ("perfect_l1;preserve_value", "cannot be combined"),
     ("none:L2H1", "takes no heads"),
     ("", "empty clamp spec"),
@@ -58,7 +59,7 @@ def test_perfect_l1_needs_two_layers():
 def test_describe_roundtrips(spec):
   c = cl.parse(spec, L, H)
   again = cl.parse(cl.describe(c), L, H)
-  for k in cl.CLAMP_KEYS:
+  for k in cl.leaf_names():
     np.testing.assert_array_equal(c[k], again[k])
 
 
@@ -84,20 +85,20 @@ def test_all_conditions_share_one_structure():
 def test_plan_is_union_and_skips_unneeded_passes():
   assert cl.plan_for(cl.stack([cl.identity(L, H)])) == cl.NO_CLAMPS
   copy_only = cl.plan_for(cl.stack([cl.identity(L, H), cl.parse("copy:L2H1", L, H)]))
-  assert copy_only.copy and not copy_only.needs_clean_pass and copy_only.num_passes == 1
+  assert copy_only.uses("copy") and not copy_only.needs_clean_pass and copy_only.num_passes == 1
   copy_abl = cl.plan_for(cl.stack([cl.parse("copy:L2H1", L, H), cl.parse("ablate:L1H0", L, H)]))
   assert not copy_abl.needs_clean_pass  # the copying run itself clamps nothing else
   copy_abl2 = cl.plan_for(cl.stack([cl.parse("copy:L2H1;ablate:L1H0", L, H)]))
   assert copy_abl2.needs_clean_pass and copy_abl2.num_passes == 2
   l1c = cl.plan_for(cl.stack([cl.parse("perfect_l1;copy:L2H1", L, H)]))
-  assert l1c.perfect_l1 and not l1c.needs_clean_pass and l1c.num_passes == 2
+  assert l1c.uses("perfect_l1") and not l1c.needs_clean_pass and l1c.num_passes == 2
 
 
 # ----------------------------------------------------------------------------- patterns
 
 @pytest.mark.parametrize("T", [5, 9])
 def test_prev_token_pattern(T):
-  P = np.asarray(model_lib.prev_token_pattern(T, jnp.array([1.0, 0.7])))
+  P = np.asarray(targets.prev_token_pattern(T, jnp.array([1.0, 0.7])))
   np.testing.assert_array_equal(P[0].argmax(-1), [0] + list(range(T - 1)))
   np.testing.assert_array_equal(P[0], np.eye(T, k=-1) + np.eye(T) * (np.arange(T) == 0)[:, None])
   assert P[1, 0, 0] == 1.0
@@ -108,7 +109,7 @@ def test_prev_token_pattern(T):
 
 def test_induction_row_paper_case():
   y = jnp.array([[3, 1, 3], [0, 2, 2]])  # query matches context 0, resp. context 1
-  row = np.asarray(model_lib.induction_row(y, jnp.array([1.0, 0.8])))
+  row = np.asarray(targets.induction_row(y, jnp.array([1.0, 0.8])))
   np.testing.assert_allclose(row[0, 0], [0, 1, 0, 0, 0])
   np.testing.assert_allclose(row[0, 1], [0, 0.8, 0, 0.2, 0], atol=1e-6)
   np.testing.assert_allclose(row[1, 1], [0, 0.2, 0, 0.8, 0], atol=1e-6)
@@ -116,7 +117,7 @@ def test_induction_row_paper_case():
 
 def test_induction_row_generic_n_spreads_mass():
   y = jnp.array([[1, 2, 1, 4, 1]])  # n = 4: two matching labels, two others
-  row = np.asarray(model_lib.induction_row(y, jnp.array([0.9])))[0, 0]
+  row = np.asarray(targets.induction_row(y, jnp.array([0.9])))[0, 0]
   np.testing.assert_allclose(row, [0, 0.45, 0, 0.05, 0, 0.45, 0, 0.05, 0], atol=1e-6)
 
 
@@ -133,14 +134,14 @@ def test_pattern_clamps_act_in_the_model(params, cfg, feature_table, paper_split
   sites = ("blocks.0.pattern", "blocks.1.pattern")
   _, clean = _run(params, cfg, b, "none", sites)
   _, aux = _run(params, cfg, b, "pt:L1H2;ih:L2H5@0.9", sites)
-  P = model_lib.prev_token_pattern(T, jnp.array([1.0]))[0]
+  P = targets.prev_token_pattern(T, jnp.array([1.0]))[0]
   np.testing.assert_array_equal(aux["blocks.0.pattern"][:, 2], np.broadcast_to(P, (8, T, T)))
   others = [h for h in range(8) if h != 2]
   # Unclamped heads of a clamped run (another program than the clean run): rounding only.
   numerics.assert_close(aux["blocks.0.pattern"][:, others], clean["blocks.0.pattern"][:, others],
                         rtol=1e-5, rel_atol=1e-5)
   ih = aux["blocks.1.pattern"][:, 5]
-  np.testing.assert_allclose(ih[:, -1], model_lib.induction_row(b.y, jnp.array([0.9]))[:, 0],
+  np.testing.assert_allclose(ih[:, -1], targets.induction_row(b.y, jnp.array([0.9]))[:, 0],
                              atol=1e-6)
   assert not np.allclose(ih[:, :-1], 0)  # only the query row is replaced
   strength = (ih[:, -1, 1::2] * (b.y[:, :-1] == b.y[:, -1:])).sum(-1) - \
@@ -166,14 +167,14 @@ def test_perfect_copy_logits(params, cfg, batch):
     for c in range(2):
       assert q[i, batch.y[i, c]] == s[i, 2 * c + 1]
     absent = [k for k in range(5) if k not in np.asarray(batch.y[i, :2])]
-    np.testing.assert_array_equal(q[i, absent], model_lib.COPY_FILL)
+    np.testing.assert_array_equal(q[i, absent], targets.COPY_FILL)
 
 
 def test_perfect_l1_uses_shifted_embedding_patterns(params, cfg, batch):
   _, aux = _run(params, cfg, batch, "perfect_l1", ("embed", "blocks.1.pattern", "blocks.1.resid_pre"))
   np.testing.assert_allclose(aux["blocks.1.resid_pre"], aux["embed"])  # layer 0 removed
   E = aux["embed"]
-  shifted = model_lib.shifted_embedding(E)
+  shifted = targets.shifted_embedding(E)
   np.testing.assert_array_equal(shifted[:, [0, 1, 2, 3, 4]], E[:, [0, 0, 1, 2, 4]])
   # Patterns = those of layer 1 run on the shifted residual.
   q, k, _ = model_lib.Block(cfg).apply({"params": params["blocks_1"]}, shifted,
@@ -332,7 +333,7 @@ def test_graft_parse_and_validation():
   assert bool(c["graft_on"]) and int(c["graft_donor"]) == 1
   assert cl.describe(c, ("a", "b")) == "ablate:L2H0;ablate:L2H1;ablate:L2H2;ablate:L2H4;" \
       "ablate:L2H5;ablate:L2H6;ablate:L2H7;graft:b"
-  assert cl.plan_for(cl.stack([c])).graft
+  assert cl.plan_for(cl.stack([c])).uses("graft")
   with pytest.raises(ValueError, match="not declared"):
     cl.parse("graft:zz", 2, 8, donors=("a",))
   with pytest.raises(ValueError, match="perfect_l1"):

@@ -1,9 +1,10 @@
-"""Graft-in (SPEC §4.2g) through the training program: donors from a finished workdir."""
+"""Graft-in through the training program: donors from a finished workdir."""
 import jax
 import numpy as np
 import pytest
 
-from ih_jax import checkpoint, program, train
+from ih_jax import checkpoint, train
+from ih_jax.interventions import graft as graft_lib
 from ih_jax.config import ExperimentConfig
 
 BASE = {"train": {"num_seqs": 1600, "eval_every": 800, "progress_every_s": 1e9},
@@ -18,17 +19,17 @@ def donor_dir(tmp_path_factory):
 
 
 def test_donor_entry_parsing():
-  assert program.parse_donor("a=/x/y") == ("a", "/x/y", 0, None)
-  assert program.parse_donor("a=/x/y:3@5000") == ("a", "/x/y", 3, 5000)
+  assert graft_lib.parse_donor("a=/x/y") == ("a", "/x/y", 0, None)
+  assert graft_lib.parse_donor("a=/x/y:3@5000") == ("a", "/x/y", 3, 5000)
   with pytest.raises(ValueError, match="NAME=WORKDIR"):
-    program.parse_donor("/x/y")
+    graft_lib.parse_donor("/x/y")
 
 
 def test_grafted_runs_carry_their_donor_and_freeze_layer0(donor_dir, tmp_path):
   cfg = ExperimentConfig.from_dict(dict(BASE, sweep={
       "conditions": ["none", "g=graft:d"], "donors": [f"d={donor_dir}"], "init_seeds": [6]}))
   exp = train.setup_experiment(cfg)
-  assert exp.plan.graft and [r.spec for r in exp.runs] == ["none", "graft:d"]
+  assert exp.plan.uses("graft") and [r.spec for r in exp.runs] == ["none", "graft:d"]
   donor = checkpoint.load_params(donor_dir, 0)
   got = jax.tree.map(lambda x: np.asarray(x)[1], exp.clamps["graft_params"])
   chex_equal = jax.tree.map(np.array_equal, got, jax.tree.map(np.asarray, donor))

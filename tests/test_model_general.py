@@ -9,6 +9,7 @@ import pytest
 from ih_jax import checkpoint, train
 from ih_jax import clamps as cl
 from ih_jax import model as model_lib
+from ih_jax.interventions import targets
 from ih_jax.config import ExperimentConfig
 
 import numerics
@@ -158,18 +159,18 @@ def test_clamps_act_in_middle_and_last_layers(p3, batch):
   sites = tuple(f"blocks.{l}.{s}" for l in range(3) for s in ("pattern", "v", "resid_pre"))
   c, plan = _parse("pt:L2H3@0.6;ih:L3H5;ablate:L2H1")
   _, aux = model_lib.apply(p3, batch, c, CFG3, plan, sites=sites + ("embed",))
-  P = model_lib.prev_token_pattern(5, jnp.array([0.6]))[0]
+  P = targets.prev_token_pattern(5, jnp.array([0.6]))[0]
   np.testing.assert_allclose(aux["blocks.1.pattern"][:, 3], np.broadcast_to(P, (16, 5, 5)))
   np.testing.assert_array_equal(aux["blocks.1.v"][:, 1], 0.0)
   np.testing.assert_allclose(aux["blocks.2.pattern"][:, 5, -1],
-                             model_lib.induction_row(batch.y, jnp.array([1.0]))[:, 0], atol=1e-6)
+                             targets.induction_row(batch.y, jnp.array([1.0]))[:, 0], atol=1e-6)
   # perfect_l1 at L = 3: block 0 (attention and MLP) removed; layers 1 and 2 take their
   # patterns from a pass of layers 1..2 over the shifted input (positions unshifted).
   c, plan = _parse("perfect_l1")
   _, aux = model_lib.apply(p3, batch, c, CFG3, plan, sites=sites + ("embed",))
   np.testing.assert_allclose(aux["blocks.1.resid_pre"], aux["embed"], atol=1e-6)
   pos = p3["pos_embed"]["embedding"]
-  shifted = model_lib.shifted_embedding(aux["embed"] - pos) + pos
+  shifted = targets.shifted_embedding(aux["embed"] - pos) + pos
   _, ref = model_lib.apply(p3, batch, None, CFG3, sites=("blocks.1.pattern", "blocks.2.pattern"))
   Tm = model_lib.Transformer(CFG3)
   h = shifted
@@ -284,7 +285,7 @@ def test_grad_graft_depth3(p3, batch):
     ("match:0:2", "needs a previous layer"),
     ("copy:L2H0", "last-layer head; use a head of L3"),
     ("copy:L1H0", "last-layer head"),
-    ("perfect_l1;pt:L1H1", "perfect_l1 removes layer L1"),
+    ("perfect_l1;pt:L1H1", "perfect_l1 replaces layer L1"),
     ("ablate:L4H0", "unknown head 'L4H0'.*L1..L3"),
 ])
 def test_bad_specs_at_depth3(spec, match):

@@ -12,10 +12,11 @@ import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import clamps as clamps_lib
-from ih_jax import program
+from ih_jax import model as model_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
+from ih_jax.interventions import graft as graft_lib
 
 
 @dataclasses.dataclass
@@ -47,12 +48,14 @@ class RunContext:
     run's also carry its donor's params (`graft_params`)."""
     info = self.runs[run]
     m = self.cfg.model
-    donors = program.donor_names(self.cfg)
+    donors = graft_lib.donor_names(self.cfg)
     c = clamps_lib.parse(info["spec"], m.num_layers, m.num_heads, donors)
     if clamps_lib.describe(c, donors) == "none":
       return None
     if bool(c["graft_on"]):
-      donor = program.load_donors(self.cfg, self.features.shape[-1])[int(c["graft_donor"])]
+      template = jax.eval_shape(lambda: model_lib.init_params(
+          jax.random.key(0), m, self.features.shape[-1], self.cfg.task.num_context))
+      donor = graft_lib.load_donors(self.cfg, template)[int(c["graft_donor"])]
       c = dict(c, graft_params=donor)
     return c
 

@@ -25,20 +25,11 @@ def unusable_reasons(c: clamps_lib.Clamps | None, num_layers: int,
   """Head -> why the run could not use it as an ordinary head (empty for no clamps)."""
   if c is None:
     return {}
-  L, H = num_layers, num_heads
   out: dict[Head, str] = {}
-  arr = lambda k: np.asarray(c[k])
-  if bool(arr("perfect_l1")) or bool(arr("graft_on")):
-    why = "layer L1 replaced by perfect_l1" if bool(arr("perfect_l1")) else \
-        "layer L1 replaced by a graft donor"
-    out.update({(0, h): why for h in range(H)})
-  for (l, h) in np.argwhere(arr("v_keep") != 1):
-    out.setdefault((int(l), int(h)), "ablated")
-  for key, why in (("pt_on", "pattern clamped (pt)"), ("ih_on", "pattern clamped (ih)")):
-    for (l, h) in np.argwhere(arr(key)):
-      out.setdefault((int(l), int(h)), why)
-  for (h,) in np.argwhere(arr("copy_on")):
-    out.setdefault((L - 1, int(h)), "output replaced (perfect copy)")
+  for l, why in clamps_lib.replaced_layers(c).items():
+    out.update({(l, h): why for h in range(num_heads)})
+  for hd, why in clamps_lib.heads_touched(c).items():  # every kind's, built-in or not
+    out.setdefault(hd, why)
   return out
 
 

@@ -339,15 +339,12 @@ def _matrix_rows(matrix: np.ndarray, row_name: str, col_name: str) -> list[dict[
 
 def _single_kept_head(spec: str, cfg) -> int | None:
   """The one last-layer head a plain REST-ablation run keeps, else None."""
-  from ih_jax import clamps as clamps_lib  # pylint: disable=g-import-not-at-top
   if "graft:" in spec:
     return None
   c = clamps_lib.parse(spec, cfg.num_layers, cfg.num_heads)
   keep = np.asarray(c["v_keep"])
-  plain = (keep[:-1].all() and not np.asarray(c["pt_on"]).any() and
-           not np.asarray(c["ih_on"]).any() and not np.asarray(c["copy_on"]).any() and
-           not float(c["perfect_l1"]) and not float(c["preserve_pattern"]) and
-           not float(c["preserve_value"]))
+  plan = clamps_lib.plan_for(clamps_lib.stack([c]))
+  plain = keep[:-1].all() and plan.kinds in ((), ("ablate",))
   kept = np.nonzero(keep[-1])[0]
   return int(kept[0]) if plain and len(kept) == 1 else None
 

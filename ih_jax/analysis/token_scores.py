@@ -1,7 +1,8 @@
 """Per-head scores of the token-level induction task (Olsson et al. 2022 style).
 
-Pattern scores take attention patterns in the SPEC layout [B, H, Tq, Tk] and a
-TokenBatch (its declared repeated segment):
+Pattern scores (in-graph, defined in ih_jax.metrics, which the training metrics use
+too) take attention patterns [B, H, Tq, Tk] and a TokenBatch (its declared repeated
+segment):
   prev_token_score     mean attention from t >= 1 to t - 1                      [B, H]
   prefix_matching      mean attention, over the positions t of the second copy of
                        the segment, to the token after x_t's earlier copy
@@ -22,47 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ih_jax import model as model_lib
 from ih_jax.data.tokens import TokenBatch
+from ih_jax.metrics import induction_strength, prefix_matching, prev_token_score
 
 # pylint: disable=invalid-name
-
-
-def prev_token_score(pattern_BHTT: jax.Array) -> jax.Array:
-  return jnp.diagonal(pattern_BHTT, offset=-1, axis1=2, axis2=3).mean(-1)  # (t, t-1) pairs
-
-
-def _copy_positions(batch: TokenBatch, T: int, segment_len: int):
-  """(mask [B, T] of the second copy's positions, offset [B, T] = t - b + a)."""
-  t_T = jnp.arange(T)
-  a_B, b_B = batch.starts[:, 0], batch.starts[:, 1]
-  in_copy_BT = (t_T >= b_B[:, None]) & (t_T < b_B[:, None] + segment_len)
-  src_BT = jnp.clip(t_T[None] - b_B[:, None] + a_B[:, None], 0, T - 1)
-  return in_copy_BT, src_BT
-
-
-def _mass_at(pattern_BHTT: jax.Array, key_BT: jax.Array) -> jax.Array:
-  """[B, H, T]: attention of each query row t to key key_BT[b, t]."""
-  idx = jnp.broadcast_to(key_BT[:, None, :, None], pattern_BHTT.shape[:3] + (1,))
-  return jnp.take_along_axis(pattern_BHTT, idx, axis=3)[..., 0]
-
-
-def _masked_mean(x_BHT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-  m = mask_BT[:, None, :].astype(x_BHT.dtype)
-  return (x_BHT * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-
-
-def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int) -> jax.Array:
-  T = pattern_BHTT.shape[-1]
-  mask, src = _copy_positions(batch, T, segment_len)
-  return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1)), mask)
-
-
-def induction_strength(pattern_BHTT: jax.Array, batch: TokenBatch,
-                       segment_len: int) -> jax.Array:
-  T = pattern_BHTT.shape[-1]
-  mask, src = _copy_positions(batch, T, segment_len)
-  return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1))
-                      - _mass_at(pattern_BHTT, src), mask)
 
 
 def ov_circuit(params: Any, layer: int, head: int, num_heads: int) -> np.ndarray:
@@ -104,7 +69,6 @@ def head_scores(params: Any, cfg: Any, batch: TokenBatch) -> dict[str, np.ndarra
 
   `cfg` is an ExperimentConfig of the token task; `params` one run's (unstacked).
   """
-  from ih_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   m, S = cfg.model, cfg.tokens.segment_len
   sites = tuple(f"blocks.{l}.pattern" for l in range(m.num_layers))
   _, aux = jax.jit(lambda p, b: model_lib.apply(p, b, None, m, sites=sites))(params, batch)

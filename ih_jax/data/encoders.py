@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from ih_jax.data import omniglot
-from ih_jax.data.features import OMNIGLOT_SOURCES
+from ih_jax.data.omniglot import OMNIGLOT_SOURCES
 CACHE_VERSION = 1        # bump when the pipeline's output changes for the same settings
 PIXEL_PROJECTIONS = ("pca", "random", "none")
 READERS = ("archives", "tfds")

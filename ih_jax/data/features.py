@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ih_jax.data import encoders
+from ih_jax.data.omniglot import OMNIGLOT_SOURCES
+
 PAPER_NUM_CLASSES = 1623
 PAPER_NUM_EXEMPLARS = 5
 PAPER_FEATURE_DIM = 512
 AUTHORS_H5_DATASET = "resnet18/224/feat"
-OMNIGLOT_SOURCES = ("omniglot_pixels", "omniglot_conv")
 SOURCES = ("synthetic", "file", *OMNIGLOT_SOURCES)
 FAMILIES = ("gaussian", "relu", "lowrank")
 # A stored config (config.json) written before data.family existed trained on this family.
@@ -241,7 +243,6 @@ def load_features(cfg: FeatureConfig) -> jax.Array:
   if cfg.source == "file":
     return jnp.asarray(load_feature_file(cfg.path, cfg.h5_dataset))
   if cfg.source in OMNIGLOT_SOURCES:
-    from ih_jax.data import encoders  # pylint: disable=g-import-not-at-top
     feats, _ = encoders.omniglot_features(cfg)
     return jnp.asarray(feats)
   raise ValueError(f"unknown data.source {cfg.source!r}; allowed: "
@@ -268,7 +269,6 @@ def feature_metadata(cfg: FeatureConfig) -> dict[str, Any]:
       out["latent_dim"] = cfg.latent_dim
     return out
   if cfg.source in OMNIGLOT_SOURCES:
-    from ih_jax.data import encoders  # pylint: disable=g-import-not-at-top
     settings = encoders.table_settings(cfg, encoders.image_source_id(cfg))
     return dict(source=cfg.source, cache_key=encoders.digest(settings), **settings)
   return dict(source="file", path=os.path.abspath(cfg.path), h5_dataset=cfg.h5_dataset)

@@ -33,6 +33,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+# data.source values that read Omniglot (pixels, or features of a trained conv encoder).
+OMNIGLOT_SOURCES = ("omniglot_pixels", "omniglot_conv")
+
 OFFICIAL_ARCHIVES = ("images_background", "images_evaluation",
                      "images_background_small1", "images_background_small2")
 # The SHA-256 digests TFDS checks (tensorflow_datasets/url_checksums/omniglot.txt).
