@@ -11,7 +11,6 @@ ih_jax/analysis/report.py for the file list.
 """
 
 import json
-import os
 
 from absl import app, flags, logging
 
@@ -39,7 +38,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from ih_jax.analysis import report  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
-  if os.path.exists(os.path.join(workdir, "sweep.json")):
+  from ih_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if workdir_lib.is_sweep(workdir):
     # A multi-program sweep: learning times across programs and scaling curves; the
     # per-checkpoint analysis runs per program (--workdir=WORKDIR/program_<k>).
     rows = report.analyze_sweep(workdir)

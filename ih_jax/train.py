@@ -115,11 +115,9 @@ def _prepare_sweep_dir(workdir: str, cfg: ExperimentConfig, programs: list[sweep
 
 
 def _write_sweep_index(workdir: str, programs: list[sweep_lib.Program]) -> None:
-  import json  # pylint: disable=g-import-not-at-top
-  index = [dict(workdir=p.name, variants=[v.name for v in p.variants],
-                runs=[dataclasses.asdict(r) for r in p.runs]) for p in programs]
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(index, f, indent=2)
+  workdir_lib.write_sweep_index(workdir, [
+      dict(workdir=p.name, variants=[v.name for v in p.variants],
+           runs=[dataclasses.asdict(r) for r in p.runs]) for p in programs])
 
 
 def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:

@@ -52,6 +52,30 @@ ROW_COLUMNS = ("run", "condition", "seed", "variant", "seqs", "step", "eval_set"
 METRIC_COLUMNS = ROW_COLUMNS + METRIC_NAMES   # the few-shot task's metrics.csv columns
 
 
+def is_sweep(workdir: str) -> bool:
+  """Does `workdir` hold a multi-program sweep (sweep.json + program_<k>/)?"""
+  return os.path.exists(os.path.join(workdir, SWEEP_JSON))
+
+
+def write_sweep_index(workdir: str, programs: list[dict[str, Any]]) -> None:
+  """sweep.json: one entry per program (its folder name, variants and runs)."""
+  with open(os.path.join(workdir, SWEEP_JSON), "w") as f:
+    json.dump(programs, f, indent=2)
+
+
+def read_sweep_index(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, SWEEP_JSON)
+  try:
+    with open(path) as f:
+      programs = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is damaged ({e}); rerun the sweep command to rewrite it") from None
+  if not isinstance(programs, list) or not all(isinstance(p, dict) and "workdir" in p
+                                               for p in programs):
+    raise ValueError(f"{path} does not list programs (expected [{{'workdir': ...}}, ...])")
+  return programs
+
+
 def metric_columns(task_kind: str) -> tuple[str, ...]:
   """metrics.csv columns of a task (ih_jax.metrics.metric_names)."""
   return ROW_COLUMNS + metric_names(task_kind)

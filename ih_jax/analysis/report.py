@@ -383,9 +383,7 @@ def analyze_sweep(workdir: str, log: Callable[[str], None] = print) -> list[dict
   (mean over seeds; censored runs shown as open markers), e.g. the class / label
   scaling curves of a `model.num_labels=5,10,15` grid.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "sweep.json")) as f:
-    programs = json.load(f)
+  programs = workdir_lib.read_sweep_index(workdir)
   rows = []
   for prog in programs:
     sub = os.path.join(workdir, prog["workdir"])

@@ -57,11 +57,11 @@ class PrevToken(core.Intervention):
   claim_role = "pattern"
 
   def leaves(self, num_layers: int, num_heads: int) -> Clamps:
-    return dict(pt_on=_head_mask(num_layers, num_heads),
-                pt_strength=np.ones((num_layers, num_heads), np.float32))
+    return {f"{self.name}_on": _head_mask(num_layers, num_heads),
+            f"{self.name}_strength": np.ones((num_layers, num_heads), np.float32)}
 
   def active_runs(self, stacked: Clamps, identity: Clamps) -> np.ndarray:
-    on = np.asarray(stacked["pt_on"])
+    on = np.asarray(stacked[f"{self.name}_on"])  # (a strength alone changes nothing)
     return on.reshape(on.shape[0], -1).any(axis=1)
 
   def combine(self, base: Clamps, extra: Clamps, out: Clamps) -> None:
@@ -85,14 +85,6 @@ class Induction(PrevToken):
   name = "ih"
   aliases = ("match",)
   order = 40
-
-  def leaves(self, num_layers: int, num_heads: int) -> Clamps:
-    return dict(ih_on=_head_mask(num_layers, num_heads),
-                ih_strength=np.ones((num_layers, num_heads), np.float32))
-
-  def active_runs(self, stacked: Clamps, identity: Clamps) -> np.ndarray:
-    on = np.asarray(stacked["ih_on"])
-    return on.reshape(on.shape[0], -1).any(axis=1)
 
   def parse(self, keyword: str, arg: str, strength: float | None, clause: str,
             draft: Draft) -> None:
