@@ -76,6 +76,22 @@ def read_sweep_index(workdir: str) -> list[dict[str, Any]]:
   return programs
 
 
+def read_config(workdir: str) -> dict[str, Any]:
+  """config.json of a (program's) workdir: config, runs, features, environment."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{workdir!r} has no {CONFIG_JSON}: not a training workdir (was "
+                            "training started there?)") from None
+  except ValueError as e:
+    raise ValueError(f"{path} is damaged ({e})") from None
+  if not isinstance(meta, dict) or "runs" not in meta or "config" not in meta:
+    raise ValueError(f"{path} lacks its 'config' or 'runs' entry")
+  return meta
+
+
 def metric_columns(task_kind: str) -> tuple[str, ...]:
   """metrics.csv columns of a task (ih_jax.metrics.metric_names)."""
   return ROW_COLUMNS + metric_names(task_kind)
