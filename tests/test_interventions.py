@@ -1,4 +1,4 @@
-"""Intervention kinds as plug-ins: the README's example kind, written outside ih_jax,
+"""Intervention kinds as plug-ins: the guide's example kind (docs/extending.md), written outside ih_jax,
 parses, stacks and vmaps with the built-ins, trains, and is analysed under its clamps."""
 import csv
 import os
@@ -17,13 +17,13 @@ from ih_jax import train
 from ih_jax.analysis import context, measures, report
 from ih_jax.config import ExperimentConfig
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+GUIDE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "extending.md")
 CONDITIONS = ("none", "half=scale:L2H*@0.5", "both=scale:L2H1@0.2;pt:L1H3")
 
 
-def readme_block(heading: str) -> str:
-  """The first ```python block after `heading` in README.md."""
-  text = open(README).read()
+def guide_block(heading: str) -> str:
+  """The first ```python block after `heading` in docs/extending.md."""
+  text = open(GUIDE).read()
   start = text.index(heading)
   m = re.search(r"```python\n(.*?)```", text[start:], re.S)
   assert m, heading
@@ -32,15 +32,15 @@ def readme_block(heading: str) -> str:
 
 @pytest.fixture(scope="module")
 def scale_kind():
-  """Runs the README's example (it registers 'scale'); unregisters it afterwards."""
-  code = readme_block("### Writing your own intervention")
+  """Runs the guide's example (it registers 'scale'); unregisters it afterwards."""
+  code = guide_block("## Writing your own intervention")
   namespace: dict = {"__name__": "my_notebook"}
-  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
   yield namespace["ScaleHeads"]
   interventions.unregister("scale")
 
 
-def test_readme_kind_parses_describes_and_plans(scale_kind):
+def test_guide_kind_parses_describes_and_plans(scale_kind):
   c = cl.parse("scale:L2H1@0.2;pt:L1H3", 2, 8)
   assert bool(c["scale_on"][1, 1]) and c["scale_strength"][1, 1] == np.float32(0.2)
   assert cl.describe(c) == "pt:L1H3;scale:L2H1@0.2"

@@ -218,5 +218,5 @@ def _analyze(study: Study, results: dict, heads: dict) -> Outcome:
   return out
 
 
-ENTRY = Entry("tokens", ("tokens",), "Token-level induction task (beyond the paper, #8)",
+ENTRY = Entry("tokens", ("tokens",), "Token-level induction task (beyond the paper)",
               lambda study: (), _stages, _analyze)
