@@ -133,6 +133,30 @@ class CheckpointConfig:
                    "0 = no resume checkpoints")
 
 
+TRACKERS = ("tensorboard", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+  """Metric writers besides metrics.csv / train_log.csv (always written: the source of
+  truth). tensorboard needs tensorboardX, wandb needs wandb (`pip install
+  'ih_jax[tracking]'`); each run is one TensorBoard / W&B run named
+  CONDITION_seedSEED."""
+  writers: tuple[str, ...] = ()     # any of TRACKERS
+  wandb_project: str = "ih_jax"
+  wandb_mode: str = "offline"       # offline: synced later with `wandb sync`
+
+  def __post_init__(self):
+    bad = [w for w in self.writers if w not in TRACKERS]
+    if bad:
+      raise ValueError(f"tracking.writers: unknown writer(s) {bad}; allowed: "
+                       f"{', '.join(TRACKERS)} (CSV files are always written)")
+    if self.wandb_mode not in WANDB_MODES:
+      raise ValueError(f"tracking.wandb_mode={self.wandb_mode!r}; allowed: "
+                       f"{', '.join(WANDB_MODES)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
   """The runs axis: every data variant x condition x init seed.
@@ -171,6 +195,7 @@ class ExperimentConfig:
   sweep: SweepConfig = SweepConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   evaluators: tuple[EvaluatorConfig, ...] = PAPER_EVALUATORS
+  tracking: TrackingConfig = TrackingConfig()
 
   def __post_init__(self):
     check_class_split(self.data, self.task.class_split)

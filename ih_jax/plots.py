@@ -37,7 +37,15 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
 
   Returns the paths written (PNG and PDF in the workdir).
   """
-  rows = [r for r in workdir_lib.read_metrics(workdir) if r["clamped"] == clamped]
+  fig = training_curves_figure(workdir_lib.read_metrics(workdir), workdir, eval_sets, clamped)
+  return _save(fig, workdir, out_name, "each run under its own clamps (as trained)" if clamped
+               else "every run with its clamps removed")
+
+
+def training_curves_figure(metrics_rows: Sequence[dict], workdir: str = "",
+                           eval_sets: Sequence[str] | None = None, clamped: int = 1) -> Figure:
+  """The figure of plot_training_curves from metrics rows (not saved)."""
+  rows = [r for r in metrics_rows if r["clamped"] == clamped]
   if not rows:
     raise ValueError(f"no {'clamped' if clamped else 'unclamped'} metrics in {workdir!r}")
   sets = list(eval_sets or dict.fromkeys(r["eval_set"] for r in rows))
@@ -71,8 +79,7 @@ def plot_training_curves(workdir: str, eval_sets: Sequence[str] | None = None,
   for ax in list(axes.flat)[len(sets):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8, loc="upper right")
-  return _save(fig, workdir, out_name, "each run under its own clamps (as trained)" if clamped
-               else "every run with its clamps removed")
+  return fig
 
 
 def _save(fig, out_dir: str, name: str, title: str | None = None) -> list[str]:

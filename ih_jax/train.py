@@ -35,6 +35,7 @@ from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
 from ih_jax import snapshots as snap_lib
 from ih_jax import sweep as sweep_lib
+from ih_jax import tracking
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.analysis.timing import learning_time  # noqa: F401  (re-exported)
@@ -229,8 +230,9 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       snaps.open(seqs0)
       writer = workdir_lib.RunWriter(workdir, exp,
                                      resume_seqs=start_step * B if resumed else None, log=log)
+      trackers = tracking.Trackers(cfg, workdir, exp.runs, log=log)
     else:
-      writer = None
+      writer, trackers = None, None
 
     # A resumed run already did its checkpoint's boundary; a fresh one starts with
     # step 0's evaluation / checkpoint (a chunk of zero steps).
@@ -276,6 +278,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       metrics_rows.extend(rows)
       if writer is not None:
         writer.append(rows, seqs_k, losses, gnorms)
+        trackers.log(rows, seqs_k, losses, gnorms)
       now = time.time()
       if rows and verbose and (now - last_print >= cfg.train.progress_every_s
                                or seqs == total_seqs):
@@ -287,7 +290,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       snaps.sync()  # every snapshot up to `seqs` on disk before the checkpoint that needs it
       ckptr.save(seqs, content)
 
-    with _stop_on_signals(ckptr is not None) as stop, _closing_on_error(snaps):
+    with _stop_on_signals(ckptr is not None) as stop, _closing_on_error(snaps, trackers):
       # A snapshot is a flat params array the chunk returns beside the (donated) state:
       # the writer thread copies it to host and writes it while the device trains on.
       # A resume checkpoint's state is copied to host at its boundary, but written only
@@ -328,6 +331,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
           snaps.close()
           if writer is not None:
             writer.close()
+            trackers.close()
           raise TrainingInterrupted(
               f"{signalled} received: stopped at {target * B:,d} seqs after writing a "
               f"checkpoint; rerun the same command (same --workdir) to resume")
@@ -345,6 +349,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     writer.finish(dict(wall_s=wall, compile_s=compile_s,
                        resumed_from_seqs=start_step * B if resumed else None,
                        final_seqs=total_seqs))
+    if trackers:
+      trackers.finish(workdir_lib.read_metrics(workdir))
   if resumed:  # earlier rows come from the interrupted process
     result = load_result(workdir, exp.runs, params=params)
     result.wall_s, result.compile_s = wall, compile_s
@@ -358,14 +364,17 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
 
 
 @contextlib.contextmanager
-def _closing_on_error(snaps: snap_lib.SnapshotWriter | None):
+def _closing_on_error(snaps: snap_lib.SnapshotWriter | None,
+                      trackers: tracking.Trackers | None = None):
   """Stops the snapshot thread if training fails (what it buffered is dropped, as in a
-  crash; the next run recomputes it from the resume checkpoint)."""
+  crash; the next run recomputes it from the resume checkpoint); flushes the trackers."""
   try:
     yield
   except BaseException:
     if snaps is not None:
       snaps.abort()
+    if trackers is not None:
+      trackers.close()
     raise
 
 

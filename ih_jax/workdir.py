@@ -109,7 +109,8 @@ _PROGRAM_DIR = re.compile(r"program_\d+$")
 # Fields that may change between an interrupted run and its resumption.
 # (sweep.max_runs_per_program may change too: the per-program run list is checked.)
 RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s",
-                     "sweep.max_runs_per_program")
+                     "sweep.max_runs_per_program", "tracking.writers",
+                     "tracking.wandb_project", "tracking.wandb_mode")
 
 
 def environment_metadata() -> dict[str, Any]:
