@@ -15,6 +15,7 @@ never addressed by program-local indices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping, Sequence
 
@@ -81,7 +82,8 @@ class Run:
 
   def context(self) -> context_lib.RunContext:
     """What analysis needs (config, features, splits; its clamps via run_clamps)."""
-    return context_lib.load_context(self.workdir)
+    config_json = os.path.join(self.workdir, workdir_lib.CONFIG_JSON)
+    return _cached_context(self.workdir, os.path.getmtime(config_json))
 
   def clamps(self) -> clamps_lib.Clamps | None:
     """The condition it trained under (None for an unclamped run)."""
@@ -204,6 +206,14 @@ class Sweep:
     ax.set(xlabel="sequences", ylabel=f"{eval_set} loss", title=os.path.basename(self.workdir))
     ax.legend(fontsize=8)
     return fig
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_context(workdir: str, config_mtime: float) -> context_lib.RunContext:
+  """A workdir's context, loaded once (features are rebuilt otherwise) until its
+  config.json changes."""
+  del config_mtime  # part of the cache key only
+  return context_lib.load_context(workdir)
 
 
 def _program_dirs(workdir: str) -> list[str]:

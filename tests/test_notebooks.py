@@ -35,8 +35,9 @@ def _text(nb) -> str:
 def test_quickstart_notebook_runs(tmp_path):
   nb = _execute("quickstart.ipynb", {"IH_JAX_NOTEBOOK_SCALE": "tiny"})
   out = _text(nb)
-  assert "6 runs trained together" in out
+  assert out.count("Run(") == 6 and "Run('l1_copy', seed=6" in out   # ih_jax.run's Sweep
   assert "l1_copy  seed 6: learning time" in out
+  assert "induction strength of layer 2:" in out
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 2   # loss curves and attention patterns
 
