@@ -211,7 +211,7 @@ def main_run() -> dict:
               training_loop_s=res.wall_s - res.compile_s - res.setup_s)
 
 
-# Scaling points (#7): one axis at a time from the paper's main config, 1 run, no clamps.
+# Scaling points: one axis at a time from the paper's main config, 1 run, no clamps.
 SCALING = {
     "context pairs n": [(n, {"task": {"num_context": n}}) for n in (2, 4, 8, 16)],
     "labels L": [(L, {"model": {"num_labels": L}}) for L in (5, 20, 80)],
@@ -254,7 +254,7 @@ def _one_run(rows: list[dict]) -> dict | None:
 
 
 def check_targets(rows: list[dict], main_row: dict | None) -> list[dict]:
-  """#7's targets, each with its measured value and whether it is met; printed."""
+  """The throughput targets, each with its measured value and whether it is met; printed."""
   plain = rows[0]["seqs_per_s_per_run"]
   out = []
   one = _one_run(rows)
@@ -280,7 +280,7 @@ def check_targets(rows: list[dict], main_row: dict | None) -> list[dict]:
   if worst is not None:
     out.append(dict(target="compile time of a sweep program: < 30 s",
                     measured=f"{worst:.1f} s (slowest program above)", met=worst < 30))
-  print("\n#7 targets on this machine:")
+  print("\nThroughput targets on this machine:")
   for t in out:
     print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
   return out

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (with config.json).")
 _RUNS = flags.DEFINE_list("runs", None, "Run indices to analyse (default: all).")
 _NUM_CKPT = flags.DEFINE_integer("num_checkpoints", 100, "Checkpoints subsampled for the "
-                                 "progress measures (closest to an even grid, SPEC §6.7).")
+                                 "progress measures (closest to an even grid).")
 _DENSE = flags.DEFINE_integer("dense_size", None, "Use a fixed random subset of the dense set "
                               "(default: all 78,400 sequences).")
 _WIRING_SIZE = flags.DEFINE_integer("wiring_size", 4096, "Sequences for the 264 wiring "

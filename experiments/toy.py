@@ -1,4 +1,4 @@
-"""The rank-1 toy model of the phase change (SPEC §7, Fig. 5a and its appendix figure).
+"""The rank-1 toy model of the phase change (the paper's Fig. 5a and its appendix figure).
 
   python -m experiments.toy --out=/tmp/toy            # figures + toy_curves.csv
   python -m experiments.toy --out=/tmp/toy --steps=2000 --seed=3

@@ -56,7 +56,7 @@ def summarise(result) -> None:
   for run in result.runs:
     tok = [r for r in result.metrics if r["run"] == run.index
            and r["eval_set"] == "tokens" and r["clamped"] == 1]
-    if tok:  # the token task (#8): loss on the positions predictable by induction
+    if tok:  # the token task: loss on the positions predictable by induction
       f = tok[-1]
       print(f"[ih_jax] run {run.index} {run.condition} seed {run.init_seed}: final tokens "
             f"loss {f['loss']:.3f}, loss_repeated {f['loss_repeated']:.3f}, icl_score "

@@ -46,7 +46,7 @@ def _check_seeds(where: str, seeds: tuple[int, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  # "fewshot": the paper's task (SPEC §1); "tokens": the token-level induction task
+  # "fewshot": the paper's few-shot task; "tokens": the token-level induction task
   # (ih_jax.data.tokens; needs model.vocab_size >= 2, layout in ExperimentConfig.tokens).
   kind: str = "fewshot"
   num_context: int = 2                      # n context (exemplar, label) pairs; T = 2n + 1
@@ -68,7 +68,7 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  num_seqs: int = 1_000_000      # training length in sequences seen (SPEC units)
+  num_seqs: int = 1_000_000      # training length in sequences seen (the paper's x-axis unit)
   batch_size: int = 32
   learning_rate: float = 1e-5    # plain Adam, no weight decay
   train_seed: int = 0            # batches depend only on this (shared by all runs)
@@ -103,7 +103,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  """When to write Orbax checkpoints, in sequences seen (SPEC §5.2).
+  """When to write Orbax checkpoints, in sequences seen.
 
   The saved points are the union of the schedules below plus the final point
   (always saved: it holds the final params). Points fire at the first step
@@ -170,7 +170,7 @@ class SweepConfig:
   init_seeds: tuple[int, ...] = (5,)
   grid: tuple[str, ...] = ()
   max_runs_per_program: int = 0     # 0 = automatic (as many as fit in device memory)
-  # Graft-in donors (SPEC §4.2g) for "graft:NAME" conditions: "NAME=WORKDIR[:RUN][@SEQS]",
+  # Graft-in donors for "graft:NAME" conditions: "NAME=WORKDIR[:RUN][@SEQS]",
   # a run of a finished workdir (run index 0 and its final checkpoint by default).
   donors: tuple[str, ...] = ()
 

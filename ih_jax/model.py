@@ -46,7 +46,7 @@ POS_EMB_KINDS = ("rope", "learned", "rope+learned")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The paper's model by default (SPEC §3.1); the other fields generalise it (#8).
+  """The paper's model by default; the other fields generalise it beyond the paper.
 
   mlp_ratio: 0 = attention-only (the paper); r > 0 adds a pre-LN MLP block
     d -> r*d -> d (GELU, with biases, its own LayerNorm) after each attention block.
@@ -106,7 +106,7 @@ class ModelConfig:
 # heads packed in the feature axis ([B, T, D], D = H*K) and the attention pattern
 # as [B, Tq, Tk, H]; the per-head contraction over K is a plain matmul with a
 # constant 0/1 matrix. Recorded sites are converted to the [B, H, T, ...] layout
-# of SPEC §3.7 only when requested (jit drops the transposes otherwise).
+# only when requested (jit drops the transposes otherwise).
 
 
 def head_sum_matrix(num_heads: int, head_dim: int) -> np.ndarray:

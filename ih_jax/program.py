@@ -8,7 +8,7 @@ clamps and (optionally) clamp-free.
 
 Data variants (ih_jax.sweep.PER_RUN_FIELDS) give each group of runs its own
 feature table and training stream; with one variant the batch is sampled once
-per step and shared by every run (SPEC §1.4). With several devices the runs axis
+per step and shared by every run. With several devices the runs axis
 is sharded over a 1-D mesh ('runs',) and padded to a multiple of the device
 count with copies of the last run (their results are dropped).
 """

@@ -1,4 +1,4 @@
-"""A plain, unoptimised forward pass of the few-shot model, written straight from SPEC §3.3.
+"""A plain, unoptimised forward pass of the few-shot model, exactly as it is defined.
 
 `ih_jax.model` is fast on CPU because it is *not* written this way: heads packed in the
 feature axis, attention as sums over position slices with hand-written backward passes,
@@ -84,6 +84,6 @@ def forward(params: Any, x_BNF: jax.Array, y_BN: jax.Array, cfg: ModelConfig) ->
 
 
 def query_loss(params: Any, x_BNF: jax.Array, y_BN: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Mean softmax cross-entropy of the query row (SPEC §3.6)."""
+  """Mean softmax cross-entropy of the query (last) row."""
   logp = jax.nn.log_softmax(forward(params, x_BNF, y_BN, cfg)[:, -1], axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, y_BN[:, -1:], axis=-1))

@@ -1,4 +1,4 @@
-"""Schedule arithmetic in sequences seen (SPEC §5.1, §5.2).
+"""Schedule arithmetic in sequences seen.
 
 A point p (in sequences) fires at the first step boundary at or past it, i.e.
 after ceil(p / B) updates, labelled 32 * ceil(p / 32) for B = 32. The final point

@@ -1,4 +1,4 @@
-"""The rank-1 three-factor toy model of the phase change (SPEC §7, Fig. 5a).
+"""The rank-1 three-factor toy model of the phase change (the paper's Fig. 5a).
 
 Target T* = a* (x) b* (x) c* with a*, b*, c* ~ N(0, I_20); model T = a (x) b (x) c;
 loss (1/2N) sum (T* - T)^2 with N = 20^3. Full-batch gradient descent (lr 1,

@@ -9,7 +9,7 @@
   (later, by other tools: loss_curves.{png,pdf}, analysis/; a sweep's folder holds
   sweep.json and program_<k>/ instead)
 
-A workdir is never appended to blindly (SPEC §9.10): a workdir holding a run of
+A workdir is never appended to blindly: a workdir holding a run of
 the same config is resumed from its latest checkpoint (rows after it are
 dropped, then recomputed), one holding a different config is refused with the
 differing fields named, unless the caller asks to overwrite. Resume never drops

@@ -351,7 +351,7 @@ def test_graft_replaces_block0_residual_with_the_donors(params, cfg, gbatch):
 
 
 def test_grad_graft(trained_ish, params, cfg, gbatch):
-  """SPEC §4.4: this model's embeddings and layer 0 get no gradient; layer 1+ learns."""
+  """Graft-in: this model's embeddings and layer 0 get no gradient; layer 1+ learns."""
   c, plan = _graft_clamps(params)
   loss = lambda p: model_lib.query_loss(model_lib.apply(p, gbatch, c, cfg, plan)[0], gbatch.y)
   g = jax.tree.map(np.asarray, jax.grad(loss)(trained_ish))

@@ -1,4 +1,4 @@
-"""Fixed evaluation sets (SPEC §1.5) and the dense analysis set (SPEC §1.6)."""
+"""Fixed evaluation sets and the dense analysis set."""
 import itertools
 
 import jax
@@ -67,7 +67,7 @@ def test_deterministic_from_eval_seed(ev):
 
 
 def test_key_derivation(ev):
-  # SPEC §5.3: eval_seed -> (data, model); data key split once per evaluator, in order.
+  # eval_seed -> (data, model); data key split once per evaluator, in order.
   data_key, _ = jax.random.split(jax.random.key(1))
   key = jax.random.split(data_key, 4)[2]
   spec = evalsets.spec_for(SPLITS, "train", "val", "train")

@@ -1,4 +1,4 @@
-"""Feature tables: embedded synthetic family (SPEC §2) and file sources (SPEC §1.1)."""
+"""Feature tables: embedded synthetic family and file sources."""
 import h5py
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def test_shape_dtype(feats):
 
 def test_golden_values(feats):
   # Pinned from feature_seed=0, rho=0.8, eta=0.2 (JAX 0.10.2, threefry partitionable).
-  # A failure here means the JAX PRNG stream changed (SPEC §2): the default data changed.
+  # A failure here means the JAX PRNG stream changed: the default data changed.
   # Recorded on another machine: threefry's bits are integer ops (identical everywhere);
   # the float32 normal transform (XLA's erf_inv polynomial, FMA-contracted or not per CPU)
   # and the numpy arithmetic after it (IEEE, one op at a time) can differ by a few ulps, so

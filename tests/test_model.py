@@ -1,4 +1,4 @@
-"""The paper's model (SPEC §3): parameter counts, init, masking, RoPE, sites."""
+"""The paper's model: parameter counts, init, masking, RoPE, sites."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +131,7 @@ def test_sites_shapes_and_pattern(params, cfg, batch):
                                aux[f"blocks.{l}.resid_pre"] + aux[f"blocks.{l}.attn_out"],
                                atol=1e-5)
   np.testing.assert_allclose(aux["logits"], logits)
-  # Head h of the per-head layout reads fused QKV features 8h:8h+8 (SPEC §3.3).
+  # Head h of the per-head layout reads fused QKV features 8h:8h+8.
   u = aux["blocks.0.resid_pre"]
   b0 = params["blocks_0"]
   mean, var = u.mean(-1, keepdims=True), u.var(-1, keepdims=True)

@@ -1,4 +1,4 @@
-"""Omniglot (issue #4): archive and TFDS readers, encoders, feature cache, config.
+"""Omniglot: archive and TFDS readers, encoders, feature cache, config.
 
 Real-data tests read the two small official archives from ../shared/data/omniglot
 and skip when that folder is absent. TFDS tests use tfds.testing.mock_data (no

@@ -32,9 +32,9 @@ def test_every_entry_builds_a_valid_grid(tmp_path, scale):
       for p in progs:
         runs = program.program_runs(p)   # parses every condition (and donor names)
         assert runs and all(r.spec for r in runs)
-      # (the token task, #8, trains at its own learning rate)
+      # (the token task trains at its own learning rate)
       assert cfg.train.learning_rate == scales.get(scale).learning_rate or cfg.is_tokens
-  # Every figure of the list has an entry.
+  # Every paper figure to reproduce has an entry.
   assert {"3a", "3b", "4a", "4b", "5a", "5b", "6", "A7", "A8", "A10", "A15", "A17",
           "A18"} <= seen_figures
   assert {"X-deep", "X-capacity", "X-vocab"} <= seen_figures

@@ -1,4 +1,4 @@
-"""On-device sequence sampler invariants (SPEC §1.4)."""
+"""On-device sequence sampler invariants."""
 import jax
 import jax.numpy as jnp
 import numpy as np

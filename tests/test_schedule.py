@@ -1,4 +1,4 @@
-"""Schedule arithmetic in sequences seen (SPEC §5.1, §5.2)."""
+"""Schedule arithmetic in sequences seen."""
 import pytest
 
 from ih_jax import schedule

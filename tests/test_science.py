@@ -1,4 +1,4 @@
-"""Scientific integration checks with the real training (SPEC §5.6), at CI scale.
+"""Scientific integration checks with the real training, at CI scale.
 
 Budgets were measured with the default synthetic features (family relu, latent_dim 64,
 rho = 0.8), init seed 5 and train seed 0: the main run's fsl_train loss sits near ln 2

@@ -1,4 +1,4 @@
-"""Class / exemplar splits and relabel pairs (SPEC §1.2, §1.3)."""
+"""Class / exemplar splits and relabel pairs."""
 import itertools
 
 import numpy as np

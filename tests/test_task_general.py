@@ -1,4 +1,4 @@
-"""The generalised few-shot task (#8): bursty contexts, Zipfian classes, fixed labels."""
+"""The generalised few-shot task: bursty contexts, Zipfian classes, fixed labels."""
 import jax
 import numpy as np
 import pytest
@@ -21,8 +21,9 @@ def _sample(n, bursty=1, zipf=0.0, relabel=1.0, num_labels=0, batch=4096, key=0)
   return jax.tree.map(np.asarray, idx)
 
 
-# The paper's sampler before #8 (commit 2d508d8) on key 3, batch 6: the default layout
-# must reproduce its stream exactly (resumed runs and published numbers depend on it).
+# The paper's sampler before the task was generalised (commit 2d508d8) on key 3, batch 6:
+# the default layout must reproduce its stream exactly (resumed runs and published
+# numbers depend on it).
 _GOLDEN = {
     2: dict(classes=[[3, 49, 3], [6, 43, 6], [49, 38, 38], [36, 2, 36], [18, 38, 18],
                      [34, 30, 30]],

@@ -1,4 +1,4 @@
-"""The few-shot task with Chan et al. (2022)'s data properties (#8).
+"""The few-shot task with Chan et al. (2022)'s data properties.
 
 Longer contexts (n = 8) with the query class repeated (bursty, k = 3), Zipfian
 training classes over 800 classes, and 10% of sequences with fixed class labels

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   cfg.train.eval_every = 1000
   cfg.sweep.conditions = conditions(int(args.get("head", 0)), int(args.get("pt", 0)))
   cfg.sweep.init_seeds = (5,)
-  # Dense checkpoints: SPEC §5.2 wants them for the "None" baseline (progress measures
-  # under clamps, §6.6); the runs share one stacked checkpoint, so all get them.
+  # Dense checkpoints: the "None" baseline needs them (progress measures under
+  # clamps); the runs share one stacked checkpoint, so all get them.
   cfg.checkpoint.every = int(float(args.get("ckpt_every", 1000)))
   return cfg

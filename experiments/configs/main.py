@@ -1,6 +1,6 @@
 """The paper's main run: 1e6 sequences, eval every 5000, init seed 5, no clamps.
 
-Checkpoints every 1000 sequences (SPEC §5.2: dense, for the progress measures).
+Checkpoints every 1000 sequences (dense, for the progress measures).
 
   python -m experiments.train --config=experiments/configs/main.py --workdir=/tmp/ih_main
   python -m experiments.train --config=experiments/configs/main.py \

@@ -1,4 +1,4 @@
-"""The paper's main run on real Omniglot features (issue #4).
+"""The paper's main run on real Omniglot features.
 
 Arguments (after ':'): encoder=conv|pixels (default conv), reader=archives|tfds
 (default archives), dir=FOLDER of official zip archives (reader archives: default
@@ -43,5 +43,5 @@ def get_config(arg: str | None = None):
   cfg.train.eval_every = 5000
   cfg.sweep.conditions = ("none",)
   cfg.sweep.init_seeds = (5,)
-  cfg.checkpoint.every = 10_000          # --config.checkpoint.every=1000 for SPEC-dense analysis
+  cfg.checkpoint.every = 10_000          # --config.checkpoint.every=1000 for the progress measures
   return cfg

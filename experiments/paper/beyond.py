@@ -1,4 +1,4 @@
-"""Registry entries beyond the paper (#8): deeper models, capacity, vocabulary size.
+"""Registry entries beyond the paper: deeper models, capacity, vocabulary size.
 
 Each asks a question the paper leaves open, with the same machinery as the paper's
 entries: stages are sweeps, head choices come from each model's own unclamped run
@@ -16,7 +16,6 @@ question asked ("Q: ..."); "did not hold" is an answer, not a failure.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax

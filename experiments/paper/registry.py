@@ -478,12 +478,12 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
 ) + beyond.ENTRIES}
 
 
-# Entries beyond the paper (#8): run with --figure=beyond (not part of "all").
+# Entries beyond the paper: run with --figure=beyond (not part of "all").
 BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES)
 
 
 def resolve(figure: str) -> list[Entry]:
-  """'5b' / 'A7' / '3a' / 'main' / 'all' (the paper) / 'beyond' (#8) -> entries, in order."""
+  """'5b' / 'A7' / '3a' / 'main' / 'all' (the paper) / 'beyond' -> entries, in order."""
   if figure == "all":
     return [e for e in ENTRIES.values() if e.key not in BEYOND]
   if figure == "beyond":

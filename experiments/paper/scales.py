@@ -40,7 +40,7 @@ SCALES = {
     "full": Scale("full", 1e-5, 1.0, (6, 7, 8, 9), 1000, 1000, 1000, None, 8192, 4096, 100),
     "quick": Scale("quick", 1e-4, 0.15, (6, 7), 500, 1500, 1000, 8192, 4096, 2048, 40),
     # quick's learning rate with twice its length and five seeds: for the questions
-    # beyond the paper (#8) where seed-to-seed spread and late learners matter.
+    # beyond the paper where seed-to-seed spread and late learners matter.
     "medium": Scale("medium", 1e-4, 0.3, (6, 7, 8, 9), 500, 3000, 1000, 8192, 4096, 2048, 40),
     # Tests only: every stage runs, nothing is expected to learn.
     "smoke": Scale("smoke", 1e-4, 0.004, (6,), 100, 1000, 1000, 512, 512, 256, 4),

@@ -1,4 +1,4 @@
-"""`--figure=tokens`: the token-level induction task (issue #8, beyond the paper).
+"""`--figure=tokens`: the token-level induction task (beyond the paper).
 
   python -m experiments.reproduce --figure=tokens --scale=quick --workdir=/tmp/repro_tok
 
@@ -180,7 +180,7 @@ def _analyze(study: Study, results: dict, heads: dict) -> Outcome:
       V.at_least(f"Tokens: Layer 1 has a previous-token head (here L1H{P})",
                  info["prev_token"][0][P], PREV_TOKEN_PT,
                  f"final previous-token score of L1H{P} (uniform causal attention gives ~0.10)"),
-      V.at_least(f"Tokens (our question): the induction head's OV circuit copies",
+      V.at_least("Tokens (our question): the induction head's OV circuit copies",
                  info["copying"][L - 1][I], COPYING, f"copying score of L{L}H{I}"),
   ]
   lts = {c: timing.learning_time(s, l, threshold=thr)

@@ -1,4 +1,4 @@
-"""End-of-training head studies as vmapped stacks of clamp conditions (SPEC §6.3-6.4).
+"""End-of-training head studies as vmapped stacks of clamp conditions.
 
 Each study builds its conditions as clamp spec strings, stacks them, and
 evaluates all of them in one `measures.measure` call (one compiled program). Heads
@@ -54,7 +54,7 @@ def head_ablations(params: Any, features, idx, cfg: ModelConfig,
 def mistake_fixing(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarray, *,
                    perfected: bool = False, strongest: int | None = None,
                    base: Clamps | None = None, **kw) -> dict[str, list]:
-  """SPEC §6.3 / §6.6: which heads fix the strongest head's mistakes.
+  """Mistake fixing: which heads fix the strongest head's mistakes.
 
   only_h keeps one last-layer head (with `perfected`, also IH-clamps it: pm_only_h).
   R = the sequences only_STRONGEST gets wrong; per head: accuracy of only_h, the
@@ -111,7 +111,7 @@ def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarra
 
 def wiring(params: Any, features, idx, cfg: ModelConfig, base: Clamps | None = None,
            **kw) -> dict[str, np.ndarray]:
-  """Layer-2 x layer-1 heatmaps [i = last-layer head, j = first-layer head] (SPEC §6.4).
+  """Layer-2 x layer-1 heatmaps [i = last-layer head, j = first-layer head].
 
   For mode in (pp = pattern-preserving, pv = value-preserving):
     all_but_one_<mode>[i, j] = acc(only i in the last layer, j ablated) - acc(only i)
@@ -140,7 +140,7 @@ def wiring(params: Any, features, idx, cfg: ModelConfig, base: Clamps | None = N
 
 def layer_set_ablation(params: Any, features, idx, cfg: ModelConfig, heads: str,
                        base: Clamps | None = None, **kw) -> dict[str, float]:
-  """Accuracy with a set of first-layer heads ablated under pp and under pv (SPEC §6.4)."""
+  """Accuracy with a set of first-layer heads ablated under pp and under pv."""
   specs = ["none", f"preserve_pattern;ablate:{heads}", f"preserve_value;ablate:{heads}",
            f"ablate:{heads}"]
   acc = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)["acc"]

@@ -1,4 +1,4 @@
-"""Weight-based K/Q/V composition scores between consecutive layers (SPEC §6.5).
+"""Weight-based K/Q/V composition scores between consecutive layers.
 
 CS_X(h1 <- h0) = ||W_O^{h0} W_X^{h1}||_F / (||W_O^{h0}||_F ||W_X^{h1}||_F), LayerNorm
 ignored; W_O^{h0} [dh, d] = rows 8 h0 .. 8 h0 + 7 of layer l's output kernel,

@@ -28,7 +28,7 @@ class RunContext:
   splits: splits_lib.Splits
 
   def dense_set(self, size: int | None = None, seed: int = 0) -> sampler.SequenceIndices:
-    """The dense analysis set (SPEC §1.6), or a fixed random subset of `size` sequences."""
+    """The dense analysis set, or a fixed random subset of `size` sequences."""
     idx = evalsets.dense_indices(self.splits)
     total = idx.classes.shape[0]
     if size is None or size >= total:
@@ -84,7 +84,7 @@ def load_context(workdir: str) -> RunContext:
 
 
 def subsample_steps(steps: list[int], num: int = 100) -> list[int]:
-  """The checkpoints closest to linspace(first, last, num), duplicates removed (SPEC §6.7)."""
+  """The checkpoints closest to linspace(first, last, num), duplicates removed."""
   if len(steps) <= num:
     return list(steps)
   arr = np.asarray(steps)

@@ -1,11 +1,11 @@
 """Progress measures on a fixed set of sequences, vmapped over checkpoints and clamps.
 
 `measure(params_K, ...)` evaluates a stack of K checkpoints (leading axis) on an
-index-form sequence set (e.g. the 78,400-sequence dense set, SPEC §1.6),
+index-form sequence set (e.g. the 78,400-sequence dense analysis set),
 optionally under a stack of Q clamp conditions, in ONE compiled program: a
 `lax.map` over checkpoints (vmapped in groups of `ckpt_batch`), a `vmap` over
 conditions, and a `lax.scan` over sequence chunks whose features are gathered per
-chunk (SPEC §8.21: the dense set's features never exist all at once).
+chunk (the dense set's features never exist all at once).
 
 Measures: loss / acc (query cross-entropy and accuracy), every registered head score
 per layer and head ([L, H]; ih_jax.analysis.scores: induction strength, previous-token

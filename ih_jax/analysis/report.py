@@ -247,7 +247,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
           final, feats, sets.dense, cfg, strength, perfected=perfected, strongest=strongest,
           base=base))
 
-  # A single-head run (all other last-layer heads ablated, SPEC's "None" condition):
+  # A single-head run (all other last-layer heads ablated, the paper's "None" clamp baseline):
   # the composite (PT clamp) and copy (IH clamp) subcircuit measures over training.
   kept = _single_kept_head(info["spec"], cfg)
   # Defined relative to the run's own clamp, so in the clamped view only.

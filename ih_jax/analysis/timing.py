@@ -1,4 +1,4 @@
-"""Phase-change timing from loss curves (any run's metrics.csv; SPEC §6.7).
+"""Phase-change timing from loss curves (any run's metrics.csv).
 
   learning_time      first eval seqs with loss < 0.4 ln 2; NaN (censored) if never
   steepest_descent   eval seqs where the (3-point median smoothed) loss falls fastest

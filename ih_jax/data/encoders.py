@@ -20,7 +20,7 @@ Protocol (sources "omniglot_pixels" and "omniglot_conv"):
                feature (non-negative, like the paper's ResNet-18 avgpool features).
   5. Scale by one global constant so that the fit rows have mean squared norm
      `feature_scale`^2 * dim (the synthetic family's scale; 0 = raw). The model
-     itself never normalises its inputs (SPEC §1.1).
+     itself never normalises its inputs.
 Tables are cached as `.npz` and trained encoders as Orbax checkpoints under
 `cache_dir`, keyed by everything that determines them.
 """

@@ -1,4 +1,4 @@
-"""Fixed evaluation sets (SPEC §1.5) and the dense analysis set (SPEC §1.6)."""
+"""Fixed evaluation sets and the dense analysis set."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class EvaluatorConfig:
   labels: str = "relabel"
 
 
-# The paper's four evaluators, in the order their keys are split off (SPEC §1.5).
+# The paper's four evaluators, in the order their keys are split off.
 PAPER_EVALUATORS = (
     EvaluatorConfig("fsl_train", "train", "train", "train"),
     EvaluatorConfig("fsl_val_rl", "train", "train", "val"),

@@ -1,4 +1,4 @@
-"""Feature tables [classes, exemplars, dim] behind one interface (SPEC §1.1, §2).
+"""Feature tables [classes, exemplars, dim] behind one interface.
 
 Sources:
   * "synthetic": an embedded family picked by `family` (no download): "gaussian"

@@ -1,4 +1,4 @@
-"""On-device few-shot sequence sampler (SPEC §1.4).
+"""On-device few-shot sequence sampler.
 
 A sequence has `n` context (exemplar, label) pairs followed by a query exemplar.
 The context holds the query's class k times ("bursty"; k = 1 in the paper), one

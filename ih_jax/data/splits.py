@@ -1,4 +1,4 @@
-"""Class / exemplar splits and relabel pairs (SPEC §1.2, §1.3).
+"""Class / exemplar splits and relabel pairs.
 
 All of this is host-side numpy: it is fixed per experiment and becomes constant
 index arrays for the on-device sampler.
@@ -15,7 +15,7 @@ import numpy as np
 
 # The paper's split of the 10 unordered pairs of 5 labels. It was produced by a
 # seeded permutation whose result depends on the JAX PRNG implementation, so we
-# hard-code it (SPEC §1.3).
+# hard-code it.
 PAPER_TRAIN_PAIRS_C5 = ((1, 2), (2, 3), (0, 4), (0, 3), (0, 1), (2, 4), (1, 4), (3, 4))
 PAPER_VAL_PAIRS_C5 = ((1, 3), (0, 2))
 
