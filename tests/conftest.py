@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ih_jax import model as model_lib
+from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features, sampler, splits as splits_lib
 
 import numerics
@@ -52,6 +53,18 @@ def cfg():
 @pytest.fixture(scope="session")
 def params(cfg):
   return model_lib.init_params(jax.random.key(5), cfg, 512)
+
+
+def small_sweep(conditions, num_seqs: int, every: int, *, eval_size: int = 64,
+                **extra) -> ExperimentConfig:
+  """A short sweep of `conditions` (seed 5): evaluations and snapshots every `every`
+  sequences, one small fsl_train eval set; `extra` adds config sections."""
+  train = dict(num_seqs=num_seqs, eval_every=every, progress_every_s=0)
+  train.update(extra.pop("train", {}))
+  return ExperimentConfig.from_dict({
+      "train": train, "checkpoint": dict(every=every),
+      "sweep": {"conditions": list(conditions), "init_seeds": [5]},
+      "evaluators": [{"name": "fsl_train", "size": eval_size}], **extra})
 
 
 def make_batch(feature_table, splits, n=2, batch_size=16, seed=3):

@@ -12,7 +12,7 @@ import pytest
 from ih_jax import clamps as clamps_lib
 from ih_jax import train
 from ih_jax.analysis import context, heads as heads_lib, measures, report, timing
-from ih_jax.config import ExperimentConfig
+from conftest import small_sweep
 
 CONDITIONS = ("none", "match=ih:L2H3;keep_only:L2H3", "single=keep_only:L2H0")
 DENSE = 256
@@ -21,11 +21,7 @@ DENSE = 256
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("clamped"))
-  cfg = ExperimentConfig.from_dict({
-      "train": dict(num_seqs=1920, eval_every=640, progress_every_s=0, learning_rate=1e-3),
-      "checkpoint": dict(every=640),
-      "sweep": {"conditions": list(CONDITIONS), "init_seeds": [5]},
-      "evaluators": [{"name": "fsl_train", "size": 64}]})
+  cfg = small_sweep(CONDITIONS, 1920, 640, train=dict(learning_rate=1e-3))
   train.train_and_evaluate(cfg, wd, verbose=False)
   # (Wiring is left to test_analysis's CLI test: 264 more conditions to compile.)
   summary = report.analyze_workdir(wd, dense_size=DENSE, do_wiring=False, posthoc_size=128,

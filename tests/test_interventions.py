@@ -15,7 +15,7 @@ from ih_jax import interventions
 from ih_jax import model as model_lib
 from ih_jax import train
 from ih_jax.analysis import context, measures, report
-from ih_jax.config import ExperimentConfig
+from conftest import small_sweep
 
 GUIDE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "extending.md")
 CONDITIONS = ("none", "half=scale:L2H*@0.5", "both=scale:L2H1@0.2;pt:L1H3")
@@ -89,11 +89,7 @@ def test_scale_zero_equals_value_ablation(scale_kind, params, cfg, batch):
 @pytest.fixture(scope="module")
 def trained(scale_kind, tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("plugin"))
-  cfg = ExperimentConfig.from_dict({
-      "train": dict(num_seqs=1280, eval_every=640, progress_every_s=0, learning_rate=1e-3),
-      "checkpoint": dict(every=640),
-      "sweep": {"conditions": list(CONDITIONS), "init_seeds": [5]},
-      "evaluators": [{"name": "fsl_train", "size": 64}]})
+  cfg = small_sweep(CONDITIONS, 1280, 640, train=dict(learning_rate=1e-3))
   result = train.train_and_evaluate(cfg, wd, verbose=False)
   return wd, result
 

@@ -8,19 +8,15 @@ import numpy as np
 import pytest
 
 from ih_jax import train, workdir as workdir_lib
-from ih_jax.config import ExperimentConfig
+from conftest import small_sweep
 
 pytest.importorskip("tensorboardX")
 from tensorboardX.proto import event_pb2  # noqa: E402
 
 
 def _config(writers, **tracking):
-  return ExperimentConfig.from_dict({
-      "train": dict(num_seqs=960, eval_every=320, progress_every_s=0),
-      "checkpoint": dict(every=320),
-      "sweep": {"conditions": ["none", "pt=pt:L1H3"], "init_seeds": [5]},
-      "evaluators": [{"name": "fsl_train", "size": 64}],
-      "tracking": dict(writers=writers, **tracking)})
+  return small_sweep(["none", "pt=pt:L1H3"], 960, 320,
+                     tracking=dict(writers=writers, **tracking))
 
 
 def read_events(path: str) -> list:
