@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The paper's main run (1e6 sequences) on the embedded default features. Rerunning
 # resumes an interrupted demo (or just reloads a finished one); `make clean` starts over.
 demo: install
-	$(PY) -m experiments.train --config=experiments/configs/main.py \
+	$(VENV)/bin/ih-jax train --config=main \
 	    --workdir=$(DEMO_DIR)
 
 test: install
@@ -31,14 +31,14 @@ test-fast: install
 	$(PY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/throughput.py
+	$(VENV)/bin/ih-jax bench
 
 # One figure of the paper (or all) with its REPORT.md: make reproduce FIGURE=5b SCALE=quick
 FIGURE ?= all
 SCALE ?= quick
 REPRO_DIR ?= repro_$(SCALE)
 reproduce: install
-	$(PY) -m experiments.reproduce --figure=$(FIGURE) --scale=$(SCALE) --workdir=$(REPRO_DIR)
+	$(VENV)/bin/ih-jax reproduce --figure=$(FIGURE) --scale=$(SCALE) --workdir=$(REPRO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -183,10 +183,12 @@ class Sweep:
 
   @property
   def conditions(self) -> list[str]:
+    """The distinct condition names of the runs, in first-seen order."""
     return list(dict.fromkeys(r.condition for r in self.runs))
 
   @property
   def seeds(self) -> list[int]:
+    """The distinct init seeds of the runs, in first-seen order."""
     return list(dict.fromkeys(r.seed for r in self.runs))
 
   def learning_times(self, eval_set: str = "fsl_train") -> dict[tuple[str, int], float]:

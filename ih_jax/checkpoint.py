@@ -135,6 +135,7 @@ class RunCheckpointer:
                                             custom_metadata=meta)
 
   def steps(self) -> list[int]:
+    """Sequences-seen labels of the resume checkpoints on disk, ascending."""
     return sorted(m.step for m in self._resume.checkpoints)
 
   def restore_latest(self, template: dict[str, Any], from_saveable: Callable[[dict], Any],
@@ -189,6 +190,7 @@ class RunCheckpointer:
         self._resume.delete(m.step)
 
   def wait(self) -> None:
+    """Blocks until pending async saves have finished."""
     self._resume.wait()
 
   def finish(self) -> None:
@@ -199,6 +201,7 @@ class RunCheckpointer:
     self.close()
 
   def close(self) -> None:
+    """Closes the underlying Orbax checkpointer."""
     self._resume.close()
 
 
@@ -236,6 +239,9 @@ def list_steps(workdir: str) -> list[int]:
 
 
 def resolve_step(steps: list[int], seqs: int | None, nearest: bool) -> int:
+  """The saved step to load: the last one when `seqs` is None, else `seqs` itself, or
+  with `nearest` the closest saved step (ties to the smaller); raises CheckpointError
+  when nothing is saved or `seqs` is missing without `nearest`."""
   if not steps:
     raise CheckpointError("no params were saved (empty snapshot store / checkpoint folder)")
   if seqs is None:

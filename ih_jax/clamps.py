@@ -108,14 +108,17 @@ class ClampPlan:
   clean_pass_for: tuple[str, ...] = ()
 
   def uses(self, kind: str) -> bool:
+    """Whether some run in the program uses intervention kind `kind`."""
     return kind in self.kinds
 
   @property
   def needs_clean_pass(self) -> bool:
+    """Whether some kind needs an extra unedited forward pass."""
     return bool(self.clean_pass_for)
 
   @property
   def num_passes(self) -> int:
+    """Forward passes per step: the main one, a clean one if needed, and the kinds' extra passes."""
     return (1 + int(self.needs_clean_pass)
             + sum(core.get(k).extra_passes for k in self.kinds))
 

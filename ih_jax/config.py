@@ -2,7 +2,7 @@
 
 The library takes these frozen dataclasses. `ExperimentConfig.from_dict` accepts
 any nested mapping (e.g. `ml_collections.ConfigDict.to_dict()`), so only the
-launchers in `experiments/` depend on ml_collections. Unknown keys are errors.
+launchers in `ih_jax/experiments/` depend on ml_collections. Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def _check_seeds(where: str, seeds: tuple[int, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
+  """The task: its kind, and for the few-shot task the sequence layout, splits and sampling."""
   # "fewshot": the paper's few-shot task; "tokens": the token-level induction task
   # (ih_jax.data.tokens; needs model.vocab_size >= 2, layout in ExperimentConfig.tokens).
   kind: str = "fewshot"
@@ -68,6 +69,8 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """Training length, batch size, Adam learning rate, training / eval data seeds, evaluation
+  cadence, matmul precision and progress-line interval."""
   num_seqs: int = 1_000_000      # training length in sequences seen (the paper's x-axis unit)
   batch_size: int = 32
   learning_rate: float = 1e-5    # plain Adam, no weight decay
@@ -187,6 +190,9 @@ class SweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
+  """A whole experiment: model, data, task, training, sweep, checkpoint, evaluator and
+  tracking settings. Cross-field checks (task kind against the model, the few-shot
+  layout, the class split against the data) run on construction."""
   model: ModelConfig = ModelConfig()
   data: FeatureConfig = FeatureConfig()
   task: TaskConfig = TaskConfig()
@@ -217,10 +223,13 @@ class ExperimentConfig:
 
   @property
   def is_tokens(self) -> bool:
+    """Whether this is the token-level induction task (task.kind == "tokens")."""
     return self.task.kind == "tokens"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentConfig":
+    """A config from a nested mapping, values coerced to the field types (sequences to
+    tuples); unknown keys are errors."""
     return _build(cls, d, "config")
 
   @classmethod
@@ -229,6 +238,7 @@ class ExperimentConfig:
     return cls.from_dict(stored_defaults(d))
 
   def to_dict(self) -> dict[str, Any]:
+    """The config as nested plain dicts (`dataclasses.asdict`)."""
     return dataclasses.asdict(self)
 
 

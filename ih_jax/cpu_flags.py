@@ -1,6 +1,6 @@
 """Default XLA:CPU settings that make this tiny model several times faster.
 
-Measured on a 2-core CPU (benchmarks/ and BUILD_NOTES.md), `import ih_jax` adds two
+Measured on a 2-core CPU (`ih-jax bench`, BUILD_NOTES.md), `import ih_jax` adds two
 flags to XLA_FLAGS (each only if the user has not set it, and neither if
 IH_JAX_KEEP_XLA_FLAGS is set). They must be set before JAX initialises its CPU
 backend, hence at import. Neither has any effect on GPU/TPU.

@@ -87,6 +87,7 @@ def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],
 # ----------------------------------------------------------------- token-task pattern scores
 
 def prev_token_score(pattern_BHTT: jax.Array) -> jax.Array:
+  """Mean attention from each token t >= 1 to token t-1: [B, H] from a [B, H, T, T] pattern."""
   return jnp.diagonal(pattern_BHTT, offset=-1, axis1=2, axis2=3).mean(-1)  # (t, t-1) pairs
 
 
@@ -111,6 +112,8 @@ def _masked_mean(x_BHT: jax.Array, mask_BT: jax.Array) -> jax.Array:
 
 
 def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int) -> jax.Array:
+  """Attention from each position of the second copy to the token after its match in the
+  first copy, averaged over those positions: [B, H]."""
   T = pattern_BHTT.shape[-1]
   mask, src = _copy_positions(batch, T, segment_len)
   return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1)), mask)
@@ -118,6 +121,8 @@ def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int
 
 def induction_strength(pattern_BHTT: jax.Array, batch: TokenBatch,
                        segment_len: int) -> jax.Array:
+  """Prefix-matching attention minus attention to the matched token itself, [B, H],
+  averaged over the second copy's positions."""
   T = pattern_BHTT.shape[-1]
   mask, src = _copy_positions(batch, T, segment_len)
   return _masked_mean(_mass_at(pattern_BHTT, jnp.minimum(src + 1, T - 1))

@@ -85,6 +85,7 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
+    """K, the width of one head: d_model // num_heads."""
     return self.d_model // self.num_heads
 
   @property
@@ -94,10 +95,12 @@ class ModelConfig:
 
   @property
   def use_rope(self) -> bool:
+    """Whether queries and keys are rotated by RoPE ("rope" in pos_emb)."""
     return "rope" in self.pos_emb
 
   @property
   def learned_pos(self) -> bool:
+    """Whether learned absolute position embeddings are added ("learned" in pos_emb)."""
     return "learned" in self.pos_emb
 
 
@@ -254,6 +257,7 @@ split_even.defvjp(lambda x, n: (split_even(x, n), None),
 
 
 def to_heads(x_BTD: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, H*K] -> [B, H, T, K]: splits the packed feature axis into heads."""
   B, T, D = x_BTD.shape
   return x_BTD.reshape(B, T, num_heads, D // num_heads).transpose(0, 2, 1, 3)
 
@@ -290,6 +294,7 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
+    """Creates the LayerNorm, fused QKV and output projections (and the MLP when mlp_ratio > 0)."""
     cfg = self.cfg
     self.ln = nn.LayerNorm(epsilon=cfg.ln_eps)
     self.qkv = FusedQKV(3 * cfg.d_model, use_bias=cfg.attn_bias)
@@ -326,6 +331,7 @@ class Block(nn.Module):
     return r(q), r(k), v
 
   def output(self, head_out_BTD: jax.Array) -> jax.Array:
+    """The output projection of the packed head outputs [B, T, D] -> [B, T, d]."""
     return self.out(head_out_BTD)
 
   def mlp(self, h_BTD: jax.Array) -> jax.Array:
@@ -350,9 +356,13 @@ class LearnedPositions(nn.Module):
 
 
 class Transformer(nn.Module):
+  """The Flax module behind `init_params` and `apply`: embeddings, blocks and unembedding,
+  with each step a method so that interventions can run between them."""
   cfg: ModelConfig
 
   def setup(self):
+    """Creates the embeddings (a token table, or exemplar and label maps), the blocks, the
+    learned positions if used, the final LayerNorm and the unembedding."""
     cfg = self.cfg
     if cfg.tokens:
       # Unit-variance rows, like the few-shot exemplar embedding of ~unit-variance features.
@@ -417,15 +427,20 @@ class Transformer(nn.Module):
     return (E if P is None else E + P), P
 
   def project(self, layer: int, h_BTD, qkv_BTZ=None, query_only: bool = False):
+    """Block `layer`'s packed q, k (post-RoPE), v (see `Block.project`)."""
     return self.blocks[layer].project(h_BTD, qkv_BTZ, query_only)
 
   def output(self, layer: int, head_out_BTZ):
+    """Block `layer`'s output projection of the packed head outputs."""
     return self.blocks[layer].output(head_out_BTZ)
 
   def mlp(self, layer: int, h_BTD):
+    """Block `layer`'s MLP branch (see `Block.mlp`)."""
     return self.blocks[layer].mlp(h_BTD)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """Final LayerNorm and unembedding: [B, T, V] for the token model; few-shot: only at the
+    exemplar positions 0, 2, ..., 2n, [B, n+1, C]."""
     z = self.unembed(self.ln_f(h_BTD))
     return z if self.cfg.tokens else z[:, 0::2]  # few-shot: exemplar positions 0, 2, ..., 2n
 
@@ -445,6 +460,7 @@ def init_params(key: jax.Array, cfg: ModelConfig, feature_dim: int, num_context:
 
 
 def param_count(params: Any) -> int:
+  """The number of scalars in a params tree."""
   return sum(int(p.size) for p in jax.tree.leaves(params))
 
 

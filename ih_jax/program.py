@@ -40,6 +40,7 @@ from ih_jax.sweep import Program, RunSpec, Variant
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+  """One run of a program: its index on the runs axis, condition, clamp spec, seed, variant."""
   index: int
   condition: str   # condition name
   spec: str        # canonical clamp spec (ih_jax.clamps.describe)
@@ -48,6 +49,7 @@ class Run:
 
 
 class TrainState(NamedTuple):
+  """The training state of every run of a program, stacked on the runs axis."""
   params: Any          # runs-stacked params [R_pad, ...]
   opt_state: Any       # runs-stacked Adam state
   data_key: jax.Array  # [V] training-stream keys, one per data variant
@@ -73,6 +75,7 @@ class Experiment:
 
   @property
   def num_padded(self) -> int:
+    """R_pad, the length of the runs axis including padding runs."""
     return len(self.run_variant)
 
 
@@ -117,6 +120,8 @@ def check_token_clamps(c: clamps_lib.Clamps, entry: str) -> None:
 
 
 def check_seeds(cfg: ExperimentConfig) -> None:
+  """Refuses an empty or duplicated list of init seeds, or an init seed equal to
+  train_seed or eval_seed (the three must be pairwise distinct)."""
   t = cfg.train
   if not cfg.sweep.init_seeds:
     raise ValueError("sweep.init_seeds is empty")
@@ -205,10 +210,12 @@ def token_eval_set(cfg: ExperimentConfig, num_variants: int) -> tokens_lib.Token
 
 
 def eval_set_names(cfg: ExperimentConfig) -> list[str]:
+  """The eval set names a config logs: "tokens" for the token task, else its evaluators'."""
   return [TOKEN_EVAL_SET] if cfg.is_tokens else [e.name for e in cfg.evaluators]
 
 
 def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
+  """Condition name -> its parsed clamps, for each distinct condition of the program."""
   cfg = program.cfg
   entries = tuple(dict.fromkeys(r.condition_entry for r in program.runs))
   return dict(parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
@@ -226,10 +233,12 @@ def program_runs(program: Program) -> list[Run]:
 # ------------------------------------------------------------------ placement
 
 def runs_sharding(exp: Experiment) -> NamedSharding | None:
+  """The sharding that splits the runs axis over the mesh (None without a mesh)."""
   return None if exp.mesh is None else NamedSharding(exp.mesh, P("runs"))
 
 
 def replicated(exp: Experiment) -> NamedSharding | None:
+  """The sharding that replicates an array on every device (None without a mesh)."""
   return None if exp.mesh is None else NamedSharding(exp.mesh, P())
 
 
@@ -254,6 +263,7 @@ def place_inputs(exp: Experiment) -> tuple[Any, jax.Array, dict[str, sampler.Bat
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
+  """Plain Adam at the config's learning rate (no weight decay)."""
   # Plain Adam: a zero gradient leaves a parameter unchanged, which the frozen
   # parts of clamped runs rely on (AdamW's decay would shrink them).
   return optax.adam(cfg.train.learning_rate)
@@ -266,6 +276,9 @@ def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
 
 
 def init_state(exp: Experiment) -> TrainState:
+  """The initial TrainState: every run's params from its init seed with fresh Adam state,
+  one training-stream key per data variant (from its train_seed), step 0, placed on
+  the device(s)."""
   cfg = exp.cfg
   init = lambda key: init_params(key, cfg, exp.features.shape[-1])
 
@@ -382,14 +395,17 @@ class FlatParams:
     self.size = -(-sum(sizes) // self.PAD) * self.PAD
 
   def is_params(self, x: Any) -> bool:
+    """Whether `x` has the params tree's structure (e.g. an Adam moment)."""
     return jax.tree.structure(x) == self.treedef
 
   def ravel(self, tree: Any) -> jax.Array:
+    """A params tree -> one flat [P] vector (leaves in tree order, zero-padded to `size`)."""
     leaves = [x.reshape(-1) for x in jax.tree.leaves(tree)]
     pad = jnp.zeros((self.size - self.offsets[-1],), leaves[0].dtype)
     return jnp.concatenate(leaves + [pad])
 
   def unravel(self, flat_P: jax.Array) -> Any:
+    """A flat [P] vector -> the params tree (the padding is dropped)."""
     # jnp.split's transpose is one concatenate: the gradient arrives flat, cheaply.
     parts = jnp.split(flat_P, self.offsets)[:-1]
     return jax.tree.unflatten(self.treedef, [p.reshape(s) for p, s in zip(parts, self.shapes)])

@@ -7,7 +7,7 @@ module is the textbook form of the same function, on the same params tree:
 
   * an independent oracle: tests check that `model.apply` gives the same logits and
     gradients (tests/test_reference.py);
-  * the "plain implementation" in benchmarks/throughput.py's naive baseline, i.e. what a
+  * the "plain implementation" in ih_jax/experiments/bench.py's naive baseline, i.e. what a
     straightforward port of the paper's model computes per step (every token embedded,
     per-head [B, H, T, T] attention, every position through every layer).
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 def num_steps(num_seqs: int, batch_size: int) -> int:
+  """Optimizer updates to see `num_seqs` sequences: ceil(num_seqs / batch_size)."""
   if num_seqs <= 0 or batch_size <= 0:
     raise ValueError(f"num_seqs and batch_size must be positive, got {num_seqs}, {batch_size}")
   return math.ceil(num_seqs / batch_size)
@@ -38,6 +39,7 @@ def steps_for_points(points: list[int], num_seqs: int, batch_size: int) -> list[
 
 
 def eval_steps(every: int, num_seqs: int, batch_size: int) -> list[int]:
+  """The step indices at which evaluations fire: every `every` sequences, plus the final step."""
   return steps_for_points(periodic_points(every, num_seqs), num_seqs, batch_size)
 
 

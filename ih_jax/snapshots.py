@@ -73,10 +73,12 @@ class Layout:
                [np.shape(x) for _, x in flat])
 
   def to_json(self) -> dict[str, Any]:
+    """The leaf paths and shapes, as stored in the manifest."""
     return dict(paths=self.paths, shapes=[list(s) for s in self.shapes])
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> "Layout":
+    """The Layout stored by `to_json`."""
     return cls(d["paths"], [tuple(s) for s in d["shapes"]])
 
   def ravel(self, params: Any, lead: int = 0) -> np.ndarray:
@@ -139,14 +141,17 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
 # ------------------------------------------------------------------ reading
 
 def store_dir(workdir: str) -> str:
+  """The snapshot folder of a workdir."""
   return os.path.join(workdir, SNAPSHOT_DIR)
 
 
 def has_store(workdir: str) -> bool:
+  """Whether `workdir` holds a snapshot store (its manifest exists)."""
   return os.path.exists(os.path.join(store_dir(workdir), MANIFEST))
 
 
 def read_manifest(workdir: str) -> dict[str, Any]:
+  """The store's parsed manifest; SnapshotError if it is unreadable or of an unknown format."""
   path = os.path.join(store_dir(workdir), MANIFEST)
   try:
     with open(path) as f:
@@ -178,6 +183,7 @@ class Store:
     self._arrays: dict[int, np.ndarray] = {}
 
   def steps(self) -> list[int]:
+    """Sequences-seen labels of every stored snapshot, ascending."""
     return sorted(self.where)
 
   def _array(self, b: int) -> np.ndarray:
@@ -391,6 +397,9 @@ class SnapshotWriter:
       raise SnapshotError(f"writing snapshots to {self.dir} failed: {e!r}") from e
 
   def add(self, seqs: int, flat_RP: Any) -> None:
+    """Queues every run's flat params [R_pad, P_pad] at `seqs` for the writer thread
+    (device arrays are fine); blocks while the queue is full and raises an earlier
+    write error."""
     self._raise()
     self._start()
     self._queue.put(("snap", int(seqs), flat_RP))

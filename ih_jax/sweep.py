@@ -27,12 +27,14 @@ PER_RUN_FIELDS = ("train.train_seed", "data.rho", "data.eta", "data.feature_seed
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+  """One setting of the sweep grid's fields, with its full config."""
   name: str                 # "" for the base config, else "field=value;field=value"
   cfg: ExperimentConfig     # the full config of this variant (sweep.grid cleared)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+  """One run of a program before anything is built: condition, init seed and data variant."""
   condition: str            # condition name
   condition_entry: str      # the sweep.conditions entry ("name=spec" or "spec")
   init_seed: int
@@ -41,6 +43,7 @@ class RunSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
+  """One compiled program of a sweep: its data variants and its runs, in runs-axis order."""
   name: str                 # "" when the sweep is a single program, else "program_<k>"
   variants: tuple[Variant, ...]
   runs: tuple[RunSpec, ...]

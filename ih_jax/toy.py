@@ -20,6 +20,7 @@ CONDITIONS = {"none": (False, False), "clamp c": (False, True), "clamp b, c": (T
 
 
 class ToyCurves(NamedTuple):
+  """Per-condition trajectories of the toy model: loss and the two progress measures."""
   loss: np.ndarray   # [Q, steps + 1]  (index 0 = after init)
   pm1: np.ndarray    # [Q, steps + 1]  1 - cos^2(a, a*)
   pm2: np.ndarray    # [Q, steps + 1]  the loss if b and c were perfect (best sign of a)
@@ -36,6 +37,8 @@ def _loss(a, b, c, a_t, b_t, c_t):
 
 def run(steps: int = 1000, lr: float = 1.0, seed: int = 1,
         conditions: tuple[str, ...] = tuple(CONDITIONS)) -> ToyCurves:
+  """Full-batch gradient descent on the toy model for `steps` updates under each
+  condition (vmapped, one `lax.scan`); the measures after init and after every update."""
   unknown = [c for c in conditions if c not in CONDITIONS]
   if unknown:
     raise ValueError(f"unknown toy condition(s) {unknown}; allowed: {list(CONDITIONS)}")

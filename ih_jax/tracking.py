@@ -31,6 +31,7 @@ _KEYS = ("run", "condition", "seed", "variant", "eval_set", "clamped", "seqs", "
 
 
 def run_name(run: Any) -> str:
+  """A run's tracker name, CONDITION_seedSEED[_VARIANT], with unsafe characters as "_"."""
   name = f"{run.condition}_seed{run.init_seed}" + (f"_{run.variant}" if run.variant else "")
   return re.sub(r"[^\w.=-]+", "_", name)
 
@@ -167,6 +168,7 @@ class Trackers:
     self.close()
 
   def close(self) -> None:
+    """Closes every writer (later calls do nothing)."""
     for w in self.writers:
       w.close()
     self.writers = []

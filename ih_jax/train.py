@@ -55,6 +55,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass
 class TrainResult:
+  """What training one program returns: its runs, final params, metrics, train log and timings."""
   runs: list[Run]
   params: Any                  # runs-stacked final params (host)
   metrics: list[dict[str, Any]]  # one row per run x eval point x eval set x clamped

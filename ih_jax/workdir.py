@@ -64,6 +64,7 @@ def write_sweep_index(workdir: str, programs: list[dict[str, Any]]) -> None:
 
 
 def read_sweep_index(workdir: str) -> list[dict[str, Any]]:
+  """The program entries of a sweep's sweep.json; ValueError if it is damaged or malformed."""
   path = os.path.join(workdir, SWEEP_JSON)
   try:
     with open(path) as f:
@@ -114,6 +115,7 @@ RESUMABLE_CHANGES = ("train.progress_every_s", "checkpoint.resume_every_s",
 
 
 def environment_metadata() -> dict[str, Any]:
+  """Library versions, backend, devices, PRNG settings and the time, for config.json."""
   return dict(
       jax=jax.__version__, flax=flax.__version__, python=platform.python_version(),
       backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
@@ -422,6 +424,8 @@ class RunWriter:
 
   def append(self, rows: list[dict[str, Any]], seqs_S: np.ndarray, loss_RS: np.ndarray,
              gnorm_RS: np.ndarray) -> None:
+    """Appends one chunk's eval rows to metrics.csv and its per-step losses and gradient
+    norms [R, S] to train_log.csv, flushing both."""
     self._mw.writerows(rows)
     self._metrics.flush()
     for r in self._runs:
@@ -431,10 +435,12 @@ class RunWriter:
     self._log.flush()
 
   def close(self) -> None:
+    """Closes metrics.csv and train_log.csv."""
     self._metrics.close()
     self._log.close()
 
   def finish(self, summary: dict[str, Any]) -> None:
+    """Closes the CSV files and writes done.json with `summary` (the run finished)."""
     self.close()
     with open(os.path.join(self.workdir, DONE_JSON), "w") as f:
       json.dump(summary, f, indent=2)

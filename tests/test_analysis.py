@@ -160,14 +160,14 @@ def test_analyze_cli_end_to_end(tmp_path):
   wd = str(tmp_path / "run")
   common = [sys.executable, "-m"]
   train = subprocess.run(
-      common + ["experiments.train", "--config=experiments/configs/tiny.py", f"--workdir={wd}",
+      common + ["ih_jax.experiments.train", "--config=tiny", f"--workdir={wd}",
                 "--config.train.num_seqs=3200", "--config.checkpoint.every=1000",
                 "--config.sweep.conditions=('none','single=keep_only:L2H0')",
                 "--config.sweep.init_seeds=(5,)",
                 "--noplot"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-2000:]
   proc = subprocess.run(
-      common + ["experiments.analyze", f"--workdir={wd}", "--dense_size=256",
+      common + ["ih_jax.experiments.analyze", f"--workdir={wd}", "--dense_size=256",
                 "--wiring_size=64", "--posthoc_size=128", "--l1_sets=L1H0,L1H3|L1H5"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -157,7 +157,7 @@ def test_sigterm_stops_cleanly_and_rerun_resumes(tmp_path):
                "--noplot"]
   def launch(wd):
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+        [sys.executable, "-m", "ih_jax.experiments.train", "--config=tiny",
          f"--workdir={wd}"] + overrides, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
 
@@ -186,7 +186,7 @@ def test_sigterm_stops_cleanly_and_rerun_resumes(tmp_path):
   stopped = ckpt_lib.list_steps(wd)
   assert stopped and stopped[-1] < 48000
   again = subprocess.run(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+      [sys.executable, "-m", "ih_jax.experiments.train", "--config=tiny",
        f"--workdir={wd}"] + overrides, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert "resuming" in again.stdout

@@ -94,7 +94,7 @@ def test_keep_only_clauses_in_one_layer_keep_the_union():
   np.testing.assert_array_equal(c["v_keep"][0], np.ones(H))
   c = cl.parse("ih:L2H1;keep_only:L2H0;keep_only:L2H1", L, H)
   assert c["ih_on"][1, 1] and c["v_keep"][1, :2].all() and not c["v_keep"][1, 2:].any()
-  # Specs the library builds itself stay valid (ih_jax/analysis, experiments/paper).
+  # Specs the library builds itself stay valid (ih_jax/analysis, ih_jax/experiments/paper).
   for spec in ("keep_only:L2H3;ih:L2H3", "keep_only:L2H3;pt:L1H5",
                "preserve_pattern;keep_only:L2H2;ablate:L1H4",
                "preserve_value;keep_only:L2H2;keep_only:L1H4", "keep_only:L2H1,L2H6",
@@ -155,7 +155,7 @@ def _assert_short(proc, *parts):
 
 
 def test_cli_config_typo_shows_did_you_mean_and_traceback_on_request(tmp_path):
-  args = ("experiments.train", "--config=experiments/configs/tiny.py",
+  args = ("ih_jax.experiments.train", "--config=tiny",
           f"--workdir={tmp_path}/a", "--config.train.num_seq=5")
   _assert_short(_cli(*args), "num_seq", "did you mean 'num_seqs'?")
   assert "Traceback" in _cli(*args, env_extra={"IH_JAX_TRACEBACK": "1"}).stderr
@@ -168,15 +168,15 @@ def test_cli_config_typo_shows_did_you_mean_and_traceback_on_request(tmp_path):
      ("'keep_only:L2H1'", "'ablate:L2H1'")),
 ])
 def test_cli_train_bad_values_fail_in_a_few_lines(tmp_path, override, parts):
-  _assert_short(_cli("experiments.train", "--config=experiments/configs/tiny.py",
+  _assert_short(_cli("ih_jax.experiments.train", "--config=tiny",
                      f"--workdir={tmp_path}/a", override), *parts)
 
 
 def test_cli_other_entry_points_fail_in_a_few_lines(tmp_path):
-  _assert_short(_cli("experiments.sweep", "--config=experiments/configs/tiny.py",
+  _assert_short(_cli("ih_jax.experiments.sweep", "--config=tiny",
                      f"--workdir={tmp_path}/s", "--config.sweep.init_seeds=()"),
                 "sweep.init_seeds is empty")
-  _assert_short(_cli("experiments.reproduce", "--figure=zz", f"--workdir={tmp_path}/r"),
+  _assert_short(_cli("ih_jax.experiments.reproduce", "--figure=zz", f"--workdir={tmp_path}/r"),
                 "unknown figure 'zz'")
-  _assert_short(_cli("experiments.analyze", f"--workdir={tmp_path}/none"), f"{tmp_path}/none")
-  _assert_short(_cli("experiments.toy", "--steps=0", f"--out={tmp_path}/t"), "steps", "0")
+  _assert_short(_cli("ih_jax.experiments.analyze", f"--workdir={tmp_path}/none"), f"{tmp_path}/none")
+  _assert_short(_cli("ih_jax.experiments.toy", "--steps=0", f"--out={tmp_path}/t"), "steps", "0")

@@ -21,8 +21,8 @@ from ih_jax import train
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import omniglot
-from experiments.paper import scales
-from experiments.paper.study import Study
+from ih_jax.experiments.paper import scales
+from ih_jax.experiments.paper.study import Study
 
 SHARED_OMNIGLOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "shared", "data", "omniglot")

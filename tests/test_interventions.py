@@ -132,7 +132,7 @@ def test_unregistered_kind_is_a_clear_error_on_reload(trained):
 
 
 def test_plugins_flag_loads_a_file(tmp_path):
-  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from ih_jax.experiments import cli  # pylint: disable=g-import-not-at-top
   path = tmp_path / "my_kinds.py"
   path.write_text("from ih_jax import interventions\n"
                   "class Nop(interventions.Intervention):\n"

@@ -7,7 +7,7 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient is in the 'test' ext
 nbformat = pytest.importorskip("nbformat", reason="nbformat is in the 'test' extra")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NB_DIR = os.path.join(ROOT, "experiments", "notebooks")
+NB_DIR = os.path.join(ROOT, "notebooks")
 
 
 def _execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:

@@ -324,7 +324,7 @@ def test_class_split_rest_and_fit_errors():
 
 
 def test_omniglot_config_arguments():
-  from experiments.configs import common, omniglot as omni_cfg
+  from ih_jax.experiments.configs import common, omniglot as omni_cfg
   cfg = common.to_experiment(omni_cfg.get_config(None))
   assert cfg.data.source == "omniglot_conv" and cfg.data.omniglot_reader == "archives"
   assert cfg.task.class_split == (50, -1, 100) and cfg.data.encoder_holdout == 100
@@ -336,9 +336,9 @@ def test_omniglot_config_arguments():
 
 
 def test_experiment_config_and_short_training(tmp_path):
-  """experiments/configs/omniglot.py, shortened, through train_and_evaluate."""
+  """ih_jax/experiments/configs/omniglot.py, shortened, through train_and_evaluate."""
   _need_shared()
-  from experiments.configs import common, omniglot as omni_cfg
+  from ih_jax.experiments.configs import common, omniglot as omni_cfg
   from ih_jax import train
   cfg = omni_cfg.get_config("encoder=pixels")
   assert os.path.samefile(cfg.data.omniglot_dir, SHARED)
@@ -362,7 +362,7 @@ def test_science_conv_features_plateau_and_phase_change(tmp_path):
   """Main configuration on conv features of the shared archives (default encoder):
   a plateau near ln 2, then the phase change; held-out classes generalise."""
   _need_shared()
-  from experiments.configs import common, omniglot as omni_cfg
+  from ih_jax.experiments.configs import common, omniglot as omni_cfg
   from ih_jax import train
   cfg = omni_cfg.get_config("encoder=conv")
   cfg.data.cache_dir = str(tmp_path / "cache")

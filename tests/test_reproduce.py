@@ -8,13 +8,13 @@ import time
 import pytest
 
 from ih_jax import program, sweep
-from experiments.paper import registry, scales
-from experiments.paper.study import Study, feature_overrides
+from ih_jax.experiments.paper import registry, scales
+from ih_jax.experiments.paper.study import Study, feature_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_HEADS = {s: dict(strongest=(s + 2) % 8, pt_order=[(s + k) % 8 for k in range(8)])
               for s in (5, 6, 7, 8, 9)}
-# The 6-layer entry picks heads from its own unclamped runs (experiments/paper/beyond.py).
+# The 6-layer entry picks heads from its own unclamped runs (ih_jax/experiments/paper/beyond.py).
 _DEEP = {str(s): dict(pt=f"L{1 + s % 5}H{s % 8}", ih=f"L{2 + s % 5}H{(s + 1) % 8}",
                       last=f"L6H{(s + 2) % 8}") for s in (5, 6, 7, 8, 9)}
 FAKE_HEADS["deep"] = {"mlp0": _DEEP, "mlp4": _DEEP}
@@ -91,7 +91,7 @@ def test_feature_overrides():
 
 def _reproduce(*args, check=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quiet", *args],
+  out = subprocess.run([sys.executable, "-m", "ih_jax.experiments.reproduce", "--quiet", *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   if check:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -130,7 +130,7 @@ def test_cli_quick_scale_toy_figure(tmp_path):
 def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   """deep / capacity / vocab end to end (training, head choice, analysis, verdicts) on
   shrunken grids; the full grids run with --scale=quick (numbers in BUILD_NOTES.md)."""
-  from experiments.paper import beyond, report
+  from ih_jax.experiments.paper import beyond, report
   monkeypatch.setattr(beyond, "DEEP_LAYERS", 3)
   monkeypatch.setattr(beyond, "DEEP_MLP", (2,))
   monkeypatch.setattr(beyond, "_deep_seeds", lambda study: (5,))

@@ -169,8 +169,8 @@ def test_training_runs_with_the_chan_properties(tmp_path):
 @pytest.mark.parametrize("name", ["main", "clamps", "tiny", "chan"])
 def test_shipped_configs_build(name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from experiments.configs import common  # pylint: disable=g-import-not-at-top
-  mod = importlib.import_module(f"experiments.configs.{name}")
+  from ih_jax.experiments.configs import common  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module(f"ih_jax.experiments.configs.{name}")
   cfg = common.to_experiment(mod.get_config(None))
   assert cfg.train.num_seqs > 0
   if name == "chan":

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from ih_jax import program, sweep
-from experiments.paper import registry, scales
-from experiments.paper.study import Study
+from ih_jax.experiments.paper import registry, scales
+from ih_jax.experiments.paper.study import Study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_HEADS = {5: dict(strongest=7, pt_order=list(range(8)))}   # few-shot heads: not used
@@ -16,7 +16,7 @@ FAKE_HEADS = {5: dict(strongest=7, pt_order=list(range(8)))}   # few-shot heads:
 
 def _reproduce(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quiet", *args],
+  out = subprocess.run([sys.executable, "-m", "ih_jax.experiments.reproduce", "--quiet", *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out

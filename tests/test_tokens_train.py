@@ -62,7 +62,7 @@ def test_copy_condition_is_refused_by_name():
 
 
 def test_config_file_builds():
-  from experiments.configs import common, tokens  # pylint: disable=g-import-not-at-top
+  from ih_jax.experiments.configs import common, tokens  # pylint: disable=g-import-not-at-top
   cfg = common.to_experiment(tokens.get_config())
   assert cfg.is_tokens and cfg.model.vocab_size == tokens.VOCAB
   cfg = common.to_experiment(tokens.get_config("clamps=1"))
@@ -73,7 +73,7 @@ def test_config_file_builds():
 def test_two_layer_model_forms_an_induction_head(tmp_path):
   """Plateau, phase change, a PT head in layer 1 and an induction head in layer 2.
 
-  experiments/configs/tokens.py (V = 32, T = 32, S = 10, d = 64, 8 heads, lr 1e-3),
+  ih_jax/experiments/configs/tokens.py (V = 32, T = 32, S = 10, d = 64, 8 heads, lr 1e-3),
   seed 5, 80k sequences (~35 s on 2 CPU cores). Measured (the same run is seed 5 of
   `--figure=tokens --scale=quick`, eval set of 500; BUILD_NOTES.md): loss_repeated 3.45
   at 8k seqs (ln 32 = 3.47), 2.80 at 40k, 1.78 at 48k, 1.15 at 52k, 0.80 at 80k (largest
@@ -82,7 +82,7 @@ def test_two_layer_model_forms_an_induction_head(tmp_path):
   sit between chance and the measured values with wide margins: chance levels are
   ~0.10 (previous-token) and ~0.05 (prefix matching) under uniform causal attention.
   """
-  from experiments.configs import common, tokens  # pylint: disable=g-import-not-at-top
+  from ih_jax.experiments.configs import common, tokens  # pylint: disable=g-import-not-at-top
   c = tokens.get_config()
   c.train.num_seqs = 80_000
   c.train.eval_every = 4000

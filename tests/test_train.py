@@ -283,14 +283,14 @@ def test_launcher_end_to_end(tmp_path):
   wd = str(tmp_path / "cli")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+      [sys.executable, "-m", "ih_jax.experiments.train", "--config=tiny",
        f"--workdir={wd}", "--config.train.num_seqs=640"],
       cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert os.path.exists(os.path.join(wd, "loss_curves.png"))
   assert "learning time" in proc.stdout
   bad = subprocess.run(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+      [sys.executable, "-m", "ih_jax.experiments.train", "--config=tiny",
        f"--workdir={wd}2", "--config.train.num_seqz=1"],
       cwd=root, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "num_seqz" in bad.stderr

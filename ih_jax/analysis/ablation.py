@@ -160,6 +160,7 @@ def write_csv(path: str, table: dict[str, Any]) -> None:
 
 
 def write_matrix_csv(path: str, matrix: np.ndarray, row_name: str, col_name: str) -> None:
+  """A 2-D matrix -> CSV: rows ROW0, ROW1, ..., columns COL0, COL1, ... (values to 6 digits)."""
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow([f"{row_name}\\{col_name}"] + [f"{col_name}{j}" for j in range(matrix.shape[1])])

@@ -21,6 +21,7 @@ from ih_jax.interventions import graft as graft_lib
 
 @dataclasses.dataclass
 class RunContext:
+  """What the analysis of one program's workdir needs: its config, runs, features and splits."""
   workdir: str
   cfg: ExperimentConfig            # the program's config (shared settings)
   runs: list[dict[str, Any]]       # index, condition, spec, init_seed, variant
@@ -37,6 +38,7 @@ class RunContext:
     return jax.tree.map(lambda x: x[keep], idx)
 
   def checkpoint_steps(self) -> list[int]:
+    """Sequences-seen labels of the saved params (see `checkpoint.list_steps`)."""
     return ckpt_lib.list_steps(self.workdir)
 
   def stacked_params(self, run: int, steps: list[int]) -> Any:
@@ -61,6 +63,11 @@ class RunContext:
 
 
 def load_context(workdir: str) -> RunContext:
+  """The RunContext of a (few-shot) training workdir, read from its config.json.
+
+  Rebuilds the feature table and splits the runs trained on; raises for a directory
+  that is not a program's workdir, for a token-task workdir, and for a features file
+  that no longer holds the table the runs trained on."""
   path = os.path.join(workdir, workdir_lib.CONFIG_JSON)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir!r} has no {workdir_lib.CONFIG_JSON}: not a training "
@@ -71,7 +78,7 @@ def load_context(workdir: str) -> RunContext:
   if cfg.is_tokens:
     raise ValueError(f"{workdir!r} is a token-task workdir: the few-shot analysis (dense set, "
                      "induction strength, ablations) does not apply. Use "
-                     "ih_jax.analysis.token_scores, or `experiments.reproduce --figure=tokens`")
+                     "ih_jax.analysis.token_scores, or `ih_jax.experiments.reproduce --figure=tokens`")
   feats = features_lib.load_features(cfg.data)
   if cfg.data.source == "file":  # the file must still hold the table the run trained on
     current = dict(features_lib.feature_metadata(cfg.data),

@@ -1,4 +1,4 @@
-"""Everything `experiments.analyze` computes for a finished workdir, as one function.
+"""Everything `ih_jax.experiments.analyze` computes for a finished workdir, as one function.
 
 Writes into WORKDIR/analysis/:
   phase_times.csv             per run and view: learning time (or censored), plateau

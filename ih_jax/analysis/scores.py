@@ -40,6 +40,10 @@ REPORT_LAYERS = ("none", "first", "last", "all")
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a cache key
 class HeadScore:
+  """A named per-head attention score: `fn(A_BHTT, batch)` -> [B, H].
+
+  `report_layers` picks the layers written to the progress CSVs (one of REPORT_LAYERS),
+  under the column prefix `column` (default: `name`)."""
   name: str
   fn: Callable[[jax.Array, sampler.Batch], jax.Array]  # (A_BHTT, batch) -> [B, H]
   description: str = ""
@@ -63,6 +67,7 @@ class HeadScore:
 
   @property
   def prefix(self) -> str:
+    """The CSV column prefix: `column`, or the name when that is empty."""
     return self.column or self.name
 
 
@@ -79,12 +84,14 @@ def register(score: HeadScore, *, replace: bool = False) -> HeadScore:
 
 
 def unregister(name: str) -> None:
+  """Removes a registered score (a no-op if unknown); built-in scores cannot be removed."""
   if name in BUILTIN_NAMES:
     raise ValueError(f"{name!r} is a built-in score (the analysis depends on it)")
   _REGISTRY.pop(name, None)
 
 
 def registered() -> tuple[HeadScore, ...]:
+  """Every registered score (built-ins first), in registration order."""
   return tuple(_REGISTRY.values())
 
 
@@ -121,12 +128,14 @@ def _masked_mean(x_BHN: jax.Array, mask_BN: jax.Array) -> jax.Array:
 
 
 def induction_strength(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
+  """Mean attention query -> matching labels minus query -> other labels, [B, H] in [-1, 1]."""
   match_BN, other_BN = _label_masks(batch)
   to_labels = _query_to_labels(A_BHTT)
   return _masked_mean(to_labels, match_BN) - _masked_mean(to_labels, other_BN)
 
 
 def induction_detect(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
+  """Mean attention from the query to the labels of matching exemplars, [B, H]."""
   match_BN, _ = _label_masks(batch)
   return _masked_mean(_query_to_labels(A_BHTT), match_BN)
 
@@ -142,11 +151,13 @@ def _pt_corrected(A_BHTT: jax.Array) -> jax.Array:
 
 
 def pt_score(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
+  """Mean over tokens i >= 1 of a - (1 - a) / i, a = A(i -> i-1): [B, H], uniform-corrected."""
   del batch
   return _pt_corrected(A_BHTT).mean(-1)
 
 
 def pt_score_labels(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
+  """The uniform-corrected previous-token score averaged over label tokens only, [B, H]."""
   del batch
   T = A_BHTT.shape[-1]
   label_T = (jnp.arange(1, T) % 2 == 1).astype(jnp.float32)
@@ -154,6 +165,7 @@ def pt_score_labels(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
 
 
 def pt_raw(A_BHTT: jax.Array, batch: sampler.Batch) -> jax.Array:
+  """Mean attention from each token i >= 1 to token i-1, [B, H] (uncorrected)."""
   del batch
   return _prev_token(A_BHTT).mean(-1)
 

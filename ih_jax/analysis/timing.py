@@ -28,6 +28,7 @@ THRESHOLD = 0.4 * math.log(2)
 
 
 def learning_time(seqs: Any, loss: Any, threshold: float = THRESHOLD) -> float:
+  """The first `seqs` value whose loss is below `threshold`; NaN (censored) if none is."""
   below = np.nonzero(np.asarray(loss) < threshold)[0]
   return float(np.asarray(seqs)[below[0]]) if below.size else float("nan")
 

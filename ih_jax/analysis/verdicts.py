@@ -3,7 +3,7 @@
 Each check takes measured numbers (curves, learning times, accuracies), applies a
 threshold stated here, and returns a `Verdict` whose `measured` text quotes the
 numbers. `held` is None when the claim could not be evaluated (e.g. a run is
-missing), never a guess. The reproduction report (experiments/paper) only prints
+missing), never a guess. The reproduction report (ih_jax/experiments/paper) only prints
 these; no verdict is written by hand.
 
 Censored learning times (the threshold never crossed) are treated as "later than
@@ -38,6 +38,7 @@ WIRING_ACC = 0.75             # only-one accuracy above this counts as a working
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
+  """One qualitative claim checked against a run: what was measured, the test, the outcome."""
   claim: str            # the paper's qualitative claim (paraphrased)
   measured: str         # what this run measured, with numbers
   criterion: str        # the test applied, with its threshold
@@ -45,6 +46,7 @@ class Verdict:
 
   @property
   def label(self) -> str:
+    """`held` in words: "held", "did not hold" or "not evaluated"."""
     return {True: "held", False: "did not hold", None: "not evaluated"}[self.held]
 
 
@@ -167,6 +169,7 @@ def ratio_greater(claim: str, a_name: str, a_lt: float, b_name: str, b_lt: float
 
 
 def at_least(claim: str, value: float, threshold: float, what: str) -> Verdict:
+  """A Verdict that `value` (named `what`) exceeds `threshold`; not evaluated if None or NaN."""
   crit = f"{what} > {threshold:g}"
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return Verdict(claim, f"{what}: not measured", crit, None)
@@ -174,6 +177,8 @@ def at_least(claim: str, value: float, threshold: float, what: str) -> Verdict:
 
 
 def fraction_at_least(claim: str, flags: dict[str, bool], fraction: float, what: str) -> Verdict:
+  """A Verdict that at least `fraction` of the runs in `flags` ({run: passed}) passed;
+  not evaluated when there are no runs."""
   crit = f"{what} for at least {fraction:.0%} of the runs"
   if not flags:
     return Verdict(claim, "no runs", crit, None)

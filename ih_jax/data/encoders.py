@@ -61,6 +61,7 @@ def cache_root(cache_dir: str) -> str | None:
 
 
 def digest(obj: Any) -> str:
+  """A short (20 hex digit) SHA-256 of `obj`'s canonical JSON: a cache key."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -78,6 +79,7 @@ def image_source_id(cfg: Any) -> dict[str, Any]:
 
 
 def encoder_settings(cfg: Any) -> dict[str, Any]:
+  """The encoder settings that determine an Omniglot table (pixel projection or conv encoder)."""
   s = dict(encoder=cfg.source.removeprefix("omniglot_"), image_size=cfg.image_size, dim=cfg.dim)
   if cfg.source == "omniglot_pixels":
     s.update(projection=cfg.pixel_projection)
@@ -100,6 +102,7 @@ def table_settings(cfg: Any, source_id: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: Any) -> None:
+  """Raises ValueError for an Omniglot data config with an unknown or out-of-range setting."""
   if cfg.source not in OMNIGLOT_SOURCES:
     raise ValueError(f"not an Omniglot source: {cfg.source!r}")
   if cfg.omniglot_reader not in READERS:

@@ -60,6 +60,7 @@ def spec_for(splits: Splits, classes: str, exemplars: str, pairs: str,
 
 
 def train_spec(splits: Splits) -> sampler.SamplerSpec:
+  """The training sampler's spec: train classes, train exemplars and train relabel pairs."""
   return spec_for(splits, "train", "train", "train", where="training sampler")
 
 

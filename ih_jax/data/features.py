@@ -39,6 +39,8 @@ LEGACY_FAMILY = "gaussian"
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
+  """Where the [classes, exemplars, dim] feature table comes from, and its settings:
+  a synthetic family, a user file, or Omniglot images through an encoder."""
   source: str = "synthetic"          # "synthetic" | "file" | "omniglot_pixels" | "omniglot_conv"
   # synthetic families (`synthetic_table` has the formulas)
   # "relu" (default: held-out classes generalise) | "gaussian" (the earlier default; what a
@@ -262,6 +264,8 @@ def table_fingerprint(table: Any) -> str:
 
 
 def feature_metadata(cfg: FeatureConfig) -> dict[str, Any]:
+  """What identifies a feature table, for the run metadata: the synthetic settings, the
+  Omniglot table settings with their cache key, or a file's absolute path and dataset."""
   if cfg.source == "synthetic":
     out = dict(source="synthetic", family=cfg.family, rho=cfg.rho, eta=cfg.eta,
                feature_seed=cfg.feature_seed)

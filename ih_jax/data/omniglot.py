@@ -69,9 +69,11 @@ class OmniglotImages:
 
   @property
   def names(self) -> list[str]:
+    """Each character as "ALPHABET/CHARACTER"."""
     return [f"{a}/{c}" for a, c in zip(self.alphabets, self.characters)]
 
   def take(self, idx: Sequence[int] | np.ndarray) -> "OmniglotImages":
+    """The characters at positions `idx`, in that order."""
     idx = np.asarray(idx, np.int64)
     return OmniglotImages(self.ink[idx], self.labels[idx],
                           tuple(self.alphabets[i] for i in idx),
@@ -149,6 +151,7 @@ def find_archives(directory: str, archives: Sequence[str] = ()) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
+  """The hex SHA-256 of a file's contents (read in 1 MiB chunks)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -207,6 +210,7 @@ def read_archives(paths: Iterable[str]) -> OmniglotImages:
 # ----------------------------------------------------------------------------- TFDS
 
 def import_tfds() -> Any:
+  """The `tensorflow_datasets` module, or an ImportError saying how to install it."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:

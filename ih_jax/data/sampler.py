@@ -35,6 +35,7 @@ class SequenceIndices(NamedTuple):
 
 
 class Batch(NamedTuple):
+  """A few-shot batch: inputs `x` and labels `y` for n context pairs and the query."""
   x: "jax.Array | IndexedFeatures"  # [B, n+1, F] exemplar features (or table rows)
   y: jax.Array  # [B, n+1] labels; y[:, -1] is the target and is never fed to the model
 
@@ -188,6 +189,7 @@ def sample_indices(key: jax.Array, spec: SamplerSpec, batch_size: int,
 
 
 def gather_features(features_CEF: jax.Array, idx: SequenceIndices) -> Batch:
+  """The Batch of `idx`: features [B, n+1, F] looked up in the [C, E, F] table, with its labels."""
   return Batch(x=features_CEF[idx.classes, idx.exemplars], y=idx.labels)
 
 

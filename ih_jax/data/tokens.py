@@ -55,6 +55,7 @@ class TokenTaskConfig:
 
 
 class TokenBatch(NamedTuple):
+  """A token-task batch: sequences with a repeated segment, and where induction can predict."""
   tokens: jax.Array    # [B, T] int32 in [0, V)
   repeated: jax.Array  # [B, T] bool: the next token is predictable by induction
   starts: jax.Array    # [B, 2] int32: (a, b), the starts of the first and second copy

@@ -44,6 +44,7 @@ def head_name(head: Head) -> str:
 
 
 def range_names(num_layers: int, num_heads: int) -> str:
+  """The model's valid layer and head names, in words (for error messages)."""
   return (f"the model has layers L1..L{num_layers} in paper numbering (0..{num_layers - 1} "
           f"in code numbering 'l:h') and heads H0..H{num_heads - 1}")
 
@@ -121,6 +122,7 @@ class Draft:
   claims: dict[Head, dict[str, tuple[str, str]]] = dataclasses.field(default_factory=dict)
 
   def heads(self, arg: str) -> list[Head]:
+    """Parses a head list (e.g. "L2H3,L1H0-2") into sorted [(layer, head)] for this model."""
     return parse_heads(arg, self.num_layers, self.num_heads)
 
   def claim(self, head: Head, role: str, kind: str, clause: str) -> None:
@@ -163,6 +165,7 @@ class EditContext:
 
   @property
   def task(self) -> str:
+    """The task kind: "tokens" for the token model (vocab_size > 0), else "fewshot"."""
     return "tokens" if self.cfg.vocab_size > 0 else "fewshot"
 
   def main(self, name: str):
@@ -382,6 +385,7 @@ BUILTIN: set[str] = set()  # filled by ih_jax.interventions.builtin; never unreg
 
 
 def unregister(name: str) -> None:
+  """Removes a registered kind and its keywords; built-in or unknown kinds raise ValueError."""
   if name in BUILTIN:
     raise ValueError(f"{name!r} is a built-in intervention and cannot be unregistered")
   kind = _REGISTRY.pop(name, None)
@@ -397,6 +401,7 @@ def registered() -> tuple[Intervention, ...]:
 
 
 def get(name: str) -> Intervention:
+  """The registered kind named `name`; a ValueError lists the registered ones otherwise."""
   if name not in _REGISTRY:
     raise ValueError(f"no intervention {name!r} is registered; registered: "
                      f"{', '.join(_REGISTRY)} (a kind of your own must be registered, e.g. "
@@ -405,9 +410,11 @@ def get(name: str) -> Intervention:
 
 
 def by_keyword(keyword: str) -> Intervention | None:
+  """The kind a clause keyword (its name or an alias) selects, or None."""
   name = _KEYWORDS.get(keyword)
   return None if name is None else _REGISTRY[name]
 
 
 def keywords() -> tuple[str, ...]:
+  """Every registered clause keyword (kind names and aliases)."""
   return tuple(_KEYWORDS)

@@ -39,6 +39,7 @@ def parse_donor(entry: str) -> tuple[str, str, int, int | None]:
 
 
 def donor_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+  """The donor names of `sweep.donors`, in order (duplicates are a ValueError)."""
   names = tuple(parse_donor(d)[0] for d in cfg.sweep.donors)
   if len(set(names)) != len(names):
     raise ValueError(f"duplicate donor names in sweep.donors {cfg.sweep.donors}")

@@ -1,0 +1,1 @@
+"""The shipped ml_collections configs, each addressable as `--config=NAME[:ARGS]`."""
