@@ -24,11 +24,11 @@ demo: install
 	    --workdir=$(DEMO_DIR)
 
 test: install
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 # Everything but the (still CI-run) scientific integration checks.
 test-fast: install
-	$(PY) -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(VENV)/bin/ih-jax bench

@@ -44,6 +44,36 @@ def _check_seeds(where: str, seeds: tuple[int, ...]) -> None:
       raise ValueError(f"{where} entries must be in [0, 2**32), got {s}")
 
 
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _check_optimizer(t: "TrainConfig") -> None:
+  if t.optimizer not in OPTIMIZERS:
+    raise ValueError(f"train.optimizer={t.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+  if t.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is unknown; allowed: "
+                     f"{', '.join(LR_SCHEDULES)}")
+  _check_int("train.warmup_seqs", t.warmup_seqs, 0, ">= 0 (sequences of linear warmup)")
+  if t.warmup_seqs >= t.num_seqs:
+    raise ValueError(f"train.warmup_seqs={t.warmup_seqs} must be < train.num_seqs={t.num_seqs}")
+  ranges = {"final_lr_fraction": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, False),
+            "adam_b1": (0.0, 1.0, False), "adam_b2": (0.0, 1.0, False),
+            "momentum": (0.0, 1.0, False)}
+  for name, (lo, hi, hi_ok) in ranges.items():
+    v = getattr(t, name)
+    if not (isinstance(v, (int, float)) and lo <= v and (v <= hi if hi_ok else v < hi)):
+      raise ValueError(f"train.{name} must be in [{lo:g}, {hi:g}{']' if hi_ok else ')'}, got {v!r}")
+  if not (isinstance(t.adam_eps, (int, float)) and 0 < t.adam_eps < 1):
+    raise ValueError(f"train.adam_eps must be in (0, 1), got {t.adam_eps!r}")
+  if t.optimizer != "sgd" and t.momentum != 0:
+    raise ValueError(f"train.momentum={t.momentum:g} applies to train.optimizer='sgd' only "
+                     f"(the optimizer is {t.optimizer!r}; Adam's momentum is train.adam_b1)")
+  if t.lr_schedule == "constant" and t.final_lr_fraction != 0:
+    raise ValueError(f"train.final_lr_fraction={t.final_lr_fraction:g} needs a decaying "
+                     "train.lr_schedule (cosine or linear)")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """The task: its kind, and for the few-shot task the sequence layout, splits and sampling."""
@@ -73,7 +103,19 @@ class TrainConfig:
   cadence, matmul precision and progress-line interval."""
   num_seqs: int = 1_000_000      # training length in sequences seen (the paper's x-axis unit)
   batch_size: int = 32
-  learning_rate: float = 1e-5    # plain Adam, no weight decay
+  learning_rate: float = 1e-5    # peak learning rate (the paper: plain Adam at 1e-5)
+  # The optimizer (ih_jax.optim). The numbers below may differ between the runs of one
+  # program (a sweep.grid over them trains in one compiled program); optimizer and
+  # lr_schedule may not. The defaults are the paper's plain Adam.
+  optimizer: str = "adam"        # adam | sgd
+  lr_schedule: str = "constant"  # constant | cosine | linear (decay to final_lr_fraction)
+  warmup_seqs: int = 0           # linear warmup from 0 over this many sequences
+  final_lr_fraction: float = 0.0  # cosine / linear: the last step's lr as a fraction of the peak
+  weight_decay: float = 0.0      # decoupled (AdamW-style), applied to every parameter
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  momentum: float = 0.0          # sgd only (0 = plain SGD)
   train_seed: int = 0            # batches depend only on this (shared by all runs)
   eval_seed: int = 1
   eval_every: int = 5000         # sequences between evaluations
@@ -91,10 +133,11 @@ class TrainConfig:
     lr = self.learning_rate
     if not (math.isfinite(lr) and lr > 0):
       raise ValueError(f"train.learning_rate must be a finite number > 0, got {lr}")
-    if lr > LEARNING_RATE_WARN:
+    if self.optimizer == "adam" and lr > LEARNING_RATE_WARN:
       warnings.warn(f"train.learning_rate={lr:g} is > {LEARNING_RATE_WARN:g}: Adam moves every "
                     "parameter by up to lr per step, so training will likely diverge "
                     "(the paper uses 1e-5)", UserWarning, stacklevel=3)
+    _check_optimizer(self)
     _check_seeds("train.train_seed", (self.train_seed,))
     _check_seeds("train.eval_seed", (self.eval_seed,))
     if self.matmul_precision not in MATMUL_PRECISIONS:

@@ -29,6 +29,7 @@ from ih_jax import sweep as sweep_lib
 from ih_jax import interventions
 from ih_jax.interventions import graft as graft_lib
 from ih_jax import model as model_lib
+from ih_jax import optim
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
 from ih_jax.data import tokens as tokens_lib
@@ -263,10 +264,14 @@ def place_inputs(exp: Experiment) -> tuple[Any, jax.Array, dict[str, sampler.Bat
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
-  """Plain Adam at the config's learning rate (no weight decay)."""
-  # Plain Adam: a zero gradient leaves a parameter unchanged, which the frozen
-  # parts of clamped runs rely on (AdamW's decay would shrink them).
-  return optax.adam(cfg.train.learning_rate)
+  """One config's optimizer (with the defaults, plain Adam: a zero gradient leaves a
+  parameter unchanged, which the frozen parts of clamped runs rely on)."""
+  return optim.transformation(optim.plan_for([cfg.train]))
+
+
+def optimizer_plan(exp: Experiment) -> optim.OptimizerPlan:
+  """The program's optimizer: static kind, numbers shared or per data variant."""
+  return optim.plan_for([v.cfg.train for v in exp.variants])
 
 
 def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
@@ -285,7 +290,7 @@ def init_state(exp: Experiment) -> TrainState:
   @jax.jit  # one compiled program (eagerly, the optimizer's init is dozens of dispatches)
   def params_and_opt_state(seeds):
     params = jax.vmap(lambda s: init(jax.random.key(s)))(seeds)
-    return params, jax.vmap(make_optimizer(cfg).init)(params)
+    return params, jax.vmap(optim.transformation(optimizer_plan(exp)).init)(params)
 
   params, opt_state = params_and_opt_state(jnp.asarray(exp.run_init_seeds))
   # Per variant: train_seed -> (data key, model key); the model key is unused (no dropout).
@@ -441,7 +446,8 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   cfg = exp.cfg
   B, n = cfg.train.batch_size, cfg.task.num_context
   layout = cfg.task.layout(cfg.model.num_labels)
-  tx = make_optimizer(cfg)
+  opt_plan = optimizer_plan(exp)
+  hp_R = opt_plan.per_run(exp.run_variant)  # {} unless a number differs between runs
   evaluate = make_evaluate(exp)
   R, V = exp.num_padded, len(exp.variants)
   run_variant = jnp.asarray(exp.run_variant)
@@ -465,9 +471,10 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
       return tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, B)
     return sampler.sample_indexed_batch(key, table, lookup, exp.train_spec, B, n, **layout)
 
-  def run_step(flat_params, opt_state, batch, clamps):
+  def run_step(flat_params, opt_state, batch, clamps, hp, step):
     loss, grads = jax.value_and_grad(
         lambda p: loss_fn(flat.unravel(p), batch, clamps))(flat_params)
+    tx = optim.transformation(opt_plan, hp, step)
     updates, opt_state = tx.update(grads, opt_state, flat_params)
     return optax.apply_updates(flat_params, updates), opt_state, loss, optax.tree.norm(grads)
 
@@ -492,7 +499,8 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
         batch = jax.tree.map(lambda x: x[run_variant], batch_V)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(
-          run_step, in_axes=(0, 0, batch_axis, 0))(params, opt_state, batch, clamps_R)
+          run_step, in_axes=(0, 0, batch_axis, 0, 0, None))(
+              params, opt_state, batch, clamps_R, hp_R, state.step + i)
       params, opt_state = constrain(params), constrain(opt_state)
       losses = losses.at[:, i].set(loss_R)
       gnorms = gnorms.at[:, i].set(gnorm_R)

@@ -2,8 +2,9 @@
 
 The runs axis of one program is (data variant) x (clamp condition) x (init seed),
 variant-major. A data variant is a setting of `PER_RUN_FIELDS` (the training
-stream seed and the synthetic feature family): these change values but not
-shapes, so variants share one program (each gets its own feature table and data
+stream seed, the synthetic feature family, the optimizer's numbers such as the
+learning rate and weight decay): these change values but not shapes, so variants
+share one program (each gets its own feature table and data
 stream). Any other grid field (e.g. `model.num_labels`, `task.num_context`)
 changes the program, so such variants are grouped into separate programs, run
 one after the other, each in `workdir/program_<k>/`. A program with more runs
@@ -18,11 +19,13 @@ import itertools
 import json
 from typing import Any, Callable
 
+from ih_jax import optim
 from ih_jax.config import ExperimentConfig
 
-# Fields that may differ between runs of one program.
+# Fields that may differ between runs of one program: the data stream and feature table,
+# and the optimizer's numbers (ih_jax.optim).
 PER_RUN_FIELDS = ("train.train_seed", "data.rho", "data.eta", "data.feature_seed", "data.family",
-                  "data.latent_dim")
+                  "data.latent_dim") + tuple(f"train.{f}" for f in optim.NUMERIC_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ would need TensorFlow for the same (BUILD_NOTES.md).
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import re
@@ -49,11 +50,28 @@ def _scalars(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
 
 
 def _hparams(cfg: ExperimentConfig, run: Any) -> dict[str, Any]:
-  return dict(condition=run.condition, seed=run.init_seed, spec=run.spec,
-              variant=run.variant or "", learning_rate=cfg.train.learning_rate,
-              batch_size=cfg.train.batch_size, num_seqs=cfg.train.num_seqs,
-              num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads,
-              d_model=cfg.model.d_model, features=cfg.data.source)
+  out = dict(condition=run.condition, seed=run.init_seed, spec=run.spec,
+             variant=run.variant or "", learning_rate=cfg.train.learning_rate,
+             optimizer=cfg.train.optimizer, weight_decay=cfg.train.weight_decay,
+             lr_schedule=cfg.train.lr_schedule,
+             batch_size=cfg.train.batch_size, num_seqs=cfg.train.num_seqs,
+             num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads,
+             d_model=cfg.model.d_model, features=cfg.data.source)
+  out.update(_variant_values(run.variant or ""))  # a grid's per-run values (e.g. its lr)
+  return out
+
+
+def _variant_values(variant: str) -> dict[str, Any]:
+  """'train.learning_rate=0.0001;data.family=relu' -> {'learning_rate': 0.0001, 'family': 'relu'}."""
+  out: dict[str, Any] = {}
+  for item in filter(None, variant.split(";")):
+    field, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    out[field.rsplit(".", 1)[-1]] = value if isinstance(value, (int, float, str, bool)) else text
+  return out
 
 
 class _TensorBoard:

@@ -407,12 +407,14 @@ def check_finite_losses(losses_RS: np.ndarray, runs: list[Run], step_from: int,
   prev = losses_RS[r, k - 1] if k else last_loss_R[r]
   last = f"{prev:.4g}" if np.isfinite(prev) else "none logged before"
   others = int(bad.any(axis=1).sum()) - 1
+  # With a learning-rate grid the run's own value is in its variant name.
+  now = "" if "learning_rate=" in (run.variant or "") else f" (now {learning_rate:g})"
   raise FloatingPointError(
       f"training loss is {losses_RS[r, k]} in run {run.index} (condition {run.condition!r}, "
       f"seed {run.init_seed}{f', {run.variant}' if run.variant else ''}) at step "
       f"{step_from + k + 1} ({batch_size * (step_from + k + 1):,d} seqs); last finite loss "
-      f"{last}{f'; {others} other run(s) too' if others else ''}. Lower train.learning_rate "
-      f"(now {learning_rate:g}) or check the clamps")
+      f"{last}{f'; {others} other run(s) too' if others else ''}. Lower train.learning_rate"
+      f"{now} or check the clamps")
 
 
 def _state_from_saveable(exp: Experiment, content: dict[str, Any]) -> TrainState:

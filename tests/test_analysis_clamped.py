@@ -14,6 +14,10 @@ from ih_jax import train
 from ih_jax.analysis import context, heads as heads_lib, measures, report, timing
 from conftest import small_sweep
 
+# One worker builds this module's shared (module-scoped) runs: `make test` passes
+# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+pytestmark = pytest.mark.xdist_group("test_analysis_clamped")
+
 CONDITIONS = ("none", "match=ih:L2H3;keep_only:L2H3", "single=keep_only:L2H0")
 DENSE = 256
 

@@ -10,6 +10,10 @@ import pytest
 
 import ih_jax
 
+# One worker builds this module's shared (module-scoped) runs: `make test` passes
+# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+pytestmark = pytest.mark.xdist_group("test_api")
+
 matplotlib.use("Agg")
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 

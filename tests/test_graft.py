@@ -7,6 +7,10 @@ from ih_jax import checkpoint, train
 from ih_jax.interventions import graft as graft_lib
 from ih_jax.config import ExperimentConfig
 
+# One worker builds this module's shared (module-scoped) runs: `make test` passes
+# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+pytestmark = pytest.mark.xdist_group("test_graft")
+
 BASE = {"train": {"num_seqs": 1600, "eval_every": 800, "progress_every_s": 1e9},
         "evaluators": [{"name": "fsl_train", "size": 100}]}
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import train_at_default_opt
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import encoders, omniglot
 from ih_jax.data.features import FeatureConfig, feature_metadata, load_features
@@ -348,7 +349,7 @@ def test_experiment_config_and_short_training(tmp_path):
   cfg.train.eval_every = 320
   cfg.checkpoint.every = 0
   cfg.evaluators = [dict(e, size=64) for e in cfg.evaluators]
-  result = train.train_and_evaluate(common.to_experiment(cfg), str(tmp_path / "wd"))
+  result = train_at_default_opt(common.to_experiment(cfg), str(tmp_path / "wd"))
   losses = [r["loss"] for r in result.metrics if r["eval_set"] == "fsl_train"]
   assert len(losses) == 3 and np.isfinite(losses).all()
   with open(tmp_path / "wd" / "config.json") as f:
@@ -369,7 +370,7 @@ def test_science_conv_features_plateau_and_phase_change(tmp_path):
   cfg.train.num_seqs = 400_000
   cfg.train.eval_every = 10_000
   cfg.checkpoint.every = 0
-  result = train.train_and_evaluate(common.to_experiment(cfg), str(tmp_path / "wd"))
+  result = train_at_default_opt(common.to_experiment(cfg), str(tmp_path / "wd"))
   rows = {(r["eval_set"], r["seqs"]): r["loss"] for r in result.metrics}
   seqs = sorted({s for _, s in rows})
   train_loss = np.asarray([rows["fsl_train", s] for s in seqs])

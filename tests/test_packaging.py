@@ -11,6 +11,10 @@ import pytest
 
 from ih_jax.experiments import cli, main as ih_jax_main
 
+# One worker builds this module's shared (module-scoped) runs: `make test` passes
+# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+pytestmark = pytest.mark.xdist_group("test_packaging")
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
 

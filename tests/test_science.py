@@ -12,6 +12,7 @@ import pytest
 
 import jax
 
+from conftest import train_at_default_opt
 from ih_jax import train
 from ih_jax.analysis import ablation, measures
 from ih_jax.data import evalsets, features, splits
@@ -34,7 +35,7 @@ def test_main_run_plateau_then_phase_change():
   cfg = ExperimentConfig.from_dict({
       "train": {"num_seqs": 500_000, "eval_every": 10_000, "progress_every_s": 30},
       "evaluators": [{"name": "fsl_train"}]})
-  res = train.train_and_evaluate(cfg, None)
+  res = train_at_default_opt(cfg)
   seqs, loss = _curves(res)["none"]
   plateau = loss[(seqs >= 100_000) & (seqs <= 250_000)]
   # A plateau near ln 2: the model picks one of the two context labels at random...
@@ -85,7 +86,7 @@ def test_clamping_subcircuits_removes_the_plateau():
       "sweep": {"conditions": ["none=keep_only:L2H0", "match=ih:L2H0;keep_only:L2H0",
                                "l1copy=perfect_l1;copy:L2H0"]},
       "evaluators": [{"name": "fsl_train"}]})
-  curves = _curves(train.train_and_evaluate(cfg, None))
+  curves = _curves(train_at_default_opt(cfg))
   lt = {c: train.learning_time(*curves[c]) for c in curves}
   assert math.isnan(lt["none"]) and curves["none"][1][-1] > 0.6, curves["none"][1]
   assert lt["match"] <= 100_000, lt

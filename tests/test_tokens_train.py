@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import train_at_default_opt
 from ih_jax import train
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
@@ -88,7 +89,7 @@ def test_two_layer_model_forms_an_induction_head(tmp_path):
   c.train.eval_every = 4000
   c.train.progress_every_s = 1e9
   cfg = common.to_experiment(c)
-  res = train.train_and_evaluate(cfg, None, verbose=False)
+  res = train_at_default_opt(cfg)
   rows = sorted((r for r in res.metrics if r["clamped"] == 1), key=lambda r: r["seqs"])
   seqs = np.array([r["seqs"] for r in rows])
   rep = np.array([r["loss_repeated"] for r in rows])
