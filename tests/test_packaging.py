@@ -42,6 +42,19 @@ def test_ih_jax_command_lists_commands_and_refuses_unknown_ones(capsys):
   assert "unknown command 'trian'; one of train, sweep" in capsys.readouterr().err
 
 
+FLAG_OF = {"train": "--workdir", "sweep": "--config", "analyze": "--num_checkpoints",
+           "reproduce": "--figure", "bench": "--runs"}
+
+
+@pytest.mark.parametrize("command", sorted(FLAG_OF))
+def test_every_command_answers_help_with_its_own_flags(command):
+  assert set(FLAG_OF) == set(ih_jax_main.COMMANDS)
+  out = subprocess.run([sys.executable, "-m", "ih_jax.experiments.main", command, "--help"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert FLAG_OF[command] in out.stdout, out.stdout[-2000:]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
   """Builds the wheel from a copy of the sources (no build/ left in the checkout)."""

@@ -1,4 +1,4 @@
-"""Analyse a finished run or sweep: progress measures, ablations, wiring, figures.
+r"""Analyse a finished run or sweep: progress measures, ablations, wiring, figures.
 
   ih-jax analyze --workdir=demo_workdir
   ih-jax analyze --workdir=/tmp/ih_main --num_checkpoints=100 --dense_size=20000

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from absl import flags
+
 from ih_jax.experiments import cli
 
 COMMANDS = {
@@ -45,12 +47,28 @@ def main(argv: list[str] | None = None) -> None:
     sys.stderr.write(f"ih-jax: error: unknown command {command!r}; one of "
                      f"{', '.join(COMMANDS)}\n")
     sys.exit(2)
-  module = importlib.import_module(COMMANDS[command][0])
+  module_name = COMMANDS[command][0]
+  module = importlib.import_module(module_name)
   sys.argv = [f"ih-jax {command}"] + argv[2:]
   if command == "bench":  # argparse, not absl
     module.main()
+  elif any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[2:]):
+    # absl's own --help lists the flags of the __main__ module, which is this dispatcher.
+    print(_command_help(module, module_name, command))
+    sys.exit(0)
   else:
     cli.run(module.main)
+
+
+def _command_help(module, module_name: str, command: str) -> str:
+  """The command's docstring and its flags (absl's help for the module that defines them)."""
+  fl = flags.FLAGS
+  own = fl.module_help(module_name)
+  if not own.strip() and getattr(module, "main", None) is not None:
+    own = fl.module_help(module.main.__module__)  # sweep: the train launcher's flags
+  text = [(module.__doc__ or "").strip(), "", f"flags of ih-jax {command}:", own,
+          fl.module_help(cli.__name__), "", "--helpfull lists absl's own flags too."]
+  return "\n".join(text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train a seed x condition (x data grid) sweep; the same launcher as experiments.train.
+r"""Train a seed x condition (x data grid) sweep; the same launcher as experiments.train.
 
 The grid is part of the config: `sweep.conditions` x `sweep.init_seeds` x every
 `sweep.grid` axis. Runs that can share a compiled program do (one vmapped program,
@@ -18,5 +18,7 @@ Kill it at any point and rerun the same command to resume.
 from ih_jax.experiments import cli
 from ih_jax.experiments import train as train_launcher
 
+main = train_launcher.main  # the same flags and main as `ih-jax train`
+
 if __name__ == "__main__":
-  cli.run(train_launcher.main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Train a sweep of runs (clamp conditions x init seeds x data grid) in compiled programs.
+r"""Train a sweep of runs (clamp conditions x init seeds x data grid) in compiled programs.
 
   ih-jax train --config=main --workdir=/tmp/ih_main
   ih-jax train --config=main \
@@ -18,8 +18,9 @@ from ml_collections import config_flags
 
 from ih_jax.experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A shipped config by name (main, tiny, clamps:head=3, tokens, omniglot, "
+    "chan; `ih-jax --help` lists them) or a .py config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in --workdir "
                                "(by default a workdir with the same config is resumed).")

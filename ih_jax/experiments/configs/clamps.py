@@ -1,4 +1,4 @@
-"""Fig. 5b-style clamp conditions, all trained in one vmapped program.
+r"""Fig. 5b-style clamp conditions, all trained in one vmapped program.
 
 Every condition except "copy" ablates the other layer-2 heads (REST), so only the
 chosen head HEAD (paper numbering L2H<head>) and layer 1 can learn. The paper picks

@@ -1,4 +1,4 @@
-"""The paper's main run: 1e6 sequences, eval every 5000, init seed 5, no clamps.
+r"""The paper's main run: 1e6 sequences, eval every 5000, init seed 5, no clamps.
 
 Checkpoints every 1000 sequences (dense, for the progress measures).
 

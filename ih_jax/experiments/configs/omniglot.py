@@ -1,4 +1,4 @@
-"""The paper's main run on real Omniglot features.
+r"""The paper's main run on real Omniglot features.
 
 Arguments (after ':'): encoder=conv|pixels (default conv), reader=archives|tfds
 (default archives), dir=FOLDER of official zip archives (reader archives: default
