@@ -17,6 +17,7 @@ from ih_jax.data.evalsets import PAPER_EVALUATORS, EvaluatorConfig
 from ih_jax.data.features import LEGACY_FAMILY, FeatureConfig, check_class_split
 from ih_jax.data.sampler import check_layout
 from ih_jax.data.tokens import TokenTaskConfig
+from ih_jax import freeze as freeze_lib
 from ih_jax.model import ModelConfig
 
 
@@ -116,6 +117,9 @@ class TrainConfig:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   momentum: float = 0.0          # sgd only (0 = plain SGD)
+  # Parameter groups that get no updates in a window: 'L1', 'embed@[0,100000)',
+  # 'L2H3.qk@[200000,)' (ih_jax.freeze). May differ between the runs of one program.
+  freeze: tuple[str, ...] = ()
   train_seed: int = 0            # batches depend only on this (shared by all runs)
   eval_seed: int = 1
   eval_every: int = 5000         # sequences between evaluations
@@ -248,6 +252,8 @@ class ExperimentConfig:
 
   def __post_init__(self):
     check_class_split(self.data, self.task.class_split)
+    for entry in self.train.freeze:  # the groups depend on the model's shape
+      freeze_lib.parse(entry, self.train.num_seqs, self.model.num_layers, self.model.num_heads)
     kind = self.task.kind
     if kind not in TASK_KINDS:
       raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")

@@ -59,11 +59,13 @@ class OptimizerPlan:
     return {f: jnp.asarray(v[run_variant], jnp.float32) for f, v in self.varying.items()}
 
   def describe(self) -> str:
-    """One line for the progress output, e.g. 'adam, lr per run (3 values), wd 0'."""
+    """One line for the progress output, e.g. 'adam, learning_rate per run (3 values)'."""
     parts = [self.kind if self.schedule == "constant" else f"{self.kind}, {self.schedule} schedule"]
     for f in NUMERIC_FIELDS:
       if f in self.varying:
         parts.append(f"{f} per run ({len(set(self.varying[f].tolist()))} values)")
+      elif f == "learning_rate" or (f in ("weight_decay", "warmup_seqs") and self.shared[f]):
+        parts.append(f"{f} {self.shared[f]:g}")
     return ", ".join(parts)
 
 

@@ -28,6 +28,7 @@ from ih_jax import clamps as clamps_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import interventions
 from ih_jax.interventions import graft as graft_lib
+from ih_jax import freeze as freeze_lib
 from ih_jax import model as model_lib
 from ih_jax import optim
 from ih_jax.config import ExperimentConfig
@@ -387,6 +388,7 @@ class FlatParams:
   PAD = 64
 
   def __init__(self, template: Any):
+    self.template = template
     leaves, self.treedef = jax.tree.flatten(template)
     dtypes = {l.dtype for l in leaves}
     if len(dtypes) != 1:
@@ -471,12 +473,28 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
       return tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, B)
     return sampler.sample_indexed_batch(key, table, lookup, exp.train_spec, B, n, **layout)
 
-  def run_step(flat_params, opt_state, batch, clamps, hp, step):
+  # Freeze schedules (ih_jax.freeze): [G, P] group masks and per-run windows, compiled
+  # only when some run freezes something.
+  fplan = freeze_lib.plan_for([v.cfg.train for v in exp.variants], cfg.model.num_layers,
+                              cfg.model.num_heads)
+  if fplan is not None:
+    masks_GP = jnp.stack([flat.ravel(freeze_lib.group_mask(flat.template, g, cfg.model.num_heads))
+                          for g in fplan.groups])
+    windows_R = fplan.per_run(exp.run_variant)
+  else:
+    windows_R = (jnp.zeros((R, 0), jnp.int32),) * 2
+
+  def run_step(flat_params, opt_state, batch, clamps, hp, window, step):
     loss, grads = jax.value_and_grad(
         lambda p: loss_fn(flat.unravel(p), batch, clamps))(flat_params)
     tx = optim.transformation(opt_plan, hp, step)
     updates, opt_state = tx.update(grads, opt_state, flat_params)
-    return optax.apply_updates(flat_params, updates), opt_state, loss, optax.tree.norm(grads)
+    new_params = optax.apply_updates(flat_params, updates)
+    if fplan is not None:
+      # Frozen groups keep their values by selection: exact by construction.
+      frozen_P = freeze_lib.frozen_at(masks_GP, *window, step * B)
+      new_params = jnp.where(frozen_P, flat_params, new_params)
+    return new_params, opt_state, loss, optax.tree.norm(grads)
 
   def chunk(state: TrainState, n_steps, do_eval, clamps_R, feats_V, batches_V):
     if cfg.is_tokens:
@@ -499,8 +517,8 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
         batch = jax.tree.map(lambda x: x[run_variant], batch_V)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(
-          run_step, in_axes=(0, 0, batch_axis, 0, 0, None))(
-              params, opt_state, batch, clamps_R, hp_R, state.step + i)
+          run_step, in_axes=(0, 0, batch_axis, 0, 0, 0, None))(
+              params, opt_state, batch, clamps_R, hp_R, windows_R, state.step + i)
       params, opt_state = constrain(params), constrain(opt_state)
       losses = losses.at[:, i].set(loss_R)
       gnorms = gnorms.at[:, i].set(gnorm_R)

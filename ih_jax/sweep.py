@@ -24,8 +24,9 @@ from ih_jax.config import ExperimentConfig
 
 # Fields that may differ between runs of one program: the data stream and feature table,
 # and the optimizer's numbers (ih_jax.optim).
-PER_RUN_FIELDS = ("train.train_seed", "data.rho", "data.eta", "data.feature_seed", "data.family",
-                  "data.latent_dim") + tuple(f"train.{f}" for f in optim.NUMERIC_FIELDS)
+PER_RUN_FIELDS = (("train.train_seed", "data.rho", "data.eta", "data.feature_seed", "data.family",
+                   "data.latent_dim", "train.freeze")
+                  + tuple(f"train.{f}" for f in optim.NUMERIC_FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)

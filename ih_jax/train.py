@@ -43,8 +43,8 @@ from ih_jax.metrics import metric_names
 # The compiled-program pieces, re-exported for notebooks and benchmarks.
 from ih_jax.program import (Experiment, Run, TrainState, check_seeds, eval_set_names,  # noqa: F401
                             init_state, make_evaluate, make_optimizer, make_train_chunk,
-                            parse_conditions, place_inputs, place_state, program_runs,
-                            setup_experiment)
+                            optimizer_plan, parse_conditions, place_inputs, place_state,
+                            program_runs, setup_experiment)
 
 # pylint: disable=invalid-name
 
@@ -249,7 +249,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     log(f"[ih_jax] {len(exp.runs)} run(s)"
         f"{f' (padded to {exp.num_padded} over {exp.mesh.size} devices)' if exp.mesh else ''}"
         f" x {total_seqs:,d} seqs, {len(eval_steps)} evaluations, {len(ckpt_steps)} "
-        f"snapshots; clamp plan: {exp.plan.num_passes} pass(es); compile {compile_s:.1f}s")
+        f"snapshots; clamp plan: {exp.plan.num_passes} pass(es); optimizer: "
+        f"{optimizer_plan(exp).describe()}; compile {compile_s:.1f}s")
 
     metrics_rows: list[dict[str, Any]] = []
     log_seqs, log_loss, log_gnorm = [], [], []
