@@ -18,6 +18,7 @@ from ih_jax.data.features import LEGACY_FAMILY, FeatureConfig, check_class_split
 from ih_jax.data.sampler import check_layout
 from ih_jax.data.tokens import TokenTaskConfig
 from ih_jax import freeze as freeze_lib
+from ih_jax import warmstart
 from ih_jax.model import ModelConfig
 
 
@@ -120,6 +121,10 @@ class TrainConfig:
   # Parameter groups that get no updates in a window: 'L1', 'embed@[0,100000)',
   # 'L2H3.qk@[200000,)' (ih_jax.freeze). May differ between the runs of one program.
   freeze: tuple[str, ...] = ()
+  # Warm start (ih_jax.warmstart): every run starts from WORKDIR[:RUN][@SEQS]'s params,
+  # except the `reinit` groups (freeze's group names), which start fresh.
+  init_from: str = ""
+  reinit: tuple[str, ...] = ()
   train_seed: int = 0            # batches depend only on this (shared by all runs)
   eval_seed: int = 1
   eval_every: int = 5000         # sequences between evaluations
@@ -254,6 +259,14 @@ class ExperimentConfig:
     check_class_split(self.data, self.task.class_split)
     for entry in self.train.freeze:  # the groups depend on the model's shape
       freeze_lib.parse(entry, self.train.num_seqs, self.model.num_layers, self.model.num_heads)
+    if self.train.reinit and not self.train.init_from:
+      raise ValueError(f"train.reinit={self.train.reinit} needs train.init_from (a warm start)")
+    for group in self.train.reinit:
+      if "@" in group:
+        raise ValueError(f"train.reinit entry {group!r}: a group name without a window")
+      freeze_lib.parse(group, self.train.num_seqs, self.model.num_layers, self.model.num_heads)
+    if self.train.init_from:
+      warmstart.parse(self.train.init_from)
     kind = self.task.kind
     if kind not in TASK_KINDS:
       raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")

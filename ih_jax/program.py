@@ -31,6 +31,7 @@ from ih_jax.interventions import graft as graft_lib
 from ih_jax import freeze as freeze_lib
 from ih_jax import model as model_lib
 from ih_jax import optim
+from ih_jax import warmstart
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
 from ih_jax.data import tokens as tokens_lib
@@ -281,19 +282,25 @@ def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
                                seq_len=cfg.tokens.seq_len)
 
 
-def init_state(exp: Experiment) -> TrainState:
-  """The initial TrainState: every run's params from its init seed with fresh Adam state,
-  one training-stream key per data variant (from its train_seed), step 0, placed on
-  the device(s)."""
+def init_state(exp: Experiment, warm_start: bool = True) -> TrainState:
+  """The initial TrainState: every run's params from its init seed (or, with
+  train.init_from and `warm_start`, from that workdir's params except train.reinit's
+  groups) with fresh optimizer state, one training-stream key per data variant (from
+  its train_seed), step 0, placed on the device(s)."""
   cfg = exp.cfg
   init = lambda key: init_params(key, cfg, exp.features.shape[-1])
+  donor = None
+  if warm_start and cfg.train.init_from:
+    donor = warmstart.load(cfg.train.init_from, jax.eval_shape(lambda: init(jax.random.key(0))))
 
   @jax.jit  # one compiled program (eagerly, the optimizer's init is dozens of dispatches)
-  def params_and_opt_state(seeds):
+  def params_and_opt_state(seeds, donor):
     params = jax.vmap(lambda s: init(jax.random.key(s)))(seeds)
+    if donor is not None:
+      params = warmstart.combine(params, donor, cfg.train.reinit, cfg.model.num_heads)
     return params, jax.vmap(optim.transformation(optimizer_plan(exp)).init)(params)
 
-  params, opt_state = params_and_opt_state(jnp.asarray(exp.run_init_seeds))
+  params, opt_state = params_and_opt_state(jnp.asarray(exp.run_init_seeds), donor)
   # Per variant: train_seed -> (data key, model key); the model key is unused (no dropout).
   data_keys = jnp.stack([jax.random.split(jax.random.key(v.cfg.train.train_seed))[0]
                          for v in exp.variants])

@@ -135,7 +135,7 @@ def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:
       group_cfg.sweep, conditions=group_cfg.sweep.conditions[:1],
       init_seeds=group_cfg.sweep.init_seeds[:1], grid=()))
   exp = setup_experiment(sweep_lib.plan_programs(one)[0], shard=False)
-  state = init_state(exp)
+  state = init_state(exp, warm_start=False)  # only shapes matter here
   clamps, feats, batches = place_inputs(exp)
   mem = make_train_chunk(exp, 1).lower(state, 0, True, clamps, feats, batches).compile() \
       .memory_analysis()
@@ -199,7 +199,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
       return load_result(workdir, exp.runs)
 
   with jax.default_matmul_precision(cfg.train.matmul_precision):
-    state = init_state(exp)
+    # A resumed run's state comes from its checkpoint: no warm-start donor is read.
+    state = init_state(exp, warm_start=status != "resume")
     clamps_dev, feats_dev, batches_dev = place_inputs(exp)
     ckptr, snaps, start_step, resumed = None, None, 0, False
     if workdir is not None:
@@ -228,6 +229,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
           log(f"[ih_jax] resuming {workdir} from the checkpoint at {seqs0:,d} seqs")
         else:
           log(f"[ih_jax] {workdir}: no usable resume checkpoint; starting from scratch")
+          state = init_state(exp)
       snaps.open(seqs0)
       writer = workdir_lib.RunWriter(workdir, exp,
                                      resume_seqs=start_step * B if resumed else None, log=log)
