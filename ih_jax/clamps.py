@@ -37,6 +37,13 @@ Spec grammar (clauses joined by ';'):
   preserve_pattern | preserve_value
 Example: "ih:L2H3;keep_only:L2H3" = perfect match on L2H3, the other L2 heads ablated.
 
+Schedules. Any clause may end in a window of sequences seen, `@[START,STOP)` or
+`@[START,)`: the kind acts only while START <= sequences seen < STOP (e.g.
+"ih:L2H3@[0,200000);keep_only:L2H3@[0,200000)" clamps perfect match for the first 200k
+sequences, then releases it). The window is data (leaf `<kind>@window`, [2] int32;
+[0, int32 max) = always), evaluated in-graph from the step, so conditions with different
+windows share one program. One window per kind per run.
+
 Combining clauses. Clauses add up: ablations are the union of every ablate clause and
 of every head a keep_only clause drops, where the keep_only clauses naming one layer
 keep the union of their heads ("keep_only:L2H0;keep_only:L2H1" keeps both). Repeating a
@@ -72,9 +79,19 @@ __all__ = ["Clamps", "Head", "ClampPlan", "NO_CLAMPS", "identity", "complete", "
            "stack", "parse", "parse_heads", "head_name", "describe", "combine", "leaf_names"]
 
 
+WINDOW = "@window"   # suffix of a kind's schedule leaf
+ALWAYS_STOP = np.iinfo(np.int32).max
+
+
+def always() -> np.ndarray:
+  """The identity window: [0, int32 max) sequences, i.e. the whole run."""
+  return np.array([0, ALWAYS_STOP], np.int32)
+
+
 def leaf_names() -> tuple[str, ...]:
-  """Every leaf of a condition: the union of the registered kinds' leaves."""
-  return tuple(k for kind in core.registered() for k in kind.leaves(1, 1))
+  """Every leaf of a condition: the union of the registered kinds' leaves and windows."""
+  return tuple(k for kind in core.registered()
+               for k in (*kind.leaves(1, 1), kind.name + WINDOW))
 
 
 def identity(num_layers: int, num_heads: int) -> Clamps:
@@ -82,7 +99,20 @@ def identity(num_layers: int, num_heads: int) -> Clamps:
   out: Clamps = {}
   for kind in core.registered():
     out.update(kind.leaves(num_layers, num_heads))
+    out[kind.name + WINDOW] = always()
   return out
+
+
+def window_of(c: Clamps, kind: str) -> tuple[int, int]:
+  """(start, stop) of one run's window for `kind` (stop = ALWAYS_STOP when open)."""
+  w = np.asarray(c.get(kind + WINDOW, always()))
+  return int(w[0]), int(w[1])
+
+
+def scheduled(c: Clamps) -> dict[str, tuple[int, int]]:
+  """The kinds of one run's condition that carry a window other than the whole run."""
+  return {kind.name: window_of(c, kind.name) for kind in core.registered()
+          if window_of(c, kind.name) != (0, ALWAYS_STOP)}
 
 
 def complete(c: Clamps) -> Clamps:
@@ -106,6 +136,7 @@ class ClampPlan:
   """
   kinds: tuple[str, ...] = ()
   clean_pass_for: tuple[str, ...] = ()
+  scheduled: tuple[str, ...] = ()   # kinds some run applies only inside a window
 
   def uses(self, kind: str) -> bool:
     """Whether some run in the program uses intervention kind `kind`."""
@@ -135,7 +166,9 @@ def plan_for(stacked: Clamps) -> ClampPlan:
             for kind in core.registered()}
   kinds = tuple(name for name, runs in active.items() if runs.any())
   clean = tuple(name for name in kinds if core.get(name).needs_clean_pass(stacked, active))
-  return ClampPlan(kinds, clean)
+  timed = tuple(name for name in kinds
+                if (np.asarray(stacked[name + WINDOW]) != always()[None]).any())
+  return ClampPlan(kinds, clean, timed)
 
 
 def stack(conditions: Sequence[Clamps]) -> Clamps:
@@ -157,7 +190,36 @@ def stack(conditions: Sequence[Clamps]) -> Clamps:
 # ----------------------------------------------------------------------------- parsing
 
 _STRENGTH = re.compile(r"^(.*)@(.*)$")
+_WINDOW = re.compile(r"^(?P<clause>.*?)\s*@\s*\[\s*(?P<start>[^,\]]*)\s*,"
+                     r"\s*(?P<stop>[^)\]]*)\s*\)\s*$")
 
+
+def _split_window(clause: str) -> tuple[str, np.ndarray | None]:
+  """'ih:L2H3@[0,200000)' -> ('ih:L2H3', [0, 200000]); no window -> (clause, None)."""
+  m = _WINDOW.match(clause)
+  if not m:
+    if "@[" in clause:
+      raise ValueError(f"clamp clause {clause!r}: a window must look like @[START,STOP) or "
+                       "@[START,) in sequences seen, e.g. 'ih:L2H3@[0,200000)'")
+    return clause, None
+  bounds = []
+  for text, default in ((m["start"], None), (m["stop"], ALWAYS_STOP)):
+    text = text.strip()
+    if not text and default is not None:
+      bounds.append(default)
+      continue
+    try:
+      value = float(text)
+    except ValueError:
+      raise ValueError(f"clamp clause {clause!r}: window bound {text!r} is not a number of "
+                       "sequences") from None
+    if not (0 <= value < ALWAYS_STOP and value == int(value)):
+      raise ValueError(f"clamp clause {clause!r}: window bound {text!r} must be a whole "
+                       f"number of sequences in [0, {ALWAYS_STOP})")
+    bounds.append(int(value))
+  if bounds[1] <= bounds[0]:
+    raise ValueError(f"clamp clause {clause!r}: the window [{bounds[0]}, {bounds[1]}) is empty")
+  return m["clause"].strip(), np.array(bounds, np.int32)
 
 def parse(spec: str, num_layers: int, num_heads: int,
           donors: Sequence[str] = ()) -> Clamps:
@@ -171,7 +233,9 @@ def parse(spec: str, num_layers: int, num_heads: int,
   if not clauses:
     raise ValueError("empty clamp spec; use 'none' for the unclamped condition")
   draft = core.Draft(spec, num_layers, num_heads, donors, identity(num_layers, num_heads))
+  windows: dict[str, tuple[np.ndarray, str]] = {}
   for clause in clauses:
+    clause, window = _split_window(clause)
     keyword, _, arg = clause.partition(":")
     keyword, arg = keyword.strip().lower(), arg.strip()
     if keyword == "none":
@@ -180,6 +244,8 @@ def parse(spec: str, num_layers: int, num_heads: int,
       if len(clauses) > 1:  # 'none;ablate:...' is a typo or a mix-up
         raise ValueError(f"'none' means no clamp and cannot be combined with other clauses; "
                          f"got {spec!r}")
+      if window is not None:
+        raise ValueError(f"clamp clause {clause!r}: 'none' takes no window")
       continue
     kind = core.by_keyword(keyword)
     if kind is None:
@@ -203,6 +269,11 @@ def parse(spec: str, num_layers: int, num_heads: int,
                            "strength '@s'")
         arg, strength = m.group(1).strip(), core.parse_strength(clause, m.group(2))
     kind.parse(keyword, arg, strength, clause, draft)
+    w = always() if window is None else window
+    if kind.name in windows and not np.array_equal(windows[kind.name][0], w):
+      raise ValueError(f"clauses {windows[kind.name][1]!r} and {clause!r} give {kind.name} "
+                       "two different windows; one window per kind per run")
+    windows[kind.name] = (w, clause)
   for kind in core.registered():
     kind.finish(draft)
   # A value-ablated head outputs nothing, so a clamp on it would have no effect.
@@ -215,14 +286,22 @@ def parse(spec: str, num_layers: int, num_heads: int,
                            "an ablated head does nothing)")
   for kind in core.registered():
     kind.check(draft)
-  return draft.leaves
+  out = dict(draft.leaves)
+  for name, (w, _) in windows.items():
+    out[name + WINDOW] = w
+  return out
 
 
 def describe(c: Clamps, donors: Sequence[str] = ()) -> str:
   """A canonical spec string for a (single-run) condition; parse(describe(c)) == c."""
   c = complete(c)
-  return ";".join(part for kind in core.registered()
-                  for part in kind.describe(c, donors)) or "none"
+  parts = []
+  for kind in core.registered():
+    start, stop = window_of(c, kind.name)
+    suffix = "" if (start, stop) == (0, ALWAYS_STOP) else \
+        f"@[{start},{'' if stop == ALWAYS_STOP else stop})"
+    parts += [part + suffix for part in kind.describe(c, donors)]
+  return ";".join(parts) or "none"
 
 
 # ------------------------------------------------------------------ combining conditions
@@ -239,9 +318,12 @@ def combine(base: Clamps, extra: Clamps) -> Clamps:
   A donor tree under `graft_params` (a grafted run's) travels along.
   """
   base, extra = complete(base), complete(extra)
+  if scheduled(extra):
+    raise ValueError(f"a post-hoc condition takes no window (it has {scheduled(extra)})")
   out: Clamps = {}
   for kind in core.registered():
     kind.combine(base, extra, out)
+    out[kind.name + WINDOW] = base[kind.name + WINDOW]  # the run's own schedule stays
   for kind in core.registered():
     kind.validate(out)
   if "graft_params" in base:

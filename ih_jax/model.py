@@ -565,7 +565,8 @@ def _from_public(site: str, y: jax.Array) -> jax.Array:
 
 
 def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
-         plan: clamps_lib.ClampPlan, sites: Sequence[str], query_only: bool = False):
+         plan: clamps_lib.ClampPlan, sites: Sequence[str], query_only: bool = False,
+         seqs: jax.Array | None = None):
   cfg = model.cfg
   L = cfg.num_layers
   rec: dict[str, jax.Array] = {}
@@ -624,7 +625,12 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
                              inputs=x_BNF, cfg=cfg, plan=plan, _read=read)
       y = _to_public(site, x, cfg.num_heads)
       for kind in by_site[site]:
-        y = kind.edit(y, c, ctx)
+        edited = kind.edit(y, c, ctx)
+        if kind.name in plan.scheduled:  # on only inside the run's window (exact select)
+          window = c[kind.name + clamps_lib.WINDOW]
+          on = (window[0] <= seqs) & (seqs < window[1])
+          edited = jnp.where(on, edited, y)
+        y = edited
       return _from_public(site, y)
     return edit
 
@@ -659,15 +665,23 @@ class _PrepareTools:
 
 def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: ModelConfig,
           plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
-          sites: Sequence[str] = (), query_only: bool = False
-          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+          sites: Sequence[str] = (), query_only: bool = False,
+          seqs: jax.Array | int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Forward pass of one run on a batch. Returns (query-and-context logits [B, n+1, C], aux).
 
   query_only=True returns the query row only ([B, 1, C]) and computes the last layer
   at the query position alone: the same query logits for less work (training, eval).
+  seqs: sequences seen so far, which a condition with windows (`ih:L2H3@[0,200000)`)
+  needs to know which of its kinds act now.
   """
   if plan != clamps_lib.NO_CLAMPS and clamps is None:
     raise ValueError(f"plan {plan} needs clamps")
+  if plan.scheduled and seqs is None:
+    raise ValueError(f"this condition applies {', '.join(plan.scheduled)} inside a window of "
+                     "training; pass seqs= (sequences seen) to say which part of the run to "
+                     "evaluate")
+  if seqs is not None:
+    seqs = jnp.asarray(seqs, jnp.int32)
   allowed = site_names(cfg.num_layers, mlp=cfg.mlp_ratio > 0)
   unknown = set(sites) - set(allowed)
   if unknown:
@@ -682,13 +696,13 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
       raise ValueError("query_only is a few-shot option (the token task scores every position)")
     # The y slot carries the oracle induction targets (used only by the ih clamp).
     return Transformer(cfg).apply({"params": params}, batch.tokens, copy_targets(batch),
-                                  clamps, plan, tuple(sites), False, method=_run)
+                                  clamps, plan, tuple(sites), False, seqs, method=_run)
   for name in plan.kinds:
     extra = core.get(name).prepare(clamps, batch, cfg, _PrepareTools(cfg))
     if extra:
       clamps = dict(clamps, **extra)
   return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
-                                tuple(sites), query_only, method=_run)
+                                tuple(sites), query_only, seqs, method=_run)
 
 
 def token_clamp_kinds() -> tuple[str, ...]:

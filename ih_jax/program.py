@@ -83,12 +83,13 @@ class Experiment:
 
 
 def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
-                     donors: tuple[str, ...] = (), tokens: bool = False
-                     ) -> list[tuple[str, clamps_lib.Clamps]]:
+                     donors: tuple[str, ...] = (), tokens: bool = False,
+                     num_seqs: int | None = None) -> list[tuple[str, clamps_lib.Clamps]]:
   """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names.
 
   `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `tokens`: the conditions
-  are for the token task, which refuses the few-shot-specific clamp kinds.
+  are for the token task, which refuses the few-shot-specific clamp kinds; `num_seqs`:
+  the run's length, which a clamp window must start within.
   """
   out, seen = [], set()
   for entry in entries:
@@ -102,6 +103,10 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
       raise ValueError(f"condition {entry!r}: {e}") from None
     if tokens:
       check_token_clamps(c, entry)
+    for kind, (start, _) in clamps_lib.scheduled(c).items():
+      if num_seqs is not None and start >= num_seqs:
+        raise ValueError(f"condition {entry!r}: the {kind} window starts at {start:,d}, at or "
+                         f"after the end of the run (train.num_seqs={num_seqs:,d})")
     if name in seen:
       raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
     seen.add(name)
@@ -222,7 +227,8 @@ def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
   cfg = program.cfg
   entries = tuple(dict.fromkeys(r.condition_entry for r in program.runs))
   return dict(parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
-                               graft_lib.donor_names(cfg), tokens=cfg.is_tokens))
+                               graft_lib.donor_names(cfg), tokens=cfg.is_tokens,
+                               num_seqs=cfg.train.num_seqs))
 
 
 def program_runs(program: Program) -> list[Run]:
@@ -325,7 +331,8 @@ EVAL_BLOCK = 50
 
 
 def make_evaluate(exp: Experiment) -> Callable:
-  """(params_R, clamps_R, eval_batches_V) -> {set: {'clamped'|'unclamped': {metric: [R_pad]}}}."""
+  """(params_R, clamps_R, eval_batches_V, seqs) -> {set: {'clamped'|'unclamped': {metric:
+  [R_pad]}}}; `seqs` (sequences seen) decides which windowed clamps act."""
   cfg = exp.cfg
   unclamped_too = cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS
   blocks = _variant_slices(exp)
@@ -333,17 +340,19 @@ def make_evaluate(exp: Experiment) -> Callable:
   L = cfg.model.num_layers
   pattern_sites = tuple(f"blocks.{l}.pattern" for l in range(L))
 
-  def one_run(params, clamps, batch, clamped: bool):
+  def one_run(params, clamps, batch, clamped: bool, seqs):
+    seqs = seqs if clamped else None
     if cfg.is_tokens:  # every position scored; head scores from the recorded patterns
       logits, aux = model_lib.apply(params, batch, clamps if clamped else None, cfg.model,
                                     exp.plan if clamped else clamps_lib.NO_CLAMPS,
-                                    sites=pattern_sites)
+                                    sites=pattern_sites, seqs=seqs)
       return token_metrics(logits, batch, [aux[s] for s in pattern_sites],
                            cfg.tokens.segment_len, cfg.tokens.late_frac)
 
     def query_logits(b):
       return model_lib.apply(params, b, clamps if clamped else None, cfg.model,
-                             exp.plan if clamped else clamps_lib.NO_CLAMPS, query_only=True)[0]
+                             exp.plan if clamped else clamps_lib.NO_CLAMPS, query_only=True,
+                             seqs=seqs)[0]
 
     S = batch.y.shape[0]
     in_blocks = (exp.num_padded > 1 and S > EVAL_BLOCK
@@ -360,13 +369,13 @@ def make_evaluate(exp: Experiment) -> Callable:
           (pad(batch.x.ids), pad(batch.y))).reshape(n * EVAL_BLOCK, 1, -1)[:S]
     return {k: v.mean() for k, v in query_metrics(logits, batch.y).items()}
 
-  def block(params_R, clamps_R, batch):
-    res = {"clamped": jax.vmap(lambda p, c: one_run(p, c, batch, True))(params_R, clamps_R)}
+  def block(params_R, clamps_R, batch, seqs):
+    res = {"clamped": jax.vmap(lambda p, c: one_run(p, c, batch, True, seqs))(params_R, clamps_R)}
     if unclamped_too:
-      res["unclamped"] = jax.vmap(lambda p: one_run(p, None, batch, False))(params_R)
+      res["unclamped"] = jax.vmap(lambda p: one_run(p, None, batch, False, None))(params_R)
     return res
 
-  def evaluate(params_R, clamps_R, batches_V):
+  def evaluate(params_R, clamps_R, batches_V, seqs=None):
     out = {}
     for name, batch_V in batches_V.items():
       parts = []
@@ -374,7 +383,7 @@ def make_evaluate(exp: Experiment) -> Callable:
         sl = lambda t, lo=lo, hi=hi: jax.tree.map(lambda x: x[lo:hi], t)
         parts.append(block(sl(params_R) if len(blocks) > 1 else params_R,
                            sl(clamps_R) if len(blocks) > 1 else clamps_R,
-                           jax.tree.map(lambda x, v=v: x[v], batch_V)))
+                           jax.tree.map(lambda x, v=v: x[v], batch_V), seqs))
       out[name] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
     return out
 
@@ -467,12 +476,17 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   flat = FlatParams(jax.eval_shape(
       lambda: init_params(jax.random.key(0), cfg, exp.features.shape[-1])))
 
-  def loss_fn(params, batch, clamps):
+  # Windowed clamps need the sequences seen; a program without windows does not read it.
+  timed = bool(exp.plan.scheduled)
+
+  def loss_fn(params, batch, clamps, seqs):
+    seqs = seqs if timed else None
     if cfg.is_tokens:  # next-token loss over every position
-      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan)
+      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, seqs=seqs)
       return model_lib.next_token_loss(logits, batch.tokens)
     # Only the query row is scored: the last layer runs at the query position alone.
-    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True)
+    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True,
+                                seqs=seqs)
     return model_lib.query_loss(logits, batch.y)
 
   def sample(key, table, lookup):
@@ -493,7 +507,7 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
 
   def run_step(flat_params, opt_state, batch, clamps, hp, window, step):
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(flat.unravel(p), batch, clamps))(flat_params)
+        lambda p: loss_fn(flat.unravel(p), batch, clamps, step * B))(flat_params)
     tx = optim.transformation(opt_plan, hp, step)
     updates, opt_state = tx.update(grads, opt_state, flat_params)
     new_params = optax.apply_updates(flat_params, updates)
@@ -540,9 +554,11 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
         0, n_steps, body, (params_R, opt_state_R, state.data_key, buf, buf))
     params, opt_state = flat.unravel_state(flat_params, opt_state, state.opt_state)
     new_state = TrainState(params, opt_state, data_key, state.step + n_steps)
+    seqs_now = new_state.step * B if timed else None  # the evaluation's point
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(evaluate, params, clamps_R, batches_V))
-    evals = jax.lax.cond(do_eval, lambda: evaluate(params, clamps_R, batches_V), zeros)
+                                 jax.eval_shape(evaluate, params, clamps_R, batches_V, seqs_now))
+    evals = jax.lax.cond(do_eval, lambda: evaluate(params, clamps_R, batches_V, seqs_now),
+                         zeros)
     if flat_params_out:
       return new_state, (losses, gnorms), evals, flat_params
     return new_state, (losses, gnorms), evals

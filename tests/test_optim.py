@@ -97,25 +97,12 @@ def test_grid_is_one_program_with_per_run_numbers(grid_result):
   assert len(set(np.round(finals, 6).tolist())) == 4, finals
 
 
-def _without_key_bias(params):
-  """The key bias's gradient is zero in exact arithmetic (a softmax ignores a constant
-  shift of its scores), so Adam turns the rounding noise there into O(lr) steps that any
-  change of program reorders; the other parameters are compared."""
-  out = jax.tree.map(np.array, params)
-  for name, block in out.items():
-    if name.startswith("blocks_"):
-      bias = block["qkv"]["bias"]
-      third = bias.shape[-1] // 3   # [q | k | v]
-      bias[..., third:2 * third] = 0.0
-  return out
-
-
 @pytest.mark.parametrize("index, lr, wd", [(0, 1e-4, 0.0), (3, 3e-4, 0.01)])
 def test_grid_run_equals_the_same_settings_alone(grid_result, index, lr, wd):
   _, grid = grid_result
   _, alone = _run(learning_rate=lr, weight_decay=wd)
-  numerics.assert_close(_without_key_bias(jax.tree.map(lambda x: x[index], grid.params)),
-                        _without_key_bias(jax.tree.map(lambda x: x[0], alone.params)),
+  numerics.assert_close(numerics.without_key_bias(jax.tree.map(lambda x: x[index], grid.params)),
+                        numerics.without_key_bias(jax.tree.map(lambda x: x[0], alone.params)),
                         rtol=1e-4, rel_atol=1e-4)
   numerics.assert_close(grid.train_loss[index], alone.train_loss[0], rtol=1e-4)
 

@@ -54,6 +54,10 @@ class RunContext:
     c = clamps_lib.parse(info["spec"], m.num_layers, m.num_heads, donors)
     if clamps_lib.describe(c, donors) == "none":
       return None
+    if clamps_lib.scheduled(c):  # which clamps act depends on the checkpoint's step
+      raise ValueError(f"run {run} ({info['spec']}) trained under clamps with windows; "
+                       "analysis under windowed clamps is not implemented yet (its "
+                       "unclamped measures are: pass clamps=None)")
     if bool(c["graft_on"]):
       template = jax.eval_shape(lambda: model_lib.init_params(
           jax.random.key(0), m, self.features.shape[-1], self.cfg.task.num_context))

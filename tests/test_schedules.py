@@ -1,0 +1,97 @@
+"""Interventions over time: a clause with a window `@[START,STOP)` acts only while
+START <= sequences seen < STOP, evaluated in-graph, so windows differ between the runs
+of one program."""
+import jax
+import numerics
+import numpy as np
+import pytest
+
+import ih_jax
+from ih_jax import clamps, program, sweep as sweep_lib, train
+from ih_jax.config import ExperimentConfig
+
+pytestmark = pytest.mark.xdist_group("test_schedules")  # one worker trains the shared sweep
+
+CONDITIONS = ["always=ih:L2H0;keep_only:L2H0", "first=ih:L2H0@[0,320);keep_only:L2H0@[0,320)",
+              "late=ih:L2H0@[320,);keep_only:L2H0@[320,)"]
+
+
+def _cfg(num_seqs, conditions):
+  return ExperimentConfig.from_dict({
+      "train": {"num_seqs": num_seqs, "eval_every": 160, "learning_rate": 1e-3,
+                "progress_every_s": 0},
+      "checkpoint": {"every": 320},
+      "sweep": {"conditions": conditions, "init_seeds": [5]},
+      "evaluators": [{"name": "fsl_train", "size": 128}]})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("sched") / "wd")
+  return ih_jax.run(_cfg(640, CONDITIONS), wd, verbose=False)
+
+
+def _rows(run, clamped):
+  m = run.metrics("fsl_train", clamped=clamped)
+  return dict(zip(m["seqs"].tolist(), m["loss"].tolist()))
+
+
+def test_windows_train_in_one_program_and_act_only_inside(sweep):
+  always, first, late = (sweep.run(c) for c in ("always", "first", "late"))
+  assert len({r.workdir for r in sweep.runs}) == 1
+  # Before 320 "first" is the always-clamped run (same program, same ops per run) ...
+  numerics.assert_close(numerics.without_key_bias(first.params(320)),
+                        numerics.without_key_bias(always.params(320)), rtol=1e-5, rel_atol=1e-5)
+  numerics.assert_close(_rows(first, True)[160], _rows(always, True)[160], rtol=1e-5)
+  # ... and after its window its clamped evaluation is the clamp-free one.
+  on, off = _rows(first, True), _rows(first, False)
+  assert on[160] != off[160]
+  numerics.assert_close(on[480], off[480], rtol=1e-5)
+  numerics.assert_close(on[640], off[640], rtol=1e-5)
+  # "late" starts unclamped and is clamped from 320 on.
+  on, off = _rows(late, True), _rows(late, False)
+  numerics.assert_close(on[160], off[160], rtol=1e-5)
+  assert on[480] != off[480]
+  assert not np.array_equal(first.params()["blocks_1"]["qkv"]["kernel"],
+                            always.params()["blocks_1"]["qkv"]["kernel"])
+
+
+def test_window_run_equals_the_clamped_run_up_to_its_end(sweep, tmp_path):
+  """A separate 320-sequence run clamped throughout ends where the windowed one is at 320."""
+  alone = train.train_and_evaluate(_cfg(320, [CONDITIONS[0]]), None, verbose=False)
+  numerics.assert_close(numerics.without_key_bias(jax.tree.map(lambda x: x[0], alone.params)),
+                        numerics.without_key_bias(sweep.run("first").params(320)),
+                        rtol=1e-4, rel_atol=1e-4)
+
+
+def test_grammar_round_trips_and_bad_windows_are_refused():
+  c = clamps.parse("pt:L1H3@0.5@[100,);ih:L2H3@[0,2e5)", 2, 8)
+  assert clamps.describe(c) == "pt:L1H3@0.5@[100,);ih:L2H3@[0,200000)"
+  assert clamps.scheduled(clamps.parse(clamps.describe(c), 2, 8)) == {
+      "pt": (100, clamps.ALWAYS_STOP), "ih": (0, 200000)}
+  for spec, msg in [("ih:L2H3@[5,5)", r"window \[5, 5\) is empty"),
+                    ("ih:L2H3@[0,5", "must look like @\\[START,STOP\\)"),
+                    ("ih:L2H3@[0,100);ih:L2H2@[0,200)", "two different windows"),
+                    ("none@[0,10)", "takes no window")]:
+    with pytest.raises(ValueError, match=msg):
+      clamps.parse(spec, 2, 8)
+  with pytest.raises(ValueError, match="the ih window starts at 1,000, at or after the end"):
+    ih_jax.run(_cfg(640, ["ih:L2H0@[1000,)"]), "/tmp/never_written", verbose=False)
+  with pytest.raises(ValueError, match="post-hoc condition takes no window"):
+    clamps.combine(clamps.parse("none", 2, 8), clamps.parse("ablate:L2H1@[0,10)", 2, 8))
+
+
+def test_after_its_window_the_run_continues_as_an_unclamped_one(sweep):
+  """Clamped for 320 sequences, then the same state (params, Adam moments, data stream)
+  trained on by an unclamped program: where the windowed run ends."""
+  state = None
+  for cond, n in ((CONDITIONS[0], 320), ("none", 320)):
+    exp = program.setup_experiment(sweep_lib.plan_programs(_cfg(640, [cond]))[0])
+    state = program.init_state(exp) if state is None else state
+    steps = n // exp.cfg.train.batch_size
+    chunk = program.make_train_chunk(exp, steps)
+    state, _, _ = chunk(state, steps, False, *program.place_inputs(exp))
+  got = jax.tree.map(lambda x: np.asarray(x[0]), state.params)
+  numerics.assert_close(numerics.without_key_bias(got),
+                        numerics.without_key_bias(sweep.run("first").params()),
+                        rtol=1e-4, rel_atol=1e-4)
