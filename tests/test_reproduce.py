@@ -127,6 +127,21 @@ def test_cli_quick_scale_toy_figure(tmp_path):
   assert "scale: `quick`" in report and "| 5a | 5a, A9 |" in report
 
 
+def test_dynamics_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
+  """release (windowed clamps) and freeze_l1 (freeze schedules) end to end, one seed."""
+  from ih_jax.experiments.paper import dynamics, report
+  monkeypatch.setattr(dynamics, "_seeds", lambda study: (5,))
+  study = Study(str(tmp_path), scales.get("smoke"), log=lambda m: None, verbose=False)
+  for key in ("release", "freeze_l1"):
+    outcome, _, error = report.run_entry(study, registry.ENTRIES[key])
+    assert error is None, (key, error)
+    assert outcome.verdicts and all(v.measured for v in outcome.verdicts), key
+    assert all(os.path.exists(f) for f in outcome.figures) and outcome.figures, key
+  # One program each: the windows and the freeze schedules are per-run data.
+  assert not os.path.exists(os.path.join(str(tmp_path), "release", "sweep.json"))
+  assert not os.path.exists(os.path.join(str(tmp_path), "freeze_l1", "sweep.json"))
+
+
 def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   """deep / capacity / vocab end to end (training, head choice, analysis, verdicts) on
   shrunken grids; the full grids run with --scale=quick (numbers in BUILD_NOTES.md)."""

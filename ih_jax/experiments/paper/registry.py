@@ -24,7 +24,7 @@ from ih_jax import checkpoint as ckpt_lib
 from ih_jax import plots, toy
 from ih_jax.analysis import context, measures, report as report_lib, timing
 from ih_jax.analysis import verdicts as V
-from ih_jax.experiments.paper import beyond, tokens_entry
+from ih_jax.experiments.paper import beyond, dynamics, tokens_entry
 from ih_jax.experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table, png
 from ih_jax.experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
 
@@ -477,11 +477,11 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
     Entry("A18", ("A18",), "Extra seeds", lambda study: study.scale.extra_seeds, _seeds_stages,
           _seeds_analyze),
     tokens_entry.ENTRY,
-) + beyond.ENTRIES}
+) + beyond.ENTRIES + dynamics.ENTRIES}
 
 
 # Entries beyond the paper: run with --figure=beyond (not part of "all").
-BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES)
+BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES + dynamics.ENTRIES)
 
 
 def resolve(figure: str) -> list[Entry]:

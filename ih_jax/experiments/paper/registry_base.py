@@ -55,14 +55,15 @@ def lt_table(lts: dict, horizon_: float) -> str:
 
 
 def curve_figure(study: Study, name: str, groups: dict[str, tuple[np.ndarray, np.ndarray]],
-                 title: str) -> list[str]:
+                 title: str, ylabel: str = "fsl_train query loss (under the run's clamps)"
+                 ) -> list[str]:
   """Loss curves of several runs in one PNG under the study's figure folder."""
   fig, ax = plots.subplots(figsize=(7, 4.2))
   for label, (s, l) in groups.items():
     ax.plot(s, l, label=label, lw=1.3)
   plots._reference_lines(ax)  # pylint: disable=protected-access
   ax.set_xlabel("sequences seen")
-  ax.set_ylabel("fsl_train query loss (under the run's clamps)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -1,0 +1,164 @@
+"""Beyond the paper: training-dynamics controls (clamps released after a window, layer 1
+frozen at initialisation for a while).
+
+  ih-jax reproduce --figure=release --scale=quick --workdir=/tmp/repro_dyn
+  ih-jax reproduce --figure=freeze_l1 --scale=quick --workdir=/tmp/repro_dyn
+
+release: perfect match (`ih:L2H0`) or perfect Layer 1 + perfect copy (`perfect_l1;
+copy:L2H0`) is clamped for the first 10 / 25 / 50% of the main run's length and then
+released; every run also logs its clamp-free loss. Does the induction circuit persist
+after the release, and does the clamp-free loss reach 0.4 ln 2 sooner than a run that
+was never clamped? All windows x seeds train in one program.
+
+freeze_l1: layer 1 is frozen at its initialisation for the first 0 / 10 / 25 / 50% of
+the run (`train.freeze=L1@[0,s)`), one program. How does the plateau depend on s?
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ih_jax.analysis import timing
+from ih_jax.analysis import verdicts as V
+from ih_jax.experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table
+from ih_jax.experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
+
+MAIN_SEQS = 1_000_000                # the paper's main-run length
+FRACTIONS = (0.1, 0.25, 0.5)         # of the run: the clamp / freeze windows
+HEAD = "L2H0"                        # any layer-2 head: the clamp gives it its role
+PERSIST_FRACTION = 2 / 3             # released runs that must stay learned for "persists"
+
+
+def _seeds(study: Study) -> tuple[int, ...]:
+  return (PAPER_SEED,) + study.scale.extra_seeds[:2]
+
+
+def _windows(study: Study) -> dict[str, int]:
+  length = study.scale.seqs(MAIN_SEQS)
+  return {f"{round(f * 100)}": max(100, int(round(f * length / 100)) * 100) for f in FRACTIONS}
+
+
+def _release_conditions(study: Study) -> tuple[str, ...]:
+  out = ["none"]
+  for pct, w in _windows(study).items():
+    out.append(f"match{pct}=ih:{HEAD}@[0,{w})")
+    out.append(f"l1copy{pct}=perfect_l1@[0,{w});copy:{HEAD}@[0,{w})")
+  return tuple(out)
+
+
+def _release_stages(study: Study, heads: dict) -> Stages:
+  del heads
+  return [("release", study.config(paper_seqs=MAIN_SEQS, paper_eval_every=5000,
+                                   conditions=_release_conditions(study), seeds=_seeds(study)))]
+
+
+def _clamp_free(results: list) -> dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]]:
+  """Each run's clamp-free loss curve (an unclamped run's own curve)."""
+  own, free = curves(results), curves(results, clamped=0)
+  return {k: free.get(k, v) for k, v in own.items()}
+
+
+def _release_analyze(study: Study, results: dict, heads: dict) -> Outcome:
+  del heads
+  res = results["release"]
+  hz = horizon(res)
+  free = _clamp_free(res)
+  windows = _windows(study)
+  lt = {k: timing.learning_time(s, l) for k, (s, l) in free.items()}
+  final = {k: float(l[-1]) for k, (_, l) in free.items()}
+  seeds = _seeds(study)
+  median = lambda c: float(  # noqa: E731
+      np.median([V.effective_lt(lt[(c, s, "")], hz) for s in seeds]))
+  window_of = lambda c: windows[c.removeprefix("match").removeprefix("l1copy")]  # noqa: E731
+  clamped = [(c, s) for (c, s, _) in free if c != "none"]
+  formed = {f"{c} seed {s}": lt[(c, s, "")] <= window_of(c) for c, s in clamped}
+  learned = {f"{c} seed {s}": final[(c, s, "")] < timing.THRESHOLD for c, s in clamped}
+  out = Outcome([])
+  out.verdicts.append(V.fraction_at_least(
+      "Q: has the model formed a circuit of its own while the clamp acted (its clamp-free "
+      "loss below 0.4 ln 2 by the release)?", formed, PERSIST_FRACTION,
+      "clamp-free learning time <= the release point"))
+  out.verdicts.append(V.fraction_at_least(
+      "Q: after the release, does the model end up solving the task without the clamp "
+      "(final loss below 0.4 ln 2, no clamp acting)?", learned, PERSIST_FRACTION,
+      "final loss < 0.4 ln 2 after the release"))
+  base = median("none")
+  for kind in ("match", "l1copy"):
+    named = {f"{kind}{p}": median(f"{kind}{p}") for p in windows}
+    out.verdicts.append(V.earlier_than(
+        f"Q: does clamping {'perfect match' if kind == 'match' else 'perfect L1 + copy'} "
+        "first make the clamp-free loss reach 0.4 ln 2 sooner than never clamping "
+        "(median over seeds)?", named, "never clamped", base if base < hz else math.nan, hz))
+  out.notes.append(
+      f"Windows (sequences): {windows}; head {HEAD}; seeds {list(seeds)}; horizon {hz:,.0f}. "
+      "Learning time here is of the clamp-free loss (the model evaluated without its "
+      "clamps); inside the window the clamped loss is lower.\n\n" + lt_table(lt, hz))
+  out.notes.append("Clamp-free learning time minus the release point (negative: formed "
+                   "under the clamp): " + ", ".join(
+                       f"{c} s{s} {V.effective_lt(lt[(c, s, '')], hz) - window_of(c):+,.0f}"
+                       for c, s in sorted(clamped)))
+  out.notes.append("Final clamp-free loss: " + ", ".join(
+      f"{c} s{s} {final[(c, s, v)]:.3f}" for (c, s, v) in sorted(final)))
+  groups = {c: free[(c, PAPER_SEED, "")] for c in _release_conditions_names(study)}
+  out.figures += curve_figure(
+      study, "release_clamp_free", groups,
+      f"clamp-free loss, seed {PAPER_SEED} (clamps released at 10/25/50%)",
+      ylabel="fsl_train query loss without the clamps")
+  return out
+
+
+def _release_conditions_names(study: Study) -> list[str]:
+  return [c.partition("=")[0] for c in _release_conditions(study)]
+
+
+def _freeze_stages(study: Study, heads: dict) -> Stages:
+  del heads
+  values = "()," + ",".join(f"L1@[0,{w})" for w in _windows(study).values())
+  return [("freeze_l1", study.config(paper_seqs=MAIN_SEQS, paper_eval_every=5000,
+                                     conditions=("none",), seeds=_seeds(study),
+                                     grid=(f"train.freeze={values}",)))]
+
+
+def _freeze_analyze(study: Study, results: dict, heads: dict) -> Outcome:
+  del heads
+  res = results["freeze_l1"]
+  hz = horizon(res)
+  lts = learning_times(res)
+  frozen = {"train.freeze=()": 0}
+  frozen.update({f"train.freeze=L1@[0,{w})": w for w in _windows(study).values()})
+  med: dict[int, float] = {}
+  for variant, s in frozen.items():
+    vals = [V.effective_lt(lt, hz) for (c, _, v), lt in lts.items() if v == variant]
+    med[s] = float(np.median(vals)) if vals else math.nan
+  xs = sorted(med)
+  out = Outcome([V.increasing_trend(
+      "Q: does freezing layer 1 at its initialisation for longer delay the phase change?",
+      xs, [med[x] for x in xs], "sequences frozen", "median learning time")])
+  lines = ["| layer 1 frozen for | median learning time | after unfreezing |", "|---|---|---|"]
+  for x in xs:
+    shown = f"{med[x]:,.0f}" + (" (censored)" if med[x] >= hz else "")
+    lines.append(f"| {x:,d} | {shown} | {med[x] - x:,.0f} |")
+  out.notes.append(f"Seeds {list(_seeds(study))}, horizon {hz:,.0f} (censored counts as the "
+                   "horizon).\n\n" + "\n".join(lines) + "\n\n" + lt_table(lts, hz))
+  seed_curves = {v.partition("=")[2] or "none frozen": c
+                 for (cond, s, v), c in curves(res).items() if s == PAPER_SEED}
+  out.figures += curve_figure(
+      study, "freeze_l1", seed_curves,
+      f"layer 1 frozen at init for the first s sequences, seed {PAPER_SEED}")
+  return out
+
+
+def _none(study: Study) -> tuple[int, ...]:
+  del study
+  return ()
+
+
+ENTRIES = (
+    Entry("release", ("X-release",), "Beyond: clamps released after 10/25/50% of the run",
+          _none, _release_stages, _release_analyze),
+    Entry("freeze_l1", ("X-freeze",), "Beyond: layer 1 frozen at initialisation until s",
+          _none, _freeze_stages, _freeze_analyze),
+)
