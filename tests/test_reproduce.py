@@ -128,11 +128,14 @@ def test_cli_quick_scale_toy_figure(tmp_path):
 
 
 def test_dynamics_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
-  """release (windowed clamps) and freeze_l1 (freeze schedules) end to end, one seed."""
+  """release (windowed clamps), freeze_l1 (freeze schedules) and lr_law (per-run optimizer
+  settings) end to end, one seed, a 2 x 2 learning-rate grid."""
   from ih_jax.experiments.paper import dynamics, report
   monkeypatch.setattr(dynamics, "_seeds", lambda study: (5,))
+  monkeypatch.setattr(dynamics, "LRS", (1e-4, 3e-4))
+  monkeypatch.setattr(dynamics, "WDS", (0.0, 1e-2))
   study = Study(str(tmp_path), scales.get("smoke"), log=lambda m: None, verbose=False)
-  for key in ("release", "freeze_l1"):
+  for key in ("release", "freeze_l1", "lr_law"):
     outcome, _, error = report.run_entry(study, registry.ENTRIES[key])
     assert error is None, (key, error)
     assert outcome.verdicts and all(v.measured for v in outcome.verdicts), key
@@ -140,6 +143,7 @@ def test_dynamics_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   # One program each: the windows and the freeze schedules are per-run data.
   assert not os.path.exists(os.path.join(str(tmp_path), "release", "sweep.json"))
   assert not os.path.exists(os.path.join(str(tmp_path), "freeze_l1", "sweep.json"))
+  assert not os.path.exists(os.path.join(str(tmp_path), "lr_law", "sweep.json"))
 
 
 def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):

@@ -12,6 +12,10 @@ was never clamped? All windows x seeds train in one program.
 
 freeze_l1: layer 1 is frozen at its initialisation for the first 0 / 10 / 25 / 50% of
 the run (`train.freeze=L1@[0,s)`), one program. How does the plateau depend on s?
+
+lr_law: learning time against the learning rate (6 values, 1e-5 to 3e-4) x weight
+decay (0, 1e-4, 1e-2) x 3 seeds, one program (the optimizer's numbers are per-run data).
+A power law lt = c * lr^-alpha is fitted to the uncensored runs without weight decay.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ih_jax import plots
 from ih_jax.analysis import timing
 from ih_jax.analysis import verdicts as V
 from ih_jax.experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table
@@ -151,6 +156,83 @@ def _freeze_analyze(study: Study, results: dict, heads: dict) -> Outcome:
   return out
 
 
+LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 3e-4)
+WDS = (0.0, 1e-4, 1e-2)
+FIT_R2 = 0.9                         # a power law "fits" above this R^2 (log-log)
+WD_EFFECT = 0.2                      # weight decay "matters" beyond a 20% change
+
+
+def _lr_stages(study: Study, heads: dict) -> Stages:
+  del heads
+  grid = ("train.learning_rate=" + ",".join(f"{x:g}" for x in LRS),
+          "train.weight_decay=" + ",".join(f"{x:g}" for x in WDS))
+  return [("lr_law", study.config(paper_seqs=MAIN_SEQS, paper_eval_every=5000,
+                                  conditions=("none",), seeds=_seeds(study), grid=grid))]
+
+
+def power_law(lrs: list[float], lts: list[float]) -> tuple[float, float, float]:
+  """(alpha, c, R^2) of lt = c * lr^-alpha, least squares in log-log."""
+  x, y = np.log(np.asarray(lrs)), np.log(np.asarray(lts))
+  slope, intercept = np.polyfit(x, y, 1)
+  r2 = 1.0 - np.sum((y - (slope * x + intercept)) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-12)
+  return float(-slope), float(np.exp(intercept)), float(r2)
+
+
+def _lr_analyze(study: Study, results: dict, heads: dict) -> Outcome:
+  del heads
+  res = results["lr_law"]
+  hz = horizon(res)
+  lts = learning_times(res)
+  by: dict[tuple[float, float], list[float]] = {}
+  for (_, _, variant), lt in lts.items():
+    fields = dict(item.split("=") for item in variant.split(";"))
+    by.setdefault((float(fields["train.learning_rate"]), float(fields["train.weight_decay"])),
+                  []).append(lt)
+  med = {k: float(np.median([V.effective_lt(v, hz) for v in vals])) for k, vals in by.items()}
+  uncensored = [(lr, lt) for (lr, wd), vals in by.items() if wd == 0
+                for lt in vals if not math.isnan(lt)]
+  out = Outcome([])
+  claim = ("Q: does the learning time fall as a power of the learning rate (runs without "
+           "weight decay that learned within the horizon)?")
+  crit = f"log-log least squares over >= 3 learning rates, R^2 > {FIT_R2}"
+  if len({lr for lr, _ in uncensored}) >= 3:
+    alpha, c, r2 = power_law(*zip(*uncensored))
+    out.verdicts.append(V.Verdict(claim, f"alpha = {alpha:.2f}, c = {c:.3g}, R^2 = {r2:.3f} "
+                                  f"over {len(uncensored)} runs", crit, bool(r2 > FIT_R2)))
+    out.notes.append(f"Fit: learning time ~ {c:.3g} x lr^-{alpha:.2f}; at lr 1e-5 it predicts "
+                     f"{c * 1e-5 ** -alpha:,.0f} sequences, at 1e-4 {c * 1e-4 ** -alpha:,.0f} "
+                     f"(ratio {10 ** alpha:.1f}: quick scale's 10x learning rate shortens the "
+                     "plateau by about that factor).")
+  else:
+    out.verdicts.append(V.Verdict(claim, "fewer than 3 learning rates learned", crit, None))
+  base = {lr: med[(lr, 0.0)] for lr in LRS}
+  strong = {lr: med[(lr, max(WDS))] for lr in LRS}
+  changes = {lr: abs(strong[lr] / base[lr] - 1) for lr in LRS if base[lr] < hz}
+  out.verdicts.append(V.Verdict(
+      f"Q: does weight decay {max(WDS):g} change the learning time by more than "
+      f"{WD_EFFECT:.0%} (median over seeds, learning rates whose run learned)?",
+      ", ".join(f"lr {lr:g}: {base[lr]:,.0f} -> {strong[lr]:,.0f}" for lr in LRS),
+      f"|lt(wd) / lt(0) - 1| > {WD_EFFECT:g} at some learning rate",
+      bool(max(changes.values()) > WD_EFFECT) if changes else None))
+  lines = ["| lr \\ wd | " + " | ".join(f"{w:g}" for w in WDS) + " |", "|---|" + "---|" * len(WDS)]
+  for lr in LRS:
+    lines.append(f"| {lr:g} | " + " | ".join(
+        "censored" if med[(lr, w)] >= hz else f"{med[(lr, w)]:,.0f}" for w in WDS) + " |")
+  out.notes.append(f"Median learning time over seeds {list(_seeds(study))} (horizon {hz:,.0f}; "
+                   "censored counts as the horizon):\n\n" + "\n".join(lines))
+  fig, ax = plots.subplots(figsize=(5.5, 4))
+  for w in WDS:
+    xs = [lr for lr in LRS if med[(lr, w)] < hz]
+    ax.loglog(xs, [med[(lr, w)] for lr in xs], "o-", label=f"weight decay {w:g}")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("median learning time (sequences)")
+  ax.set_title("learning time vs learning rate (uncensored medians)", fontsize=9)
+  ax.legend(fontsize=8)
+  saved = plots._save(fig, study.figure_dir, "lr_law")  # pylint: disable=protected-access
+  out.figures += [p for p in saved if p.endswith(".png")]
+  return out
+
+
 def _none(study: Study) -> tuple[int, ...]:
   del study
   return ()
@@ -161,4 +243,6 @@ ENTRIES = (
           _none, _release_stages, _release_analyze),
     Entry("freeze_l1", ("X-freeze",), "Beyond: layer 1 frozen at initialisation until s",
           _none, _freeze_stages, _freeze_analyze),
+    Entry("lr_law", ("X-lr",), "Beyond: learning time vs learning rate x weight decay",
+          _none, _lr_stages, _lr_analyze),
 )
