@@ -14,15 +14,15 @@ from ih_jax import train
 from ih_jax.analysis import context, heads as heads_lib, measures, report, timing
 from conftest import small_sweep
 
-# One worker builds this module's shared (module-scoped) runs: `make test` passes
-# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+# One worker builds this module's shared runs (a session-scoped fixture, so tests of other
+# modules run in between do not tear it down): `make test` passes --dist loadgroup.
 pytestmark = pytest.mark.xdist_group("test_analysis_clamped")
 
 CONDITIONS = ("none", "match=ih:L2H3;keep_only:L2H3", "single=keep_only:L2H0")
 DENSE = 256
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def analysed(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("clamped"))
   cfg = small_sweep(CONDITIONS, 1920, 640, train=dict(learning_rate=1e-3))

@@ -10,8 +10,8 @@ import pytest
 
 import ih_jax
 
-# One worker builds this module's shared (module-scoped) runs: `make test` passes
-# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+# One worker builds this module's shared runs (a session-scoped fixture, so tests of other
+# modules run in between do not tear it down): `make test` passes --dist loadgroup.
 pytestmark = pytest.mark.xdist_group("test_api")
 
 matplotlib.use("Agg")
@@ -24,7 +24,7 @@ def _notebook_example() -> str:
   return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def example(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("api") / "run1")
   code = _notebook_example()

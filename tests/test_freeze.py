@@ -13,7 +13,7 @@ pytestmark = pytest.mark.xdist_group("test_freeze")  # one worker trains the sha
 VARIANTS = ["()", "('L1@[0,320)',)", "('L1', 'L2H3.qk')", "('embed', 'unembed')"]  # as the variant names print them
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("freeze") / "wd")
   cfg = ExperimentConfig.from_dict({

@@ -7,15 +7,15 @@ from ih_jax import checkpoint, train
 from ih_jax.interventions import graft as graft_lib
 from ih_jax.config import ExperimentConfig
 
-# One worker builds this module's shared (module-scoped) runs: `make test` passes
-# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+# One worker builds this module's shared runs (a session-scoped fixture, so tests of other
+# modules run in between do not tear it down): `make test` passes --dist loadgroup.
 pytestmark = pytest.mark.xdist_group("test_graft")
 
 BASE = {"train": {"num_seqs": 1600, "eval_every": 800, "progress_every_s": 1e9},
         "evaluators": [{"name": "fsl_train", "size": 100}]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def donor_dir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("donor") / "w")
   train.train_and_evaluate(ExperimentConfig.from_dict(BASE), wd, verbose=False)

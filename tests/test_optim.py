@@ -13,8 +13,8 @@ from conftest import small_sweep
 from ih_jax import optim, sweep as sweep_lib, train
 from ih_jax.config import ExperimentConfig, TrainConfig
 
-# One worker builds this module's shared (module-scoped) runs: `make test` passes
-# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+# One worker builds this module's shared runs (a session-scoped fixture, so tests of other
+# modules run in between do not tear it down): `make test` passes --dist loadgroup.
 pytestmark = pytest.mark.xdist_group("test_optim")
 
 
@@ -80,7 +80,7 @@ def _run(grid=(), **train_fields):
   return cfg, train.train_and_evaluate(cfg, None, verbose=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def grid_result():
   return _run(GRID)
 

@@ -11,8 +11,8 @@ import pytest
 
 from ih_jax.experiments import cli, main as ih_jax_main
 
-# One worker builds this module's shared (module-scoped) runs: `make test` passes
-# --dist loadgroup, so pytest-xdist keeps the group's tests together.
+# One worker builds this module's shared runs (a session-scoped fixture, so tests of other
+# modules run in between do not tear it down): `make test` passes --dist loadgroup.
 pytestmark = pytest.mark.xdist_group("test_packaging")
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -55,7 +55,7 @@ def test_every_command_answers_help_with_its_own_flags(command):
   assert FLAG_OF[command] in out.stdout, out.stdout[-2000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
   """Builds the wheel from a copy of the sources (no build/ left in the checkout)."""
   src = tmp_path_factory.mktemp("src")

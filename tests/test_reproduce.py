@@ -71,7 +71,8 @@ def test_resolve_figures():
   assert [e.key for e in registry.resolve("5b,A7")] == ["5b", "A7"]
   paper = registry.resolve("all")
   beyond = registry.resolve("beyond")
-  assert [e.key for e in beyond] == ["tokens", "deep", "capacity", "vocab"]
+  assert [e.key for e in beyond] == ["tokens", "deep", "capacity", "vocab", "release",
+                                     "freeze_l1", "lr_law"]
   assert {e.key for e in paper} | {e.key for e in beyond} == set(registry.ENTRIES)
   assert not {e.key for e in paper} & {e.key for e in beyond}
   with pytest.raises(ValueError, match="unknown figure '9z'.*5b"):
@@ -132,6 +133,7 @@ def test_dynamics_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   settings) end to end, one seed, a 2 x 2 learning-rate grid."""
   from ih_jax.experiments.paper import dynamics, report
   monkeypatch.setattr(dynamics, "_seeds", lambda study: (5,))
+  monkeypatch.setattr(dynamics, "FRACTIONS", (0.5,))
   monkeypatch.setattr(dynamics, "LRS", (1e-4, 3e-4))
   monkeypatch.setattr(dynamics, "WDS", (0.0, 1e-2))
   study = Study(str(tmp_path), scales.get("smoke"), log=lambda m: None, verbose=False)

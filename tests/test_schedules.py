@@ -25,7 +25,7 @@ def _cfg(num_seqs, conditions):
       "evaluators": [{"name": "fsl_train", "size": 128}]})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("sched") / "wd")
   return ih_jax.run(_cfg(640, CONDITIONS), wd, verbose=False)

@@ -20,7 +20,7 @@ def _cfg(seed, **train):
       "evaluators": [{"name": "fsl_train", "size": 64}]})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def donor(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("donor") / "wd")
   return wd, ih_jax.run(_cfg(5), wd, verbose=False).run()
