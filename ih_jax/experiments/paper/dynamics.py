@@ -21,7 +21,6 @@ A power law lt = c * lr^-alpha is fitted to the uncensored runs without weight d
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
