@@ -238,6 +238,27 @@ def list_steps(workdir: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(path, d)))
 
 
+def parse_source(text: str, where: str) -> tuple[str, int, int | None]:
+  """'WORKDIR[:RUN][@SEQS]' -> (workdir, run index (default 0), seqs (None = the last
+  saved point)): which saved params a graft donor or a warm start reads. `where` names
+  the setting in errors."""
+  rest, seqs = text.strip(), None
+  if "@" in rest:
+    rest, _, count = rest.rpartition("@")
+    try:
+      seqs = int(float(count))
+    except ValueError:
+      raise ValueError(f"{where}: bad sequence count {count!r} after '@' "
+                       "(e.g. /runs/main@300000)") from None
+  run = 0
+  head, sep, tail = rest.rpartition(":")
+  if sep and tail.isdigit():
+    rest, run = head, int(tail)
+  if not rest.strip():
+    raise ValueError(f"{where} must look like WORKDIR[:RUN][@SEQS]")
+  return rest.strip(), run, seqs
+
+
 def resolve_step(steps: list[int], seqs: int | None, nearest: bool) -> int:
   """The saved step to load: the last one when `seqs` is None, else `seqs` itself, or
   with `nearest` the closest saved step (ties to the smaller); raises CheckpointError

@@ -71,6 +71,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ih_jax import schedule
 from ih_jax.interventions import builtin as _builtin  # noqa: F401  (registers the built-ins)
 from ih_jax.interventions import core
 from ih_jax.interventions.core import Clamps, Head, head_name, parse_heads
@@ -80,7 +81,7 @@ __all__ = ["Clamps", "Head", "ClampPlan", "NO_CLAMPS", "identity", "complete", "
 
 
 WINDOW = "@window"   # suffix of a kind's schedule leaf
-ALWAYS_STOP = np.iinfo(np.int32).max
+ALWAYS_STOP = schedule.ALWAYS_STOP
 
 
 def always() -> np.ndarray:
@@ -190,36 +191,11 @@ def stack(conditions: Sequence[Clamps]) -> Clamps:
 # ----------------------------------------------------------------------------- parsing
 
 _STRENGTH = re.compile(r"^(.*)@(.*)$")
-_WINDOW = re.compile(r"^(?P<clause>.*?)\s*@\s*\[\s*(?P<start>[^,\]]*)\s*,"
-                     r"\s*(?P<stop>[^)\]]*)\s*\)\s*$")
-
-
 def _split_window(clause: str) -> tuple[str, np.ndarray | None]:
   """'ih:L2H3@[0,200000)' -> ('ih:L2H3', [0, 200000]); no window -> (clause, None)."""
-  m = _WINDOW.match(clause)
-  if not m:
-    if "@[" in clause:
-      raise ValueError(f"clamp clause {clause!r}: a window must look like @[START,STOP) or "
-                       "@[START,) in sequences seen, e.g. 'ih:L2H3@[0,200000)'")
-    return clause, None
-  bounds = []
-  for text, default in ((m["start"], None), (m["stop"], ALWAYS_STOP)):
-    text = text.strip()
-    if not text and default is not None:
-      bounds.append(default)
-      continue
-    try:
-      value = float(text)
-    except ValueError:
-      raise ValueError(f"clamp clause {clause!r}: window bound {text!r} is not a number of "
-                       "sequences") from None
-    if not (0 <= value < ALWAYS_STOP and value == int(value)):
-      raise ValueError(f"clamp clause {clause!r}: window bound {text!r} must be a whole "
-                       f"number of sequences in [0, {ALWAYS_STOP})")
-    bounds.append(int(value))
-  if bounds[1] <= bounds[0]:
-    raise ValueError(f"clamp clause {clause!r}: the window [{bounds[0]}, {bounds[1]}) is empty")
-  return m["clause"].strip(), np.array(bounds, np.int32)
+  head, window = schedule.split_window(clause, f"clamp clause {clause!r}")
+  return head, None if window is None else np.array(window, np.int32)
+
 
 def parse(spec: str, num_layers: int, num_heads: int,
           donors: Sequence[str] = ()) -> Clamps:

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_ENTRY = re.compile(r"^\s*(?P<group>[A-Za-z0-9_.]+)\s*(?:@\s*\[\s*(?P<start>[0-9.eE+]+)\s*,"
-                    r"\s*(?P<stop>[0-9.eE+]*)\s*\)\s*)?$")
+from ih_jax import schedule
+
 _HEAD = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)(?:\.(?P<parts>[qkvo]+))?)?$")
-NEVER = np.iinfo(np.int64).max  # an open window's stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,28 +39,17 @@ class Entry:
   stop: int
 
 
-def _seqs(text: str, entry: str) -> int:
-  value = float(text)
-  if value != int(value) or value < 0:
-    raise ValueError(f"train.freeze entry {entry!r}: {text!r} is not a whole number of sequences")
-  return int(value)
-
-
 def parse(entry: str, num_seqs: int, num_layers: int, num_heads: int) -> Entry:
   """'L1@[0,100000)' -> Entry('L1', 0, 100000); bad groups and windows are refused by name."""
-  m = _ENTRY.match(entry)
-  if not m:
+  group, window = schedule.split_window(entry.strip(), f"train.freeze entry {entry!r}")
+  if "@" in group:
     raise ValueError(f"train.freeze entry {entry!r} must look like GROUP or GROUP@[START,STOP) "
                      "(e.g. 'L1', 'embed@[0,100000)', 'L2H3.qk@[200000,)')")
-  group = m["group"]
   _check_group(group, entry, num_layers, num_heads)
-  start = _seqs(m["start"], entry) if m["start"] else 0
-  stop = _seqs(m["stop"], entry) if m["stop"] else NEVER
-  if m["start"] and start >= num_seqs:
+  start, stop = window or (0, schedule.ALWAYS_STOP)
+  if window is not None and start >= num_seqs:
     raise ValueError(f"train.freeze entry {entry!r}: the window starts at {start:,d}, at or "
                      f"after the end of the run (train.num_seqs={num_seqs:,d})")
-  if stop <= start:
-    raise ValueError(f"train.freeze entry {entry!r}: the window [{start}, {stop}) is empty")
   return Entry(group, start, stop)
 
 
@@ -126,9 +114,9 @@ class FreezePlan:
   stops: np.ndarray
 
   def per_run(self, run_variant: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """([R, G], [R, G]) int32 window starts and stops (an open stop -> int32 max)."""
-    clip = lambda a: np.minimum(a, np.iinfo(np.int32).max).astype(np.int32)  # noqa: E731
-    return jnp.asarray(clip(self.starts[run_variant])), jnp.asarray(clip(self.stops[run_variant]))
+    """([R, G], [R, G]) int32 window starts and stops."""
+    return (jnp.asarray(self.starts[run_variant], jnp.int32),
+            jnp.asarray(self.stops[run_variant], jnp.int32))
 
 
 def plan_for(trains: Sequence[Any], num_layers: int, num_heads: int) -> FreezePlan | None:

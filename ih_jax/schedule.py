@@ -8,12 +8,46 @@ fires after the last update.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
   from ih_jax.config import CheckpointConfig
+
+
+ALWAYS_STOP = int(np.iinfo(np.int32).max)  # an open window's stop: the whole run
+_WINDOW = re.compile(r"^(?P<head>.*?)\s*@\s*\[\s*(?P<start>[^,\]]*)\s*,"
+                     r"\s*(?P<stop>[^)\]]*)\s*\)\s*$")
+
+
+def split_window(text: str, where: str) -> tuple[str, tuple[int, int] | None]:
+  """'X@[START,STOP)' -> ('X', (start, stop)); '@[START,)' is open-ended (stop =
+  ALWAYS_STOP); no window -> (text, None). Bounds are whole numbers of sequences;
+  `where` names the setting in the error of a malformed or empty window."""
+  m = _WINDOW.match(text)
+  if not m:
+    if "@[" in text:
+      raise ValueError(f"{where}: a window must look like @[START,STOP) or @[START,) in "
+                       "sequences seen, e.g. 'ih:L2H3@[0,200000)'")
+    return text, None
+  bounds = []
+  for bound, open_value in ((m["start"].strip(), None), (m["stop"].strip(), ALWAYS_STOP)):
+    if not bound and open_value is not None:
+      bounds.append(open_value)
+      continue
+    try:
+      value = float(bound)
+    except ValueError:
+      raise ValueError(f"{where}: window bound {bound!r} is not a number of sequences") from None
+    if not (0 <= value < ALWAYS_STOP and value == int(value)):
+      raise ValueError(f"{where}: window bound {bound!r} must be a whole number of sequences "
+                       f"in [0, {ALWAYS_STOP})")
+    bounds.append(int(value))
+  if bounds[1] <= bounds[0]:
+    raise ValueError(f"{where}: the window [{bounds[0]}, {bounds[1]}) is empty")
+  return m["head"].strip(), (bounds[0], bounds[1])
 
 
 def num_steps(num_seqs: int, batch_size: int) -> int:

@@ -34,21 +34,7 @@ class Source:
 
 def parse(entry: str) -> Source:
   """'WORKDIR[:RUN][@SEQS]' -> Source; a malformed entry is refused by name."""
-  rest, seqs = entry.strip(), None
-  if "@" in rest:
-    rest, _, text = rest.rpartition("@")
-    try:
-      seqs = int(float(text))
-    except ValueError:
-      raise ValueError(f"train.init_from={entry!r}: bad sequence count {text!r} after '@' "
-                       "(e.g. /runs/main@300000)") from None
-  run = 0
-  head, sep, tail = rest.rpartition(":")
-  if sep and tail.isdigit():
-    rest, run = head, int(tail)
-  if not rest:
-    raise ValueError(f"train.init_from={entry!r} must look like WORKDIR[:RUN][@SEQS]")
-  return Source(rest, run, seqs)
+  return Source(*ckpt_lib.parse_source(entry, f"train.init_from={entry!r}"))
 
 
 def load(entry: str, template: Any) -> Any:

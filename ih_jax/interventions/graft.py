@@ -24,18 +24,7 @@ def parse_donor(entry: str) -> tuple[str, str, int, int | None]:
   name, sep, rest = entry.partition("=")
   if not sep or not name.strip() or not rest.strip():
     raise ValueError(f"sweep.donors entry {entry!r} must look like NAME=WORKDIR[:RUN][@SEQS]")
-  seqs = None
-  if "@" in rest:
-    rest, _, s = rest.rpartition("@")
-    try:
-      seqs = int(float(s))
-    except ValueError:
-      raise ValueError(f"sweep.donors entry {entry!r}: bad checkpoint seqs {s!r}") from None
-  run = 0
-  head, sep, tail = rest.rpartition(":")
-  if sep and tail.isdigit():
-    rest, run = head, int(tail)
-  return name.strip(), rest.strip(), run, seqs
+  return (name.strip(), *ckpt_lib.parse_source(rest, f"sweep.donors entry {entry!r}"))
 
 
 def donor_names(cfg: ExperimentConfig) -> tuple[str, ...]:
