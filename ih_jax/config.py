@@ -20,9 +20,9 @@ from ih_jax.data.tokens import TokenTaskConfig
 from ih_jax import freeze as freeze_lib
 from ih_jax import warmstart
 from ih_jax.model import ModelConfig
+from ih_jax.tasks import core as tasks_core
 
 
-TASK_KINDS = ("fewshot", "tokens")
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 # Adam moves every parameter by up to ~lr per step: above this a run diverges or
 # oscillates, so it is warned about (not refused: a deliberate stress test may want it).
@@ -268,8 +268,10 @@ class ExperimentConfig:
     if self.train.init_from:
       warmstart.parse(self.train.init_from)
     kind = self.task.kind
-    if kind not in TASK_KINDS:
-      raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")
+    if kind not in tasks_core.names():
+      raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(tasks_core.names())} "
+                       "(a task of your own must be registered with ih_jax.tasks.register "
+                       "first)")
     if kind == "fewshot":
       check_layout(self.task.num_context, self.task.bursty, self.task.zipf_exponent,
                    self.task.relabel_fraction, self.model.num_labels)
@@ -278,7 +280,7 @@ class ExperimentConfig:
         raise ValueError("task.kind='tokens' needs the token model: set model.vocab_size "
                          ">= 2 (the vocabulary size)")
       self.tokens.check(self.model.vocab_size)
-    elif self.model.tokens:
+    elif kind == "fewshot" and self.model.tokens:
       raise ValueError(f"model.vocab_size={self.model.vocab_size} builds the token model, "
                        "which only the token task uses (set task.kind='tokens', or "
                        "model.vocab_size=0 for the few-shot task)")

@@ -1,4 +1,4 @@
-"""In-graph evaluation metrics: the few-shot query prediction and the token task
+"""In-graph losses and evaluation metrics: the few-shot query prediction and the token task
 (losses, accuracies and the attention-pattern scores its metrics report)."""
 
 from __future__ import annotations
@@ -7,13 +7,29 @@ import jax
 import jax.numpy as jnp
 
 from ih_jax.data.tokens import TokenBatch
-from ih_jax.model import next_token_nll
 
 # pylint: disable=invalid-name
 
 METRIC_NAMES = ("loss", "acc", "prob", "in_context_acc", "in_context_prob",
                 "out_context_acc", "out_context_prob", "use_context_prob")
 _NEG = -1e20
+
+
+def query_loss(logits_BNC: jax.Array, y_BN: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of the last (query) logit row, averaged over the batch."""
+  logp = jax.nn.log_softmax(logits_BNC[:, -1], axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, y_BN[:, -1:], axis=-1))
+
+
+def next_token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """[B, T-1] cross-entropy of predicting token t+1 at every position t."""
+  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
+  return -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+
+
+def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy over every position (the token task's training loss)."""
+  return next_token_nll(logits_BTV, tokens_BT).mean()
 
 
 def _acc_prob(z_BC: jax.Array, target_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -52,15 +68,6 @@ def query_metrics(logits_BNC: jax.Array, y_BN: jax.Array) -> dict[str, jax.Array
 #   prefix_match_max  best prefix-matching score among the heads of layers >= 2
 TOKEN_METRIC_NAMES = ("loss", "loss_repeated", "loss_first", "acc_repeated", "icl_score",
                       "prev_token_max", "prefix_match_max")
-
-
-def metric_names(task_kind: str) -> tuple[str, ...]:
-  """The metrics.csv columns a task logs per (run, eval point, eval set)."""
-  if task_kind == "fewshot":
-    return METRIC_NAMES
-  if task_kind == "tokens":
-    return TOKEN_METRIC_NAMES
-  raise ValueError(f"unknown task kind {task_kind!r}; allowed: fewshot, tokens")
 
 
 def token_metrics(logits_BTV: jax.Array, batch, patterns_LBHTT: list[jax.Array],

@@ -6,12 +6,14 @@ Public API (pure functions; the Flax module is an implementation detail):
   query_loss(logits, y)                                 -> mean CE of the query row
   next_token_loss(logits, tokens)                       -> mean CE over all positions
 
-With cfg.vocab_size > 0 the model is the *token* model (token-level induction task,
-ih_jax.data.tokens): a token embedding table [V, d] replaces the exemplar and label
-embeddings, `batch` is a TokenBatch, and apply returns logits over V at every
-position ([B, T, V]). Clamps that are specific to the few-shot task (perfect copy,
-perfect L1, graft) are refused on it; `ih` uses the token definition of
-ih_jax.interventions.targets.token_induction_pattern.
+The task (ih_jax.tasks; `task=` of init_params / apply) owns the input embeddings, what
+a batch feeds the model and which positions are read out; the model holds no task
+branches. Without `task=`, cfg implies a built-in: with cfg.vocab_size > 0 the *token*
+model (token-level induction task: a token embedding table [V, d], `batch` a
+TokenBatch, logits over V at every position [B, T, V]), else the paper's few-shot
+model. Clamps that are specific to the few-shot task family (perfect copy, perfect L1,
+graft) are refused on token tasks; `ih` uses the token definition of
+ih_jax.interventions.targets.token_induction_pattern there.
 
 `clamps` is one run's condition (see ih_jax.clamps); `plan` is the static
 ClampPlan that decides which intervention kinds (ih_jax.interventions) and extra
@@ -32,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ih_jax import clamps as clamps_lib
+from ih_jax import tasks as tasks_lib
 from ih_jax.interventions import core
-from ih_jax.data.sampler import Batch, IndexedFeatures
-from ih_jax.data.tokens import copy_targets
+from ih_jax.data.sampler import Batch
+# The losses live with the metrics (the tasks use them); re-exported for callers of the model.
+from ih_jax.metrics import next_token_loss, next_token_nll, query_loss  # noqa: F401
 
 MASK_FILL = -1e20   # causal mask fill (pre-softmax), as in the authors' code
 
@@ -312,7 +316,8 @@ class Block(nn.Module):
               query_only: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Packed q, k (post-RoPE), v [B, T, D]; fused layout Q | K | V, head h at hK:(h+1)K.
 
-    qkv_BTZ: qkv_rows(h_BTD) when the caller already has it (see embed_distinct).
+    qkv_BTZ: qkv_rows(h_BTD) when the caller already has it (the few-shot task's
+      distinct-token embedding).
     query_only: q at the last position only ([B, 1, D]); k, v still at every position.
     """
     cfg = self.cfg
@@ -357,64 +362,34 @@ class LearnedPositions(nn.Module):
 
 class Transformer(nn.Module):
   """The Flax module behind `init_params` and `apply`: embeddings, blocks and unembedding,
-  with each step a method so that interventions can run between them."""
+  with each step a method so that interventions can run between them. The task
+  (ih_jax.tasks) owns the input embeddings and says which positions are read out."""
   cfg: ModelConfig
+  task: Any = None  # an ih_jax.tasks.Task; None = the one cfg implies (tasks.for_model)
+
+  def io(self) -> tasks_lib.Task:
+    """The task whose inputs this model embeds and whose predictions it reads out."""
+    return self.task if self.task is not None else tasks_lib.for_model(self.cfg)
 
   def setup(self):
-    """Creates the embeddings (a token table, or exemplar and label maps), the blocks, the
-    learned positions if used, the final LayerNorm and the unembedding."""
+    """Creates the task's input embeddings, the blocks, the learned positions if used,
+    the final LayerNorm and the unembedding."""
     cfg = self.cfg
-    if cfg.tokens:
-      # Unit-variance rows, like the few-shot exemplar embedding of ~unit-variance features.
-      self.embed_tok = nn.Embed(cfg.vocab_size, cfg.d_model,
-                                embedding_init=nn.initializers.normal(1.0))
-    else:
-      self.embed_x = nn.Dense(cfg.d_model)                      # exemplar embedding, with bias
-      self.embed_y = nn.Dense(cfg.d_model, use_bias=False,      # label embedding, no bias
-                              kernel_init=nn.initializers.truncated_normal(0.02))
+    self.io().create_embeddings(self)
     self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
     if cfg.learned_pos:
       self.pos_embed = LearnedPositions(cfg.d_model)
     self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps)
-    self.unembed = nn.Dense(cfg.vocab_size if cfg.tokens else cfg.num_labels)
+    self.unembed = nn.Dense(self.io().output_size(cfg))
 
   def embed(self, x_BNF, y_BN: jax.Array) -> jax.Array:
     """[e_x0, e_y0, ..., e_x(n-1), e_y(n-1), e_xq]; the query's label is never input.
 
     `x_BNF` is the gathered features [B, N, F], or an IndexedFeatures (table [U, F],
     ids [B, N]): then each distinct exemplar is embedded once and gathered.
-    The token model embeds `x_BNF` = tokens [B, T] (y is unused).
+    The token model embeds `x_BNF` = tokens [B, T] (y is unused). (The task's `embed`.)
     """
-    if self.cfg.tokens:
-      return self.embed_tok(x_BNF)
-    if isinstance(x_BNF, IndexedFeatures):
-      ex_BND = self.embed_x(x_BNF.table)[x_BNF.ids]
-      dtype = x_BNF.table.dtype
-    else:
-      ex_BND = self.embed_x(x_BNF)
-      dtype = x_BNF.dtype
-    B, N, _ = ex_BND.shape
-    ey_BND = self.embed_y(jax.nn.one_hot(y_BN[:, :-1], self.cfg.num_labels, dtype=dtype))
-    pairs = jnp.stack([ex_BND[:, :-1], ey_BND], axis=2).reshape(B, 2 * (N - 1), -1)
-    return jnp.concatenate([pairs, ex_BND[:, -1:]], axis=1)
-
-  def embed_distinct(self, x: IndexedFeatures, y_BN: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(E [B, T, d], block 0's fused qkv before RoPE [B, T, 3d]), computed per distinct token.
-
-    Without learned positions, block 0's LayerNorm and QKV projection see only the
-    token embeddings: U table rows + C labels distinct inputs (55 in training, against
-    160 tokens per batch). Both are computed once per distinct token and gathered; the
-    gather's backward sums each token's cotangents before the weight products.
-    """
-    C, D = self.cfg.num_labels, self.cfg.d_model
-    U = x.table.shape[0]
-    eye_CC = jnp.eye(C, dtype=x.table.dtype)
-    E_tab = jnp.concatenate([self.embed_x(x.table), self.embed_y(eye_CC)], axis=0)  # [U+C, d]
-    B, N = x.ids.shape
-    pair_ids = jnp.stack([x.ids[:, :-1], U + y_BN[:, :-1]], axis=2).reshape(B, 2 * (N - 1))
-    ids_BT = jnp.concatenate([pair_ids, x.ids[:, -1:]], axis=1)
-    rows = jnp.concatenate([E_tab, self.blocks[0].qkv_rows(E_tab)], axis=-1)[ids_BT]
-    return rows[..., :D], rows[..., D:]
+    return self.io().embed(self, x_BNF, y_BN, fuse_block0=False, max_fused_batch=0)[0]
 
   def positions(self, T: int):
     """Learned absolute positions [T, d], or None (RoPE only: the paper)."""
@@ -439,24 +414,21 @@ class Transformer(nn.Module):
     return self.blocks[layer].mlp(h_BTD)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
-    """Final LayerNorm and unembedding: [B, T, V] for the token model; few-shot: only at the
-    exemplar positions 0, 2, ..., 2n, [B, n+1, C]."""
-    z = self.unembed(self.ln_f(h_BTD))
-    return z if self.cfg.tokens else z[:, 0::2]  # few-shot: exemplar positions 0, 2, ..., 2n
+    """Final LayerNorm and unembedding at the task's prediction positions: [B, T, V] for
+    the token model; few-shot: the exemplar positions 0, 2, ..., 2n, [B, n+1, C]."""
+    return self.io().readout(self.unembed(self.ln_f(h_BTD)))
 
 
 def init_params(key: jax.Array, cfg: ModelConfig, feature_dim: int, num_context: int = 2,
-                seq_len: int = 32) -> Any:
-  """Params of the few-shot model, or of the token model (cfg.vocab_size > 0; then
-  feature_dim / num_context are unused and seq_len sizes a learned position table)."""
-  if cfg.tokens:
-    x = jnp.zeros((1, seq_len), jnp.int32)
-    y = None
-  else:
-    x = jnp.zeros((1, num_context + 1, feature_dim), jnp.float32)
-    y = jnp.zeros((1, num_context + 1), jnp.int32)
+                seq_len: int = 32, task: tasks_lib.Task | None = None) -> Any:
+  """Params of the model for `task` (default: the few-shot model, or the token model when
+  cfg.vocab_size > 0; then feature_dim / num_context are unused and seq_len sizes a
+  learned position table)."""
+  task = task if task is not None else tasks_lib.for_model(cfg, num_context, seq_len)
+  x, y = task.init_inputs(feature_dim)
   # Flax derives each parameter's key from its module path, not from call order.
-  return Transformer(cfg).init(key, x, y, None, clamps_lib.NO_CLAMPS, (), method=_run)["params"]
+  return Transformer(cfg, task).init(key, x, y, None, clamps_lib.NO_CLAMPS, (),
+                                     method=_run)["params"]
 
 
 def param_count(params: Any) -> int:
@@ -496,7 +468,7 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, edit: Edit | None = 
   pattern, scores, q and outputs then have one row ([B, 1, ...]). Exact for the last
   layer when only the query logits are needed (the loss and every eval metric): keys
   and values still see every position, and the MLP is per position.
-  qkv_BTZ: the block's qkv_rows of h_BTD, when already computed (embed_distinct).
+  qkv_BTZ: the block's qkv_rows of h_BTD, when already computed (the task's embed).
   """
   q, k, v = model.project(l, h_BTD, qkv_BTZ, query_only)
   if query_only:
@@ -525,20 +497,6 @@ def _layer(model: Transformer, l: int, h_BTD: jax.Array, *, edit: Edit | None = 
   if record is not None:  # internal layouts; see _public_site for the public ones
     record.update({f"blocks.{l}.{n}": a for n, a in dict(sites, resid_post=out).items()})
   return out
-
-
-def distinct_tokens(x_BNF, cfg: ModelConfig) -> bool:
-  """Compute block 0's input projection per distinct token (Transformer.embed_distinct)?
-
-  Only when it is a function of the token alone (no learned positions added before
-  it), when there are fewer distinct tokens (table rows + labels) than tokens, and
-  for batches of at most SLICE_MAX_B sequences: on the 1000-sequence eval sets,
-  XLA:CPU's gather of [B*T, 4d] rows costs more than the projection it saves.
-  """
-  if cfg.tokens or cfg.learned_pos or not isinstance(x_BNF, IndexedFeatures):
-    return False
-  B, N = x_BNF.ids.shape
-  return B <= SLICE_MAX_B and x_BNF.table.shape[0] + cfg.num_labels < B * (2 * N - 1)
 
 
 def _block0_residual(model: Transformer, x_BNF, y_BN) -> jax.Array:
@@ -577,11 +535,9 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   def layer(l, h, **kw):
     return _layer(model, l, h, query_only=last_qo and l == L - 1, **kw)
 
-  qkv0 = None  # block 0's qkv_rows of E, when computed per distinct token
-  if distinct_tokens(x_BNF, cfg):
-    E_tok, qkv0 = model.embed_distinct(x_BNF, y_BN)
-  else:
-    E_tok = model.embed(x_BNF, y_BN)
+  # qkv0: block 0's qkv_rows of E, when the task computed it per distinct token.
+  E_tok, qkv0 = model.io().embed(model, x_BNF, y_BN, fuse_block0=not cfg.learned_pos,
+                                 max_fused_batch=SLICE_MAX_B)
   T = E_tok.shape[1]
   P = model.positions(T)
   E = E_tok if P is None else E_tok + P
@@ -622,7 +578,8 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
       if not by_site[site]:
         return x
       ctx = core.EditContext(site=site, layer=l, seq_len=T, condition=c, labels=y_BN,
-                             inputs=x_BNF, cfg=cfg, plan=plan, _read=read)
+                             inputs=x_BNF, cfg=cfg, plan=plan, _read=read,
+                             task=model.io().family)
       y = _to_public(site, x, cfg.num_heads)
       for kind in by_site[site]:
         edited = kind.edit(y, c, ctx)
@@ -657,17 +614,23 @@ def _public_site(name: str, a: jax.Array, num_heads: int) -> jax.Array:
 class _PrepareTools:
   """What an intervention's `prepare` may run outside the model (graft's donor pass)."""
   cfg: ModelConfig
+  task: Any
 
   def block0_residual(self, params: Any, batch: Batch) -> jax.Array:
-    return Transformer(self.cfg).apply({"params": params}, batch.x, batch.y,
-                                       method=_block0_residual)
+    return Transformer(self.cfg, self.task).apply({"params": params},
+                                                  *self.task.model_inputs(batch),
+                                                  method=_block0_residual)
 
 
 def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: ModelConfig,
           plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
           sites: Sequence[str] = (), query_only: bool = False,
-          seqs: jax.Array | int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+          seqs: jax.Array | int | None = None, task: tasks_lib.Task | None = None
+          ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Forward pass of one run on a batch. Returns (query-and-context logits [B, n+1, C], aux).
+
+  task: the ih_jax.tasks.Task whose batch this is (default: the one cfg implies,
+  few-shot or, with cfg.vocab_size > 0, tokens).
 
   query_only=True returns the query row only ([B, 1, C]) and computes the last layer
   at the query position alone: the same query logits for less work (training, eval).
@@ -686,43 +649,28 @@ def apply(params: Any, batch: Batch, clamps: clamps_lib.Clamps | None, cfg: Mode
   unknown = set(sites) - set(allowed)
   if unknown:
     raise ValueError(f"unknown activation sites {sorted(unknown)}; allowed: {allowed}")
-  task = "tokens" if cfg.tokens else "fewshot"
-  bad = [k for k in plan.kinds if task not in core.get(k).tasks]
+  task = task if task is not None else tasks_lib.for_model(cfg)
+  bad = [k for k in plan.kinds if task.family not in core.get(k).tasks]
   if bad:
-    raise ValueError(f"clamp kind(s) {bad} are specific to the few-shot task and not defined "
-                     f"on the token model; allowed there: {', '.join(token_clamp_kinds())}")
-  if cfg.tokens:
-    if query_only:
-      raise ValueError("query_only is a few-shot option (the token task scores every position)")
-    # The y slot carries the oracle induction targets (used only by the ih clamp).
-    return Transformer(cfg).apply({"params": params}, batch.tokens, copy_targets(batch),
-                                  clamps, plan, tuple(sites), False, seqs, method=_run)
+    allowed = ("none",) + tuple(kw for kind in core.registered() if task.family in kind.tasks
+                                for kw in (kind.name,) + tuple(kind.aliases))
+    label = {"fewshot": "few-shot", "tokens": "token"}
+    only = "/".join(label[t] for t in core.get(bad[0]).tasks)
+    raise ValueError(f"clamp kind(s) {bad} are specific to the {only} task and not defined "
+                     f"on task {task.name!r}; allowed there: {', '.join(allowed)}")
+  if query_only and not task.supports_query_only:
+    raise ValueError(f"query_only is a few-shot option (task {task.name!r} scores every "
+                     "position)")
   for name in plan.kinds:
-    extra = core.get(name).prepare(clamps, batch, cfg, _PrepareTools(cfg))
+    extra = core.get(name).prepare(clamps, batch, cfg, _PrepareTools(cfg, task))
     if extra:
       clamps = dict(clamps, **extra)
-  return Transformer(cfg).apply({"params": params}, batch.x, batch.y, clamps, plan,
-                                tuple(sites), query_only, seqs, method=_run)
+  x, y = task.model_inputs(batch)
+  return Transformer(cfg, task).apply({"params": params}, x, y, clamps, plan,
+                                      tuple(sites), query_only, seqs, method=_run)
 
 
 def token_clamp_kinds() -> tuple[str, ...]:
   """Clause keywords defined on the token model (the registered kinds' `tasks`)."""
   return ("none",) + tuple(kw for kind in core.registered() if "tokens" in kind.tasks
                            for kw in (kind.name,) + tuple(kind.aliases))
-
-
-def next_token_nll(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-  """[B, T-1] cross-entropy of predicting token t+1 at every position t."""
-  logp = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
-  return -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-
-
-def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy over every position (the token task's training loss)."""
-  return next_token_nll(logits_BTV, tokens_BT).mean()
-
-
-def query_loss(logits_BNC: jax.Array, y_BN: jax.Array) -> jax.Array:
-  """Softmax cross-entropy of the last (query) logit row, averaged over the batch."""
-  logp = jax.nn.log_softmax(logits_BNC[:, -1], axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, y_BN[:, -1:], axis=-1))

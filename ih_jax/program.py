@@ -31,11 +31,10 @@ from ih_jax.interventions import graft as graft_lib
 from ih_jax import freeze as freeze_lib
 from ih_jax import model as model_lib
 from ih_jax import optim
+from ih_jax import tasks as tasks_lib
 from ih_jax import warmstart
 from ih_jax.config import ExperimentConfig
-from ih_jax.data import evalsets, features as features_lib, sampler, splits as splits_lib
-from ih_jax.data import tokens as tokens_lib
-from ih_jax.metrics import query_metrics, token_metrics
+from ih_jax.data import sampler, splits as splits_lib
 from ih_jax.sweep import Program, RunSpec, Variant
 
 # pylint: disable=invalid-name
@@ -64,9 +63,11 @@ class Experiment:
   """Everything derived from a program that training and evaluation need."""
   cfg: ExperimentConfig                  # shared settings (the first variant's config)
   variants: tuple[Variant, ...]
-  features: jax.Array                    # [V, classes, exemplars, F] ([V, 1, 1, 1] for tokens)
-  splits: splits_lib.Splits | None       # None for the token task
-  train_spec: sampler.SamplerSpec | None  # None for the token task
+  # The task's data per variant (TaskData.data_V): few-shot [V, classes, exemplars, F];
+  # [V, 1, 1, 1] for tasks that sample from nothing (the token task).
+  features: jax.Array
+  splits: splits_lib.Splits | None       # few-shot only (None for other tasks)
+  train_spec: sampler.SamplerSpec | None  # few-shot only (None for other tasks)
   # Leaves [V, ...]; few-shot: x is IndexedFeatures; token task: one TokenBatch "tokens".
   eval_batches: dict[str, Any]
   runs: list[Run]                        # the real runs (R)
@@ -75,6 +76,7 @@ class Experiment:
   clamps: clamps_lib.Clamps              # runs-stacked [R_pad, ...], host numpy
   plan: clamps_lib.ClampPlan
   mesh: jax.sharding.Mesh | None = None
+  task: tasks_lib.Task | None = None      # the task (ih_jax.tasks), set by setup_experiment
 
   @property
   def num_padded(self) -> int:
@@ -84,13 +86,16 @@ class Experiment:
 
 def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
                      donors: tuple[str, ...] = (), tokens: bool = False,
-                     num_seqs: int | None = None) -> list[tuple[str, clamps_lib.Clamps]]:
+                     num_seqs: int | None = None, family: str | None = None
+                     ) -> list[tuple[str, clamps_lib.Clamps]]:
   """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names.
 
-  `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `tokens`: the conditions
-  are for the token task, which refuses the few-shot-specific clamp kinds; `num_seqs`:
-  the run's length, which a clamp window must start within.
+  `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `family`: the task
+  family (ih_jax.tasks.FAMILIES) the conditions are for; kinds not defined on it are
+  refused (`tokens=True` is family "tokens"); `num_seqs`: the run's length, which a
+  clamp window must start within.
   """
+  family = family or ("tokens" if tokens else "fewshot")
   out, seen = [], set()
   for entry in entries:
     name, sep, spec = entry.partition("=")
@@ -101,8 +106,7 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
       c = clamps_lib.parse(spec, num_layers, num_heads, donors)
     except ValueError as e:
       raise ValueError(f"condition {entry!r}: {e}") from None
-    if tokens:
-      check_token_clamps(c, entry)
+    check_family_clamps(c, entry, family)
     for kind, (start, _) in clamps_lib.scheduled(c).items():
       if num_seqs is not None and start >= num_seqs:
         raise ValueError(f"condition {entry!r}: the {kind} window starts at {start:,d}, at or "
@@ -116,15 +120,20 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
   return out
 
 
-def check_token_clamps(c: clamps_lib.Clamps, entry: str) -> None:
-  """Refuses clamp kinds that are only defined on the few-shot task."""
+def check_family_clamps(c: clamps_lib.Clamps, entry: str, family: str) -> None:
+  """Refuses clamp kinds that are not defined on the task family (e.g. the few-shot-only
+  kinds, which read the label tokens / query row, on a token task)."""
   plan = clamps_lib.plan_for(clamps_lib.stack([c]))
-  bad = [kind for kind in plan.kinds if "tokens" not in interventions.get(kind).tasks]
+  bad = [kind for kind in plan.kinds if family not in interventions.get(kind).tasks]
   if bad:
+    allowed = ("none",) + tuple(kw for kind in interventions.registered()
+                                if family in kind.tasks
+                                for kw in (kind.name,) + tuple(kind.aliases))
+    what = "the token task" if family == "tokens" else f"{family} tasks"
     raise ValueError(
         f"condition {entry!r}: clamp kind(s) {bad} are specific to the few-shot task (they "
-        "read its label tokens / query row) and are not defined on the token task; allowed "
-        f"there: {', '.join(model_lib.token_clamp_kinds())}")
+        f"read its label tokens / query row) and are not defined on {what}; allowed "
+        f"there: {', '.join(allowed)}")
 
 
 def check_seeds(cfg: ExperimentConfig) -> None:
@@ -172,22 +181,9 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
     check_seeds(v.cfg)
   if cfg.train.batch_size < 1:
     raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-  if cfg.is_tokens:
-    feats = jnp.zeros((len(program.variants), 1, 1, 1), jnp.float32)  # no feature table
-    splits, train_spec = None, None
-    eval_batches = {TOKEN_EVAL_SET: token_eval_set(cfg, len(program.variants))}
-  else:
-    feats = jnp.stack([jnp.asarray(features_lib.load_features(v.cfg.data))
-                       for v in program.variants])
-    _, C, E, _ = feats.shape
-    splits = splits_lib.make_splits(C, E, cfg.model.num_labels, cfg.task.class_split,
-                                    cfg.task.exemplar_split, cfg.task.pair_weights)
-    train_spec = evalsets.train_spec(splits)
-    eval_idx = evalsets.make_eval_indices(cfg.train.eval_seed, splits, cfg.evaluators,
-                                          cfg.task.num_context, cfg.task.bursty,
-                                          cfg.model.num_labels)
-    # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
-    eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
+  task = tasks_lib.for_config(cfg)
+  task.check()
+  data = task.setup([v.cfg for v in program.variants])
   conds = program_conditions(program)
   runs = program_runs(program)
   specs: list[RunSpec] = list(program.runs)
@@ -198,28 +194,20 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
     specs += [specs[-1]] * (-len(specs) % mesh.size)
   stacked = clamps_lib.stack([conds[s.condition] for s in specs])
   if clamps_lib.plan_for(stacked).uses("graft"):
-    template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, feats.shape[-1]))
+    template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg,
+                                                  data.data_V.shape[-1]))
     stacked = graft_lib.add_graft_params(cfg, stacked, template)
-  exp = Experiment(cfg, program.variants, feats, splits, train_spec, eval_batches, runs,
+  exp = Experiment(cfg, program.variants, data.data_V, data.splits, data.train_spec,
+                   data.eval_batches, runs,
                    np.asarray([s.variant for s in specs], np.int32),
                    np.asarray([s.init_seed for s in specs], np.uint32),
-                   stacked, clamps_lib.plan_for(stacked), mesh)
+                   stacked, clamps_lib.plan_for(stacked), mesh, task)
   return exp
 
 
-TOKEN_EVAL_SET = "tokens"
-
-
-def token_eval_set(cfg: ExperimentConfig, num_variants: int) -> tokens_lib.TokenBatch:
-  """The token task's fixed eval set (from eval_seed), with a leading [V] axis."""
-  key = jax.random.fold_in(jax.random.key(cfg.train.eval_seed), 0)
-  b = tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, cfg.tokens.eval_size)
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_variants,) + x.shape), b)
-
-
 def eval_set_names(cfg: ExperimentConfig) -> list[str]:
-  """The eval set names a config logs: "tokens" for the token task, else its evaluators'."""
-  return [TOKEN_EVAL_SET] if cfg.is_tokens else [e.name for e in cfg.evaluators]
+  """The eval set names a config logs (its task's; the few-shot task: its evaluators')."""
+  return tasks_lib.for_config(cfg).eval_set_names()
 
 
 def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
@@ -227,8 +215,8 @@ def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
   cfg = program.cfg
   entries = tuple(dict.fromkeys(r.condition_entry for r in program.runs))
   return dict(parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
-                               graft_lib.donor_names(cfg), tokens=cfg.is_tokens,
-                               num_seqs=cfg.train.num_seqs))
+                               graft_lib.donor_names(cfg), num_seqs=cfg.train.num_seqs,
+                               family=tasks_lib.get(cfg.task.kind).family))
 
 
 def program_runs(program: Program) -> list[Run]:
@@ -284,8 +272,7 @@ def optimizer_plan(exp: Experiment) -> optim.OptimizerPlan:
 
 def init_params(key: jax.Array, cfg: ExperimentConfig, feature_dim: int) -> Any:
   """One run's params for this config's task."""
-  return model_lib.init_params(key, cfg.model, feature_dim, cfg.task.num_context,
-                               seq_len=cfg.tokens.seq_len)
+  return model_lib.init_params(key, cfg.model, feature_dim, task=tasks_lib.for_config(cfg))
 
 
 def init_state(exp: Experiment, warm_start: bool = True) -> TrainState:
@@ -322,12 +309,14 @@ def _variant_slices(exp: Experiment) -> list[tuple[int, int, int]]:
   return out
 
 
-# Programs of several runs evaluate each set in blocks of this many sequences (lax.map):
-# the runs' activations for a block stay in cache. One evaluation of the main config's
-# four 1000-sequence sets, 2 CPU cores: 8 runs 144 -> 57 ms, 32 runs 777 -> 246-284 ms; a
-# one-run program (one device using both cores on the whole set) keeps it whole
-# (12 ms, 16 ms in blocks). BUILD_NOTES.md, session 6.
-EVAL_BLOCK = 50
+def make_forward(exp: Experiment, params: Any, clamps: Any, plan: clamps_lib.ClampPlan,
+                 seqs: Any) -> tasks_lib.Forward:
+  """One run's forward pass under its interventions, as the task's `loss` / `evaluate`
+  call it: forward(batch, *, sites=(), query_only=False) -> (logits, aux)."""
+  def forward(batch, *, sites=(), query_only=False):
+    return model_lib.apply(params, batch, clamps, exp.cfg.model, plan, sites=sites,
+                           query_only=query_only, seqs=seqs, task=exp.task)
+  return forward
 
 
 def make_evaluate(exp: Experiment) -> Callable:
@@ -337,37 +326,14 @@ def make_evaluate(exp: Experiment) -> Callable:
   unclamped_too = cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS
   blocks = _variant_slices(exp)
 
-  L = cfg.model.num_layers
-  pattern_sites = tuple(f"blocks.{l}.pattern" for l in range(L))
+  task = exp.task
+  many_runs = exp.num_padded > 1
 
   def one_run(params, clamps, batch, clamped: bool, seqs):
-    seqs = seqs if clamped else None
-    if cfg.is_tokens:  # every position scored; head scores from the recorded patterns
-      logits, aux = model_lib.apply(params, batch, clamps if clamped else None, cfg.model,
-                                    exp.plan if clamped else clamps_lib.NO_CLAMPS,
-                                    sites=pattern_sites, seqs=seqs)
-      return token_metrics(logits, batch, [aux[s] for s in pattern_sites],
-                           cfg.tokens.segment_len, cfg.tokens.late_frac)
-
-    def query_logits(b):
-      return model_lib.apply(params, b, clamps if clamped else None, cfg.model,
-                             exp.plan if clamped else clamps_lib.NO_CLAMPS, query_only=True,
-                             seqs=seqs)[0]
-
-    S = batch.y.shape[0]
-    in_blocks = (exp.num_padded > 1 and S > EVAL_BLOCK
-                 and isinstance(batch.x, sampler.IndexedFeatures))
-    if not in_blocks:
-      logits = query_logits(batch)
-    else:  # blocks of EVAL_BLOCK sequences; the set padded with copies of its first rows
-      n = -(-S // EVAL_BLOCK)
-      pad = lambda a: jnp.concatenate([a, a[:n * EVAL_BLOCK - S]]).reshape(
-          n, EVAL_BLOCK, *a.shape[1:])
-      table = batch.x.table
-      logits = jax.lax.map(
-          lambda b: query_logits(sampler.Batch(sampler.IndexedFeatures(table, b[0]), b[1])),
-          (pad(batch.x.ids), pad(batch.y))).reshape(n * EVAL_BLOCK, 1, -1)[:S]
-    return {k: v.mean() for k, v in query_metrics(logits, batch.y).items()}
+    forward = make_forward(exp, params, clamps if clamped else None,
+                           exp.plan if clamped else clamps_lib.NO_CLAMPS,
+                           seqs if clamped else None)
+    return task.evaluate(forward, batch, many_runs)
 
   def block(params_R, clamps_R, batch, seqs):
     res = {"clamped": jax.vmap(lambda p, c: one_run(p, c, batch, True, seqs))(params_R, clamps_R)}
@@ -462,8 +428,8 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   in [R_pad, max_steps] buffers.
   """
   cfg = exp.cfg
-  B, n = cfg.train.batch_size, cfg.task.num_context
-  layout = cfg.task.layout(cfg.model.num_labels)
+  B = cfg.train.batch_size
+  task = exp.task
   opt_plan = optimizer_plan(exp)
   hp_R = opt_plan.per_run(exp.run_variant)  # {} unless a number differs between runs
   evaluate = make_evaluate(exp)
@@ -480,19 +446,11 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   timed = bool(exp.plan.scheduled)
 
   def loss_fn(params, batch, clamps, seqs):
-    seqs = seqs if timed else None
-    if cfg.is_tokens:  # next-token loss over every position
-      logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, seqs=seqs)
-      return model_lib.next_token_loss(logits, batch.tokens)
-    # Only the query row is scored: the last layer runs at the query position alone.
-    logits, _ = model_lib.apply(params, batch, clamps, cfg.model, exp.plan, query_only=True,
-                                seqs=seqs)
-    return model_lib.query_loss(logits, batch.y)
+    return task.loss(make_forward(exp, params, clamps, exp.plan, seqs if timed else None),
+                     batch)
 
   def sample(key, table, lookup):
-    if cfg.is_tokens:
-      return tokens_lib.sample_tokens(key, cfg.tokens, cfg.model.vocab_size, B)
-    return sampler.sample_indexed_batch(key, table, lookup, exp.train_spec, B, n, **layout)
+    return task.sample(key, table, lookup, B)
 
   # Freeze schedules (ih_jax.freeze): [G, P] group masks and per-run windows, compiled
   # only when some run freezes something.
@@ -518,11 +476,9 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
     return new_params, opt_state, loss, optax.tree.norm(grads)
 
   def chunk(state: TrainState, n_steps, do_eval, clamps_R, feats_V, batches_V):
-    if cfg.is_tokens:
-      table_V, lookup = feats_V, None
-    else:
-      table_V, lookups = jax.vmap(lambda f: sampler.compact_table(f, exp.train_spec))(feats_V)
-      lookup = lookups[0]  # the same for every variant (same shapes and splits)
+    # The task's sampling inputs: per variant (few-shot: the training rows of each
+    # variant's table) and shared (the lookup of those rows).
+    table_V, lookup = task.sampling_inputs(feats_V)
 
     def body(i, carry):
       params, opt_state, data_key_V, losses, gnorms = carry

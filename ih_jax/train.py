@@ -39,7 +39,6 @@ from ih_jax import tracking
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.analysis.timing import learning_time  # noqa: F401  (re-exported)
-from ih_jax.metrics import metric_names
 # The compiled-program pieces, re-exported for notebooks and benchmarks.
 from ih_jax.program import (Experiment, Run, TrainState, check_seeds, eval_set_names,  # noqa: F401
                             init_state, make_evaluate, make_optimizer, make_train_chunk,
@@ -257,8 +256,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     metrics_rows: list[dict[str, Any]] = []
     log_seqs, log_loss, log_gnorm = [], [], []
     R = len(exp.runs)
-    names = eval_set_names(cfg)
-    metrics_of_task = metric_names(cfg.task.kind)
+    names = exp.task.eval_set_names()
+    metrics_of_task = exp.task.metric_names
     t_train, last_print, last_resume_save = time.time(), 0.0, time.time()
     done, pending = start_step, None
     last_finite = np.full(R, np.nan)  # each run's latest loss, for a divergence message

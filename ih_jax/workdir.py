@@ -39,7 +39,7 @@ from ih_jax import schedule
 from ih_jax import snapshots as snap_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import features as features_lib
-from ih_jax.metrics import METRIC_NAMES, metric_names
+from ih_jax.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:  # for type hints only: the format module never runs training code
   from ih_jax.program import Experiment
@@ -93,9 +93,10 @@ def read_config(workdir: str) -> dict[str, Any]:
   return meta
 
 
-def metric_columns(task_kind: str) -> tuple[str, ...]:
-  """metrics.csv columns of a task (ih_jax.metrics.metric_names)."""
-  return ROW_COLUMNS + metric_names(task_kind)
+def metric_columns(metric_names: tuple[str, ...]) -> tuple[str, ...]:
+  """metrics.csv columns of a task whose evaluation returns `metric_names`
+  (ih_jax.tasks.Task.metric_names)."""
+  return ROW_COLUMNS + tuple(metric_names)
 
 
 LOG_COLUMNS = ("run", "condition", "seed", "seqs", "loss", "grad_norm")
@@ -247,7 +248,7 @@ def holds_results(workdir: str) -> bool:
 def feature_records(exp: "Experiment") -> list[dict[str, Any]]:
   """config.json's `features`: each variant's source, with a content fingerprint of a
   feature file's table (only its path is in the config)."""
-  if exp.cfg.is_tokens:
+  if not exp.task.uses_features:
     return []
   out = []
   for i, v in enumerate(exp.variants):
@@ -390,7 +391,7 @@ class RunWriter:
     self._eval_seqs = [s * B for s in schedule.eval_steps(exp.cfg.train.eval_every,
                                                           exp.cfg.train.num_seqs, B)]
     self._step_seqs = B
-    columns = metric_columns(exp.cfg.task.kind)
+    columns = metric_columns(exp.task.metric_names)
     self._metrics = _open_csv(os.path.join(workdir, METRICS_CSV), columns, resume_seqs,
                               self._metrics_gap, log)
     self._mw = csv.DictWriter(self._metrics, fieldnames=columns)

@@ -8,6 +8,7 @@ import pytest
 from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.interventions import targets
+from ih_jax.tasks import fewshot as fewshot_task
 from ih_jax.data import evalsets, sampler
 
 import numerics
@@ -381,6 +382,11 @@ def ibatch(feature_table, paper_splits):
   return sampler.sample_indexed_batch(jax.random.key(11), table, lookup, spec, 32, 2)
 
 
+def distinct(x, cfg):
+  """Whether the few-shot task embeds `x` per distinct token in the model."""
+  return fewshot_task.distinct_tokens(x, cfg, model_lib.SLICE_MAX_B)
+
+
 @pytest.mark.parametrize("spec", [
     "none", "pt:L1H3;keep_only:L2H3", "ih:L2H3@0.8", "perfect_l1;copy:L2H3",
     "preserve_pattern;ablate:L1H0", "preserve_value;ablate:L1H2"])
@@ -388,8 +394,8 @@ def test_distinct_token_route_matches_the_per_token_route(trained_ish, cfg, ibat
   """Block 0's projection computed once per distinct token (training batches) gives the
   per-token forward's logits and gradients, under every kind of clamp."""
   gathered = sampler.Batch(ibatch.x.table[ibatch.x.ids], ibatch.y)
-  assert model_lib.distinct_tokens(ibatch.x, cfg)
-  assert not model_lib.distinct_tokens(gathered.x, cfg)
+  assert distinct(ibatch.x, cfg)
+  assert not distinct(gathered.x, cfg)
   c = jax.tree.map(jnp.asarray, cl.parse(spec, 2, 8))
   plan = cl.plan_for(cl.stack([cl.parse(spec, 2, 8)]))
   loss = lambda p, b: model_lib.query_loss(
@@ -408,9 +414,9 @@ def test_distinct_token_route_matches_the_per_token_route(trained_ish, cfg, ibat
 
 
 def test_distinct_token_route_is_skipped_where_it_does_not_apply(cfg, ibatch):
-  assert not model_lib.distinct_tokens(ibatch.x, model_lib.ModelConfig(pos_emb="learned"))
+  assert not distinct(ibatch.x, model_lib.ModelConfig(pos_emb="learned"))
   big = sampler.IndexedFeatures(ibatch.x.table, jnp.zeros((model_lib.SLICE_MAX_B + 1, 3),
                                                           jnp.int32))
-  assert not model_lib.distinct_tokens(big, cfg)  # eval sets: the gather would cost more
+  assert not distinct(big, cfg)  # eval sets: the gather would cost more
   many = sampler.IndexedFeatures(jnp.zeros((32 * 5, 512)), ibatch.x.ids)
-  assert not model_lib.distinct_tokens(many, cfg)  # no fewer distinct tokens than tokens
+  assert not distinct(many, cfg)  # no fewer distinct tokens than tokens

@@ -15,7 +15,8 @@ from ih_jax import workdir as workdir_lib
 from ih_jax.analysis import token_scores
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import tokens as tokens_lib
-from ih_jax.metrics import TOKEN_METRIC_NAMES, metric_names
+from ih_jax import tasks
+from ih_jax.metrics import TOKEN_METRIC_NAMES
 
 import numerics
 
@@ -256,8 +257,8 @@ def test_config_errors(over, match):
 
 
 def test_metric_names_and_old_workdir_configs():
-  assert metric_names("fewshot") == workdir_lib.METRIC_COLUMNS[8:]
-  assert metric_names("tokens") == TOKEN_METRIC_NAMES
+  assert tasks.get("fewshot")().metric_names == workdir_lib.METRIC_COLUMNS[8:]
+  assert tasks.get("tokens")().metric_names == TOKEN_METRIC_NAMES
   # A config stored before the token task existed compares equal to today's default.
   old = ExperimentConfig().to_dict()
   del old["tokens"], old["task"]["kind"], old["model"]["vocab_size"]

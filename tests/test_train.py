@@ -15,6 +15,7 @@ import optax
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import model as model_lib
 from ih_jax import program
+from ih_jax.tasks import fewshot as fewshot_task
 from ih_jax import train
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
@@ -162,9 +163,9 @@ def test_evaluation_in_blocks_equals_whole_sets(monkeypatch):
   clamps, _, batches = train.place_inputs(exp)
   assert exp.num_padded > 1
   evaluate = lambda: jax.jit(program.make_evaluate(exp))(state.params, clamps, batches)
-  monkeypatch.setattr(program, "EVAL_BLOCK", 50)   # 130 = 50 + 50 + 30 (+ 20 padding)
+  monkeypatch.setattr(fewshot_task, "EVAL_BLOCK", 50)   # 130 = 50 + 50 + 30 (+ 20 padding)
   in_blocks = evaluate()
-  monkeypatch.setattr(program, "EVAL_BLOCK", 10_000)
+  monkeypatch.setattr(fewshot_task, "EVAL_BLOCK", 10_000)
   whole = evaluate()
   # Blocks and whole sets are different programs (other reduction orders): per-leaf scale.
   numerics.assert_close(in_blocks, whole, rtol=2e-5, rel_atol=1e-6, atol=1e-6)

@@ -83,6 +83,10 @@ def load_context(workdir: str) -> RunContext:
     raise ValueError(f"{workdir!r} is a token-task workdir: the few-shot analysis (dense set, "
                      "induction strength, ablations) does not apply. Use "
                      "ih_jax.analysis.token_scores, or `ih_jax.experiments.reproduce --figure=tokens`")
+  if cfg.task.kind != "fewshot":
+    raise ValueError(f"{workdir!r} trained task {cfg.task.kind!r}: the few-shot analysis (dense "
+                     "set, induction strength, ablations) does not apply; its metrics.csv "
+                     "holds the task's own metrics (ih_jax.load(workdir).metrics)")
   feats = features_lib.load_features(cfg.data)
   if cfg.data.source == "file":  # the file must still hold the table the run trained on
     current = dict(features_lib.feature_metadata(cfg.data),

@@ -162,11 +162,7 @@ class EditContext:
   cfg: Any                  # ih_jax.model.ModelConfig
   plan: Any                 # ih_jax.clamps.ClampPlan (static)
   _read: Callable[[str, str], Any]
-
-  @property
-  def task(self) -> str:
-    """The task kind: "tokens" for the token model (vocab_size > 0), else "fewshot"."""
-    return "tokens" if self.cfg.vocab_size > 0 else "fewshot"
+  task: str = "fewshot"     # the task's family (ih_jax.tasks.FAMILIES): "fewshot" | "tokens"
 
   def main(self, name: str):
     """An activation of this (edited) pass computed so far, e.g. 'blocks.1.scores'."""
@@ -199,7 +195,8 @@ class Intervention:
   aliases:  other keywords parsed as this kind.
   sites:    the sites `edit` is called at (see the module docstring).
   order:    among kinds at one site, lower edits first (built-ins: 10-40; yours: 100).
-  tasks:    the tasks the kind is defined on ("fewshot", "tokens").
+  tasks:    the task families the kind is defined on ("fewshot", "tokens"; a task's
+            `family`, ih_jax.tasks).
   argument: the clause grammar: "heads" (`KIND:HEADS`, with takes_strength
             `KIND:HEADS[@s]`), "name" (`KIND:NAME`) or "none" (`KIND` alone).
   claim_role: what a head clause does to its heads, for refusing contradictions:

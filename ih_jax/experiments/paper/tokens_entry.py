@@ -34,6 +34,7 @@ from ih_jax.analysis import heads as heads_lib, timing, token_scores
 from ih_jax.analysis import verdicts as V
 from ih_jax.config import ExperimentConfig
 from ih_jax.experiments.configs import tokens as token_configs
+from ih_jax.tasks import tokens as tokens_task
 from ih_jax.experiments.paper.registry_base import Entry, Outcome, lt_table as _lt_table
 from ih_jax.experiments.paper.study import PAPER_SEED, Study
 
@@ -92,7 +93,7 @@ def _measure_heads(study: Study) -> dict[str, Any] | None:
   if not os.path.exists(os.path.join(wd, "done.json")):
     return None
   params = ckpt_lib.load_params(wd, 0)   # run 0 = seed 5
-  batch = jax.tree.map(lambda x: x[0], program.token_eval_set(cfg, 1))
+  batch = jax.tree.map(lambda x: x[0], tokens_task.eval_set(cfg, 1))
   s = token_scores.head_scores(params, cfg, batch)
   L = cfg.model.num_layers
   # The main token run is unclamped (every head usable); the same choice rule as
@@ -131,7 +132,7 @@ def curves(results: list) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]
   for res in results:
     for run in res.runs:
       rows = sorted((r for r in res.metrics if r["run"] == run.index and r["clamped"] == 1
-                     and r["eval_set"] == program.TOKEN_EVAL_SET), key=lambda r: r["seqs"])
+                     and r["eval_set"] == tokens_task.EVAL_SET), key=lambda r: r["seqs"])
       out[(run.condition, run.init_seed)] = (np.array([r["seqs"] for r in rows], float),
                                              np.array([r[CURVE] for r in rows]))
   return out
