@@ -98,10 +98,13 @@ def prev_token_score(pattern_BHTT: jax.Array) -> jax.Array:
   return jnp.diagonal(pattern_BHTT, offset=-1, axis1=2, axis2=3).mean(-1)  # (t, t-1) pairs
 
 
-def _copy_positions(batch: TokenBatch, T: int, segment_len: int):
-  """(mask [B, T] of the second copy's positions, offset [B, T] = t - b + a)."""
+def _copy_positions(batch: TokenBatch, T: int, segment_len):
+  """(mask [B, T] of the second copy's positions, offset [B, T] = t - b + a);
+  `segment_len`: S, an int or one per sequence [B]."""
   t_T = jnp.arange(T)
   a_B, b_B = batch.starts[:, 0], batch.starts[:, 1]
+  if not isinstance(segment_len, int):
+    segment_len = jnp.asarray(segment_len).reshape(-1, 1)
   in_copy_BT = (t_T >= b_B[:, None]) & (t_T < b_B[:, None] + segment_len)
   src_BT = jnp.clip(t_T[None] - b_B[:, None] + a_B[:, None], 0, T - 1)
   return in_copy_BT, src_BT
@@ -118,7 +121,7 @@ def _masked_mean(x_BHT: jax.Array, mask_BT: jax.Array) -> jax.Array:
   return (x_BHT * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
 
 
-def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int) -> jax.Array:
+def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len) -> jax.Array:
   """Attention from each position of the second copy to the token after its match in the
   first copy, averaged over those positions: [B, H]."""
   T = pattern_BHTT.shape[-1]
@@ -127,7 +130,7 @@ def prefix_matching(pattern_BHTT: jax.Array, batch: TokenBatch, segment_len: int
 
 
 def induction_strength(pattern_BHTT: jax.Array, batch: TokenBatch,
-                       segment_len: int) -> jax.Array:
+                       segment_len) -> jax.Array:
   """Prefix-matching attention minus attention to the matched token itself, [B, H],
   averaged over the second copy's positions."""
   T = pattern_BHTT.shape[-1]

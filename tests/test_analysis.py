@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from ih_jax import model as model_lib
 from ih_jax import plots, toy
-from ih_jax.analysis import ablation, composition, context, measures, timing
+from ih_jax.analysis import ablation, circuits, context, measures, scores, timing
 from ih_jax.data import evalsets
 
 import numerics
@@ -125,12 +126,46 @@ def test_composition_scores_on_constructed_weights(params):
   p["blocks_0"]["out"]["kernel"][16, 1] = 1.0         # head 2 writes dim 1
   p["blocks_1"]["qkv"]["kernel"][0, 64 + 24] = 3.0    # K of layer-2 head 3 reads dim 0
   p["blocks_1"]["qkv"]["kernel"][1, 128 + 40] = 1.0   # V of layer-2 head 5 reads dim 1
-  s = composition.composition_scores(p, 8)
+  s = circuits.composition_scores(p, 8)
   # Rank-1 blocks reading exactly what is written: score 1; disjoint dims: 0.
   np.testing.assert_allclose(s["k"][3, 1], 1.0, atol=1e-6)
   np.testing.assert_allclose(s["k"][3, 2], 0.0, atol=1e-6)
   np.testing.assert_allclose(s["v"][5, 2], 1.0, atol=1e-6)
   assert s["q"].max() == 0.0  # all-zero query blocks score 0, not NaN
+  # The registry's per-head entries: layer 2's heads, their best layer-1 partner.
+  stacked = jax.tree.map(lambda x: np.asarray(x)[None], p)
+  w = scores.weight_scores(stacked, model_lib.ModelConfig(), scores.resolve(
+      ["k_composition", "v_composition", "q_composition"]))
+  assert w["k_composition"].shape == (1, 2, 8)
+  np.testing.assert_array_equal(w["k_composition"][0, 0], 0.0)  # layer 1: nothing before
+  np.testing.assert_allclose(w["k_composition"][0, 1], s["k"].max(-1), rtol=1e-6)
+  np.testing.assert_allclose(w["v_composition"][0, 1, 5], 1.0, atol=1e-6)
+
+
+def test_score_registry_is_per_task(params, cfg, feature_table, dense):
+  """A few-shot and a token score share a name; task "any" claims it for both; measure
+  returns weights scores (not per sequence) beside the pattern scores, x conditions."""
+  fs, tok = scores.resolve(["induction_strength"]), scores.resolve(["induction_strength"],
+                                                                   task="tokens")
+  assert fs[0].task == "fewshot" and tok[0].task == "tokens" and fs[0] is not tok[0]
+  names = {s.name for s in scores.registered("tokens")}
+  assert {"prev_token", "prefix_matching", "induction_strength", "copying",
+          "k_composition"} <= names and "pt_score" not in names
+  with pytest.raises(ValueError, match="already registered"):
+    scores.register(scores.HeadScore("pt_score", lambda A, b: A[:, :, 0, 0], task="any"))
+  with pytest.raises(ValueError, match="unknown head score 'copying' for the fewshot task"):
+    scores.resolve(["copying"])
+  with pytest.raises(ValueError, match="source='grads'"):
+    scores.HeadScore("x", lambda A, b: A, source="grads")
+  with pytest.raises(ValueError, match="built-in"):
+    scores.unregister("k_composition")
+  idx = jax.tree.map(lambda x: x[:64], dense)
+  params_K = jax.tree.map(lambda x: np.stack([x, x]), params)
+  m = measures.measure(params_K, feature_table, idx, cfg,
+                       measures.conditions(["none", "ablate:L1H0"], cfg),
+                       head_scores=["induction_strength", "k_composition"])
+  assert m["induction_strength"].shape == m["k_composition"].shape == (2, 2, 2, 8)
+  np.testing.assert_array_equal(m["k_composition"][:, 0], m["k_composition"][:, 1])
 
 
 def test_subsample_steps():

@@ -9,7 +9,8 @@ chunk (the dense set's features never exist all at once).
 
 Measures: loss / acc (query cross-entropy and accuracy), every registered head score
 per layer and head ([L, H]; ih_jax.analysis.scores: induction strength, previous-token
-scores, detection scores, and any a user registers) and, if asked, per-sequence losses.
+scores, detection scores, composition, and any a user registers; weights scores are
+computed on the host) and, if asked, per-sequence losses.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
                    ) -> tuple[dict, jax.Array]:
   """Weighted sums of loss, accuracy and each head score ([L, H]) over one batch, and
   per-sequence [loss, correct] [B, 2]."""
-  head_scores = scores_lib.registered() if head_scores is None else head_scores
+  head_scores = scores_lib.registered(source="pattern") if head_scores is None else head_scores
   L = cfg.num_layers
   sites = tuple(f"blocks.{l}.pattern" for l in range(L))
   logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites)
@@ -47,6 +48,8 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
   wsum = lambda x_B: jnp.einsum("b,b...->...", weight_B, x_B)
   sums = dict(loss=wsum(loss_B), acc=wsum(correct_B))
   for score in head_scores:
+    if score.source != "pattern":  # weights scores: `measure` computes them on the host
+      continue
     per_layer = [score.fn(aux[s], batch) for s in sites]          # L x [B, H]
     sums[score.name] = wsum(jnp.stack(per_layer, 1))
   return sums, jnp.stack([loss_B, correct_B], axis=-1)
@@ -77,10 +80,15 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   K = jax.tree.leaves(params_K)[0].shape[0]
+  chosen = scores_lib.resolve(head_scores)
   run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K),
-                         scores_lib.resolve(head_scores))
+                         tuple(s for s in chosen if s.source == "pattern"))
   clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
   out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
+  # Weights scores do not depend on the sequences or the conditions: [K, L, H] (x Q).
+  for name, v_KLH in scores_lib.weight_scores(params_K, cfg, chosen).items():
+    out[name] = v_KLH if clamps_Q is None else np.repeat(
+        v_KLH[:, None], jax.tree.leaves(clamps_Q)[0].shape[0], axis=1)
   if per_sequence:  # drop the padding rows
     out["seq_loss"], out["seq_correct"] = out["seq_loss"][..., :S], out["seq_correct"][..., :S]
   return out

@@ -45,7 +45,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import plots, workdir as workdir_lib
-from ih_jax.analysis import ablation, composition, context, heads as heads_lib, measures
+from ih_jax.analysis import ablation, circuits, context, heads as heads_lib, measures
 from ih_jax.analysis import scores as scores_lib, timing
 
 
@@ -286,8 +286,8 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
     tables["layer1_set_ablations"] = set_rows
 
   # Composition scores read the weights only: the same in both views.
-  comp = composition.composition_scores(final, H)
-  comp0 = composition.composition_scores(jax.tree.map(lambda x: x[0], params_K), H)
+  comp = circuits.composition_scores(final, H)
+  comp0 = circuits.composition_scores(jax.tree.map(lambda x: x[0], params_K), H)
   for x in "qkv":
     tables[f"composition_#_{x}"] = _matrix_rows(comp[x], f"L{L}H", "L1H")
   mats = {f"{x.upper()}-composition (final)": comp[x] for x in "kv"}

@@ -10,72 +10,41 @@ segment):
   induction_strength   prefix_matching minus the mean attention to the earlier copy
                        itself (a + (t - b)): separates induction heads from
                        duplicate-token heads; in [-1, 1], like the paper's IS   [B, H]
-The copying score reads weights only (copying_score): how much a head's OV circuit,
-read through the embedding and unembedding, raises the logit of the token it
-attends to.
+The copying score reads weights only (ih_jax.analysis.circuits.copying_score): how
+much a head's OV circuit, read through the embedding and unembedding, raises the logit
+of the token it attends to. Each is an entry of the head-score registry
+(ih_jax.analysis.scores, task "tokens"); `head_scores` computes every registered one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from ih_jax import model as model_lib
+from ih_jax.analysis import scores as scores_lib
 from ih_jax.data.tokens import TokenBatch
-from ih_jax.metrics import induction_strength, prefix_matching, prev_token_score
 
 # pylint: disable=invalid-name
 
 
-def ov_circuit(params: Any, layer: int, head: int, num_heads: int) -> np.ndarray:
-  """[V, V]: logits added to token j by head (layer, head) attending to a token i.
-
-  Row i: the token embedding E_i through block `layer`'s LayerNorm (exact, per
-  token), the head's value and output projections (biases dropped: they do not
-  depend on i), then the unembedding scaled by the final LayerNorm's weight (the
-  final LayerNorm's normalisation, which depends on the whole residual, is left out,
-  as usual for this score).
-  """
-  p = jax.tree.map(np.asarray, params)
-  E_VD = p["embed_tok"]["embedding"]
-  ln = p[f"blocks_{layer}"]["ln"]
-  mu = E_VD.mean(-1, keepdims=True)
-  var = E_VD.var(-1, keepdims=True)
-  u_VD = (E_VD - mu) / np.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
-  D = E_VD.shape[1]
-  K = D // num_heads
-  W_qkv = p[f"blocks_{layer}"]["qkv"]["kernel"]          # [D, 3D]: Q | K | V
-  W_V = W_qkv[:, 2 * D + head * K: 2 * D + (head + 1) * K]
-  W_O = p[f"blocks_{layer}"]["out"]["kernel"][head * K:(head + 1) * K]
-  W_U = p["unembed"]["kernel"] * p["ln_f"]["scale"][:, None]
-  return u_VD @ W_V @ W_O @ W_U
-
-
-def copying_score(params: Any, layer: int, head: int, num_heads: int) -> float:
-  """Olsson et al.'s positive-eigenvalue score of the OV circuit: sum(l) / sum(|l|).
-
-  +1 for a head whose OV circuit only copies (every eigenvalue positive), -1 for
-  one that only suppresses the attended token.
-  """
-  lam = np.linalg.eigvals(ov_circuit(params, layer, head, num_heads).astype(np.float64))
-  return float(np.sum(lam).real / max(np.sum(np.abs(lam)), 1e-12))
-
-
-def head_scores(params: Any, cfg: Any, batch: TokenBatch) -> dict[str, np.ndarray]:
-  """Every head's scores on a token batch, each [L, H] (means over the batch).
+def head_scores(params: Any, cfg: Any, batch: TokenBatch,
+                names: Sequence[str | scores_lib.HeadScore] | None = None
+                ) -> dict[str, np.ndarray]:
+  """Every head's registered token-task scores on a token batch (`names`: a subset),
+  each [L, H] (pattern scores: means over the batch).
 
   `cfg` is an ExperimentConfig of the token task; `params` one run's (unstacked).
   """
-  m, S = cfg.model, cfg.tokens.segment_len
+  m = cfg.model
+  chosen = scores_lib.resolve(names, task="tokens")
   sites = tuple(f"blocks.{l}.pattern" for l in range(m.num_layers))
   _, aux = jax.jit(lambda p, b: model_lib.apply(p, b, None, m, sites=sites))(params, batch)
   pats = [aux[s] for s in sites]
-  return dict(
-      prev_token=np.stack([np.asarray(prev_token_score(p).mean(0)) for p in pats]),
-      prefix_matching=np.stack([np.asarray(prefix_matching(p, batch, S).mean(0)) for p in pats]),
-      induction_strength=np.stack([np.asarray(induction_strength(p, batch, S).mean(0))
-                                   for p in pats]),
-      copying=np.asarray([[copying_score(params, l, h, m.num_heads) for h in range(m.num_heads)]
-                          for l in range(m.num_layers)]))
+  out = {s.name: np.stack([np.asarray(s.fn(p, batch).mean(0)) for p in pats])
+         for s in chosen if s.source == "pattern"}
+  stacked = jax.tree.map(lambda x: np.asarray(x)[None], params)
+  out.update({k: v[0] for k, v in scores_lib.weight_scores(stacked, m, chosen).items()})
+  return out
