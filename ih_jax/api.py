@@ -27,7 +27,7 @@ from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
 from ih_jax import train as train_lib
 from ih_jax import workdir as workdir_lib
-from ih_jax.analysis import context as context_lib, measures
+from ih_jax.analysis import context as context_lib, measures, timing
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import sampler
 
@@ -69,7 +69,7 @@ class Run:
   def learning_time(self, eval_set: str = "fsl_train") -> float:
     """First evaluation with loss < 0.4 ln 2 (NaN if never: censored)."""
     m = self.metrics(eval_set)
-    return train_lib.learning_time(m["seqs"].tolist(), m["loss"].tolist())
+    return timing.learning_time(m["seqs"].tolist(), m["loss"].tolist())
 
   # ---- params and activations
   def snapshots(self) -> list[int]:

@@ -19,7 +19,7 @@ Built-in leaves (per run; L layers, H heads):
                                frozen donor model's (its embeddings + its layer 0)
   graft_donor       []  int32  which donor (index into the program's donor list)
 A program whose runs graft also carries `graft_params` (the donor's params tree per
-run, under stop_gradient); see ih_jax.program.
+run, under stop_gradient); see ih_jax.train.experiment.
 
 Head names. Specs accept paper numbering `L2H3` (layers 1-based as in the paper,
 heads 0-based) and code numbering `1:3` (both 0-based); they name the same head.

@@ -9,7 +9,7 @@ backend, hence at import. Neither has any effect on GPU/TPU.
   element-wise ops and reductions, the [B, T, T, D]-shaped attention ops of a 5-token
   model run ~3x slower than with YNNPACK used for matmuls only.
 * --xla_force_host_platform_device_count=<cores this process may use>: one CPU device
-  per core. A sweep program then shards its runs axis over the cores (ih_jax.program);
+  per core. A sweep program then shards its runs axis over the cores (ih_jax.train);
   each core runs its share of the runs, instead of every tiny op being split over all
   cores' threads: 8 runs 7.3 -> 3.8 ms per step, 32 runs 29.9 -> 20.2 on 2 cores.
   A one-run program still uses one device (and every core's threads), as before.

@@ -7,7 +7,7 @@ Layout inside a workdir:
   snapshots/b<id>.npy       one batch: float32 [k, runs, P], the k snapshots' flat params
 
 A snapshot is each run's params as one flat vector (the training loop's
-`program.FlatParams` order, without its padding), taken on the configured dense
+`ih_jax.train.flat.FlatParams` order, without its padding), taken on the configured dense
 schedule (`checkpoint.every / at / log_num / windows` plus the final point). The
 device only copies the flat params to host; a background thread (bounded queue)
 gathers snapshots into batches of ~32 MB and writes each batch as one .npy file

@@ -42,7 +42,7 @@ from ih_jax.data import features as features_lib
 from ih_jax.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:  # for type hints only: the format module never runs training code
-  from ih_jax.program import Experiment
+  from ih_jax.train.experiment import Experiment
 
 METRICS_CSV = "metrics.csv"
 TRAIN_LOG_CSV = "train_log.csv"

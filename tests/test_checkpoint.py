@@ -23,6 +23,7 @@ from crashes import Crash, crash_after_saves
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import schedule
 from ih_jax import train
+from ih_jax.train import driver, state as state_lib
 from ih_jax.config import ExperimentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +141,7 @@ def read_bytes(path):
 
 def test_fingerprint_catches_silent_changes():
   params = {"w": jnp.arange(6.0).reshape(2, 3)}
-  state = train.TrainState(params, (), jax.random.split(jax.random.key(0), 1), jnp.int32(3))
+  state = state_lib.TrainState(params, (), jax.random.split(jax.random.key(0), 1), jnp.int32(3))
   content = ckpt_lib.to_host(state)
   ckpt_lib._verify(content, "ok")  # pylint: disable=protected-access
   content["params"]["w"] = content["params"]["w"].copy()
@@ -202,7 +203,7 @@ def test_interrupt_checkpoint_lands_in_resume_dir_and_is_removed_at_the_end(tmp_
   wd = str(tmp_path / "sigint")
   # Only the final point is scheduled; no periodic resume checkpoints.
   cfg = cfg_with_checkpoints(num_seqs=2048, every=0, resume_every_s=0)
-  real_chunk = train.make_train_chunk
+  real_chunk = driver.make_train_chunk
 
   def chunk_that_signals(exp, max_steps, **kw):
     """The real program; its 3rd call (the chunk ending at 1024 seqs) raises SIGINT."""
@@ -222,7 +223,7 @@ def test_interrupt_checkpoint_lands_in_resume_dir_and_is_removed_at_the_end(tmp_
             lambda c: lambda *args: compiled_call(c, *args))(low.compile())})()
     return Lowerable()
 
-  monkeypatch.setattr(train, "make_train_chunk", chunk_that_signals)
+  monkeypatch.setattr(driver, "make_train_chunk", chunk_that_signals)
   with pytest.raises(train.TrainingInterrupted, match="SIGINT received: stopped at 1,024 seqs"):
     train.train_and_evaluate(cfg, wd, verbose=False)
   assert ckpt_lib.list_steps(wd) == []  # nothing scheduled was reached

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ih_jax import clamps as cl
-from ih_jax import train
+from ih_jax.train import driver
 from ih_jax.config import ExperimentConfig
-from ih_jax.program import Run
+from ih_jax.train.experiment import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,15 +72,15 @@ def test_non_finite_training_loss_names_run_seed_step_and_last_loss():
   runs = [Run(0, "none", "none", 5), Run(1, "pt", "pt:L1H0", 6, "data.rho=0.7")]
   losses = np.array([[0.7, 0.69, 0.68], [3e6, np.inf, np.nan]])
   with pytest.raises(FloatingPointError) as info:
-    train.check_finite_losses(losses, runs, 10, 32, np.full(2, 0.5), 1e3)
+    driver.check_finite_losses(losses, runs, 10, 32, np.full(2, 0.5), 1e3)
   msg = str(info.value)
   for part in ("run 1", "'pt'", "seed 6", "data.rho=0.7", "384 seqs", "last finite loss 3e+06",
                "train.learning_rate", "1000"):
     assert part in msg, (part, msg)
   # Diverged on a chunk's first step: the previous chunk's loss is the last finite one.
   with pytest.raises(FloatingPointError, match=r"run 0 .*\(352 seqs\); last finite loss 0.5"):
-    train.check_finite_losses(np.array([[np.nan]]), runs[:1], 10, 32, np.full(1, 0.5), 1e-5)
-  train.check_finite_losses(losses[:1], runs[:1], 10, 32, np.full(1, 0.5), 1e-5)  # finite: ok
+    driver.check_finite_losses(np.array([[np.nan]]), runs[:1], 10, 32, np.full(1, 0.5), 1e-5)
+  driver.check_finite_losses(losses[:1], runs[:1], 10, 32, np.full(1, 0.5), 1e-5)  # finite: ok
 
 
 # ------------------------------------------------------------------ clamp specs

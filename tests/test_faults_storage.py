@@ -18,6 +18,7 @@ from crashes import Crash, crash_after_saves
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import train
+from ih_jax.train import driver
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import omniglot
@@ -192,10 +193,10 @@ def test_overwrite_removes_every_output_and_keeps_user_files(full, tmp_path):
   cfg = dict(tiny().to_dict(), sweep=dict(grid=["model.num_labels=5,6"]))
   cfg = ExperimentConfig.from_dict(cfg)
   programs = sweep_lib.plan_programs(cfg)
-  train._prepare_sweep_dir(wd, cfg, programs, overwrite=True)  # pylint: disable=protected-access
+  driver._prepare_sweep_dir(wd, cfg, programs, overwrite=True)  # pylint: disable=protected-access
   assert sorted(os.listdir(wd)) == ["mine", "notes.txt", "sweep.json"]
   os.makedirs(os.path.join(wd, "analysis"))  # a sweep's own analysis does not block its rerun
-  train._prepare_sweep_dir(wd, cfg, programs, overwrite=False)  # pylint: disable=protected-access
+  driver._prepare_sweep_dir(wd, cfg, programs, overwrite=False)  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------ 4. a bad feature source
@@ -235,7 +236,7 @@ def test_failed_start_does_not_lock_the_workdir(tmp_path, monkeypatch, capsys):
   def broken(*args, **kwargs):
     raise RuntimeError("compile failed")
   with monkeypatch.context() as mp:
-    mp.setattr(train, "make_train_chunk", broken)
+    mp.setattr(driver, "make_train_chunk", broken)
     with pytest.raises(RuntimeError, match="compile failed"):
       train.train_and_evaluate(tiny(num_seqs=320), wd, verbose=False)
   assert os.path.exists(os.path.join(wd, "config.json"))
@@ -268,7 +269,7 @@ def test_workdir_that_cannot_hold_outputs_is_refused_before_setup(tmp_path, monk
   def no_setup(*args, **kwargs):
     raise AssertionError("setup ran before the workdir was checked")
   monkeypatch.setattr(sweep_lib, "plan_programs", no_setup)
-  monkeypatch.setattr(train, "setup_experiment", no_setup)
+  monkeypatch.setattr(driver, "setup_experiment", no_setup)
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
   with pytest.raises(NotADirectoryError, match=r"a_file.*is a file"):

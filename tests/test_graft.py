@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ih_jax import checkpoint, train
+from ih_jax.train import experiment, state as state_lib
 from ih_jax.interventions import graft as graft_lib
 from ih_jax.config import ExperimentConfig
 
@@ -32,7 +33,7 @@ def test_donor_entry_parsing():
 def test_grafted_runs_carry_their_donor_and_freeze_layer0(donor_dir, tmp_path):
   cfg = ExperimentConfig.from_dict(dict(BASE, sweep={
       "conditions": ["none", "g=graft:d"], "donors": [f"d={donor_dir}"], "init_seeds": [6]}))
-  exp = train.setup_experiment(cfg)
+  exp = experiment.setup_experiment(cfg)
   assert exp.plan.uses("graft") and [r.spec for r in exp.runs] == ["none", "graft:d"]
   donor = checkpoint.load_params(donor_dir, 0)
   got = jax.tree.map(lambda x: np.asarray(x)[1], exp.clamps["graft_params"])
@@ -41,7 +42,7 @@ def test_grafted_runs_carry_their_donor_and_freeze_layer0(donor_dir, tmp_path):
   assert all(np.all(np.asarray(x)[0] == 0) for x in jax.tree.leaves(exp.clamps["graft_params"]))
   res = train.train_and_evaluate(cfg, str(tmp_path / "g"), verbose=False)
   # Training changes the ungrafted run's layer 0 but not the grafted run's (zero grads).
-  init = train.init_state(train.setup_experiment(cfg)).params
+  init = state_lib.init_state(experiment.setup_experiment(cfg)).params
   for name in ("blocks_0", "embed_x"):
     for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(res.params[name])):
       a, b = np.asarray(a), np.asarray(b)
@@ -52,8 +53,8 @@ def test_missing_donor_is_a_clear_error(tmp_path):
   cfg = ExperimentConfig.from_dict(dict(BASE, sweep={
       "conditions": ["g=graft:d"], "donors": [f"d={tmp_path}/nowhere"]}))
   with pytest.raises(ValueError, match="graft donor 'd'.*cannot load"):
-    train.setup_experiment(cfg)
+    experiment.setup_experiment(cfg)
   cfg = ExperimentConfig.from_dict(dict(BASE, sweep={"conditions": ["g=graft:e"],
                                                      "donors": [f"d={tmp_path}"]}))
   with pytest.raises(ValueError, match="not declared"):
-    train.setup_experiment(cfg)
+    experiment.setup_experiment(cfg)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ih_jax import checkpoint, train
+from ih_jax.train import experiment, state as state_lib
 from ih_jax import clamps as cl
 from ih_jax import model as model_lib
 from ih_jax.interventions import targets
@@ -331,7 +332,7 @@ def test_training_smoke_depth3_mlp(tmp_path):
   assert {m["seqs"] for m in res.metrics} == {0, 160, 320}
   assert all(np.isfinite(m["loss"]) for m in res.metrics)
   final = checkpoint.load_params(str(tmp_path / "w"), 2)
-  init = train.init_state(train.setup_experiment(cfg)).params
+  init = state_lib.init_state(experiment.setup_experiment(cfg)).params
   assert final["blocks_2"]["mlp_in"]["kernel"].shape == (64, 128)
   # perfect_l1 run (index 2): block 0, attention and MLP, never moved.
   for a, b in zip(jax.tree.leaves(init["blocks_0"]), jax.tree.leaves(final["blocks_0"])):

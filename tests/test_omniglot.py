@@ -364,7 +364,7 @@ def test_science_conv_features_plateau_and_phase_change(tmp_path):
   a plateau near ln 2, then the phase change; held-out classes generalise."""
   _need_shared()
   from ih_jax.experiments.configs import common, omniglot as omni_cfg
-  from ih_jax import train
+  from ih_jax.analysis.timing import learning_time
   cfg = omni_cfg.get_config("encoder=conv")
   cfg.data.cache_dir = str(tmp_path / "cache")
   cfg.train.num_seqs = 400_000
@@ -374,7 +374,7 @@ def test_science_conv_features_plateau_and_phase_change(tmp_path):
   rows = {(r["eval_set"], r["seqs"]): r["loss"] for r in result.metrics}
   seqs = sorted({s for _, s in rows})
   train_loss = np.asarray([rows["fsl_train", s] for s in seqs])
-  lt = train.learning_time(seqs, train_loss.tolist())
+  lt = learning_time(seqs, train_loss.tolist())
   # The plateau is judged from 80k: the fall from chance still ends around 50-60k (0.816
   # at 50k on AMD EPYC), and the conv encoder is itself trained on this CPU, so its
   # features (and this curve) differ a little between CPUs; 60k sat 0.02 inside the band.

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from ih_jax import program, sweep
+from ih_jax import sweep
+from ih_jax.train import experiment
 from ih_jax.experiments.paper import registry, scales
 from ih_jax.experiments.paper.study import Study, feature_overrides
 
@@ -30,7 +31,7 @@ def test_every_entry_builds_a_valid_grid(tmp_path, scale):
       progs = sweep.plan_programs(cfg)
       assert progs, (entry.key, name)
       for p in progs:
-        runs = program.program_runs(p)   # parses every condition (and donor names)
+        runs = experiment.program_runs(p)   # parses every condition (and donor names)
         assert runs and all(r.spec for r in runs)
       # (the token task trains at its own learning rate)
       assert cfg.train.learning_rate == scales.get(scale).learning_rate or cfg.is_tokens

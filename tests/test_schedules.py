@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import ih_jax
-from ih_jax import clamps, program, sweep as sweep_lib, train
+from ih_jax import clamps, sweep as sweep_lib, train
+from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
 from ih_jax.config import ExperimentConfig
 
 pytestmark = pytest.mark.xdist_group("test_schedules")  # one worker trains the shared sweep
@@ -86,11 +87,11 @@ def test_after_its_window_the_run_continues_as_an_unclamped_one(sweep):
   trained on by an unclamped program: where the windowed run ends."""
   state = None
   for cond, n in ((CONDITIONS[0], 320), ("none", 320)):
-    exp = program.setup_experiment(sweep_lib.plan_programs(_cfg(640, [cond]))[0])
-    state = program.init_state(exp) if state is None else state
+    exp = experiment.setup_experiment(sweep_lib.plan_programs(_cfg(640, [cond]))[0])
+    state = state_lib.init_state(exp) if state is None else state
     steps = n // exp.cfg.train.batch_size
-    chunk = program.make_train_chunk(exp, steps)
-    state, _, _ = chunk(state, steps, False, *program.place_inputs(exp))
+    chunk = step_lib.make_train_chunk(exp, steps)
+    state, _, _ = chunk(state, steps, False, *placement.place_inputs(exp))
   got = jax.tree.map(lambda x: np.asarray(x[0]), state.params)
   numerics.assert_close(numerics.without_key_bias(got),
                         numerics.without_key_bias(sweep.run("first").params()),

@@ -13,8 +13,8 @@ import pytest
 import jax
 
 from conftest import train_at_default_opt
-from ih_jax import train
 from ih_jax.analysis import ablation, measures
+from ih_jax.analysis.timing import learning_time
 from ih_jax.data import evalsets, features, splits
 from ih_jax.config import ExperimentConfig
 
@@ -42,7 +42,7 @@ def test_main_run_plateau_then_phase_change():
   assert np.all(np.abs(plateau - LN2) < 0.15), plateau
   assert plateau.max() - plateau.min() < 0.1, plateau
   # ...then an abrupt drop below 0.4 ln 2 (the learning-time threshold).
-  lt = train.learning_time(seqs, loss)
+  lt = learning_time(seqs, loss)
   assert 250_000 < lt <= 500_000, lt
   assert loss[-1] < 0.4 * LN2
   drop_window = (seqs >= lt - 100_000) & (seqs <= lt)
@@ -87,7 +87,7 @@ def test_clamping_subcircuits_removes_the_plateau():
                                "l1copy=perfect_l1;copy:L2H0"]},
       "evaluators": [{"name": "fsl_train"}]})
   curves = _curves(train_at_default_opt(cfg))
-  lt = {c: train.learning_time(*curves[c]) for c in curves}
+  lt = {c: learning_time(*curves[c]) for c in curves}
   assert math.isnan(lt["none"]) and curves["none"][1][-1] > 0.6, curves["none"][1]
   assert lt["match"] <= 100_000, lt
   assert lt["l1copy"] <= 100_000, lt

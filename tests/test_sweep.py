@@ -17,6 +17,7 @@ import pytest
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import sweep as sweep_lib
 from ih_jax import train
+from ih_jax.train import driver
 from ih_jax.config import ExperimentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,15 +122,16 @@ SHARDED_SCRIPT = """
 import json, sys
 import ih_jax, jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from ih_jax import train, program
+from ih_jax import train
+from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
 sys.path.insert(0, {tests!r})
 from test_sweep import small, small_with_checkpoints
 assert jax.device_count() == 4, jax.devices()
 cfg = small()
-exp = program.setup_experiment(cfg)
-state = program.init_state(exp)
-clamps, feats, batches = program.place_inputs(exp)
-out, _, _ = program.make_train_chunk(exp, 4)(state, 2, True, clamps, feats, batches)
+exp = experiment.setup_experiment(cfg)
+state = state_lib.init_state(exp)
+clamps, feats, batches = placement.place_inputs(exp)
+out, _, _ = step_lib.make_train_chunk(exp, 4)(state, 2, True, clamps, feats, batches)
 leaf = jax.tree.leaves(out.params)[0]
 info = dict(padded=exp.num_padded, runs_axis=bool(leaf.sharding.spec == P("runs")),
             shard_rows=sorted({{s.data.shape[0] for s in leaf.addressable_shards}}),
@@ -197,18 +199,18 @@ def test_resume_refuses_a_different_split_into_programs(tmp_path):
   wd = str(tmp_path / "split")
   cfg = small(conditions=CONDITIONS[:2], seeds=(5,))
   first_chunk = sweep_lib.plan_programs(cfg, 1)[0]
-  train.train_program(first_chunk, cfg, wd, verbose=False)
+  driver.train_program(first_chunk, cfg, wd, verbose=False)
   whole = sweep_lib.plan_programs(cfg, None)[0]
   with pytest.raises(FileExistsError, match=r"holds runs \[none/s5\] but this program has "
                                             r"\[none/s5, match/s5\].*max_runs_per_program=1"):
-    train.train_program(whole, cfg, wd, verbose=False)
+    driver.train_program(whole, cfg, wd, verbose=False)
 
 
 def test_automatic_runs_per_program():
-  assert train.auto_max_runs(small(), 6) is None  # small sweeps: no limit needed
+  assert driver.auto_max_runs(small(), 6) is None  # small sweeps: no limit needed
   n = 64 * jax.local_device_count() + 1  # one run more than 64 per device
   many = small(conditions=["none"], seeds=tuple(range(10, 10 + n)))
-  limit = train.auto_max_runs(many, n)
+  limit = driver.auto_max_runs(many, n)
   assert isinstance(limit, int) and limit >= 1
 
 

@@ -13,7 +13,7 @@ import pytest
 import ih_jax
 from ih_jax import interventions, tasks
 from ih_jax import model as model_lib
-from ih_jax import program
+from ih_jax.train import experiment
 from ih_jax.config import ExperimentConfig
 
 pytestmark = pytest.mark.xdist_group("tasks")
@@ -116,10 +116,10 @@ def test_task_errors(repeat_task):
   # Few-shot-only kinds are refused before anything compiles, naming what applies.
   cfg = ExperimentConfig.from_dict(dict(good, sweep=dict(conditions=("copy:L2H0",))))
   with pytest.raises(ValueError, match=r"copy.*few-shot task.*allowed there: none, .*ablate"):
-    program.setup_experiment(cfg)
+    experiment.setup_experiment(cfg)
   cfg = ExperimentConfig.from_dict(dict(good, model=dict(num_heads=4, d_model=32)))
   with pytest.raises(ValueError, match="task 'repeat' predicts tokens: set model.vocab_size"):
-    program.setup_experiment(cfg)
+    experiment.setup_experiment(cfg)
   # The registry: a Task subclass, an identifier, a known family, no stolen names.
   with pytest.raises(TypeError, match="Task subclass"):
     tasks.register(object)

@@ -10,13 +10,14 @@ import pytest
 from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
 from ih_jax.interventions import targets
-from ih_jax import program
 from ih_jax import workdir as workdir_lib
-from ih_jax.analysis import token_scores
+from ih_jax import metrics
+from ih_jax.analysis import circuits, scores, token_scores
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import tokens as tokens_lib
 from ih_jax import tasks
 from ih_jax.metrics import TOKEN_METRIC_NAMES
+from ih_jax.train import experiment
 
 import numerics
 
@@ -86,17 +87,25 @@ def test_scores_on_hand_built_patterns():
     dup[0, 0, t] = 0
     dup[0, 0, t, t - 5] = 1
   S = 4
-  assert float(token_scores.prev_token_score(prev)[0, 0]) == pytest.approx(1.0)
-  assert float(token_scores.prefix_matching(prev, HAND, S)[0, 0]) == pytest.approx(0.0)
-  assert float(token_scores.prefix_matching(ind, HAND, S)[0, 0]) == pytest.approx(1.0)
-  assert float(token_scores.induction_strength(ind, HAND, S)[0, 0]) == pytest.approx(1.0)
-  assert float(token_scores.prefix_matching(dup, HAND, S)[0, 0]) == pytest.approx(0.0)
-  assert float(token_scores.induction_strength(dup, HAND, S)[0, 0]) == pytest.approx(-1.0)
+  assert float(metrics.prev_token_score(prev)[0, 0]) == pytest.approx(1.0)
+  assert float(metrics.prefix_matching(prev, HAND, S)[0, 0]) == pytest.approx(0.0)
+  assert float(metrics.prefix_matching(ind, HAND, S)[0, 0]) == pytest.approx(1.0)
+  assert float(metrics.induction_strength(ind, HAND, S)[0, 0]) == pytest.approx(1.0)
+  assert float(metrics.prefix_matching(dup, HAND, S)[0, 0]) == pytest.approx(0.0)
+  assert float(metrics.induction_strength(dup, HAND, S)[0, 0]) == pytest.approx(-1.0)
   # Uniform causal attention: prefix matching = mean over the copy rows of 1 / (t + 1).
   uni = np.tril(np.ones((T, T), np.float32))
   uni = (uni / uni.sum(1, keepdims=True))[None, None]
   want = np.mean([1 / (t + 1) for t in range(6, 10)])
-  assert float(token_scores.prefix_matching(uni, HAND, S)[0, 0]) == pytest.approx(want)
+  assert float(metrics.prefix_matching(uni, HAND, S)[0, 0]) == pytest.approx(want)
+  # The head-score registry's token entries read S off the batch: the same numbers.
+  for name, pats in (("prefix_matching", (prev, ind, dup, uni)),
+                     ("induction_strength", (ind, dup)), ("prev_token", (prev, uni))):
+    score = scores.resolve([name], task="tokens")[0]
+    for A in pats:
+      want_ = (metrics.prev_token_score(A) if name == "prev_token"
+               else getattr(metrics, name)(A, HAND, S))
+      np.testing.assert_allclose(score.fn(A, HAND), want_, rtol=1e-6)
   # Rows without an earlier occurrence attend to key 0 (the documented "sink").
   np.testing.assert_array_equal(np.asarray(ind)[0, 0, 1], np.eye(T)[0])
 
@@ -117,9 +126,9 @@ def _copy_params(sign: float):
 
 
 def test_copying_score_on_hand_built_weights():
-  assert token_scores.copying_score(_copy_params(+1.0), 1, 0, 2) > 0.99
-  assert token_scores.copying_score(_copy_params(-1.0), 1, 0, 2) < -0.99
-  assert token_scores.copying_score(_copy_params(+1.0), 1, 1, 2) == pytest.approx(0.0, abs=1e-6)
+  assert circuits.copying_score(_copy_params(+1.0), 1, 0, 2) > 0.99
+  assert circuits.copying_score(_copy_params(-1.0), 1, 0, 2) < -0.99
+  assert circuits.copying_score(_copy_params(+1.0), 1, 1, 2) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dense_attention_matches_slice_sums():
@@ -227,7 +236,7 @@ def test_ablation_and_preserve_on_tokens(setup):
 def test_few_shot_only_clamps_are_refused(setup, spec, kind):
   params, batch = setup
   with pytest.raises(ValueError, match=rf"{kind}.*few-shot task.*allowed there: none, .*ablate"):
-    program.parse_conditions((spec,), 2, 4, tokens=True)
+    experiment.parse_conditions((spec,), 2, 4, tokens=True)
   c, plan = _one(spec)
   with pytest.raises(ValueError, match=rf"{kind}.*few-shot task"):
     model_lib.apply(params, batch, c, CFG, plan)

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from ih_jax import program, sweep
+from ih_jax import sweep
+from ih_jax.train import experiment
 from ih_jax.experiments.paper import registry, scales
 from ih_jax.experiments.paper.study import Study
 
@@ -30,7 +31,7 @@ def test_tokens_entry_builds_a_valid_grid(tmp_path, scale):
   for _, cfg in stages:
     assert cfg.is_tokens
     for p in sweep.plan_programs(cfg):
-      assert all(r.spec for r in program.program_runs(p))   # every condition parses on tokens
+      assert all(r.spec for r in experiment.program_runs(p))   # every condition parses on tokens
   assert stages[0][1].sweep.init_seeds[0] == 5
 
 

@@ -14,9 +14,11 @@ import optax
 
 from ih_jax import checkpoint as ckpt_lib
 from ih_jax import model as model_lib
-from ih_jax import program
 from ih_jax.tasks import fewshot as fewshot_task
 from ih_jax import train
+from ih_jax.analysis.timing import learning_time
+from ih_jax.train import evaluation, experiment, flat as flat_lib, placement
+from ih_jax.train import state as state_lib, step as step_lib
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import sampler
@@ -77,15 +79,15 @@ def test_unclamped_eval_differs_only_for_clamped_runs(sweep_result):
 
 def test_flat_params_round_trip():
   cfg = tiny()
-  exp = train.setup_experiment(cfg)
-  state = train.init_state(exp)
+  exp = experiment.setup_experiment(cfg)
+  state = state_lib.init_state(exp)
   # Moments with distinct random values (fresh ones are all zeros, so a swap or a
   # misordering of leaves would go unseen).
   leaves, treedef = jax.tree.flatten(state.opt_state)
   rng = np.random.default_rng(0)
   opt_state = jax.tree.unflatten(treedef, [
       rng.normal(size=x.shape).astype(x.dtype) if x.dtype == np.float32 else x for x in leaves])
-  flat = program.FlatParams(jax.tree.map(lambda x: x[0], state.params))
+  flat = flat_lib.FlatParams(jax.tree.map(lambda x: x[0], state.params))
   params_RP, opt_RP = flat.ravel_state(state.params, opt_state)
   P = model_lib.param_count(state.params)
   assert params_RP.shape == (1, flat.size) and flat.size % flat.PAD == 0
@@ -99,7 +101,7 @@ def test_flat_params_round_trip():
   chex.assert_trees_all_equal(back_params, state.params)
   chex.assert_trees_all_equal(back_opt, opt_state)
   with pytest.raises(ValueError, match="one dtype"):
-    program.FlatParams({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.int32)})
+    flat_lib.FlatParams({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.int32)})
 
 
 def test_training_loop_matches_plain_tree_adam():
@@ -107,12 +109,12 @@ def test_training_loop_matches_plain_tree_adam():
   chunk in between) take the same steps as textbook per-leaf Adam on the same batches
   (same key chain: data key -> (next data key, batch key) per step)."""
   cfg = tiny()
-  exp = train.setup_experiment(cfg)
-  state = train.init_state(exp)
-  clamps, feats, batches = train.place_inputs(exp)
+  exp = experiment.setup_experiment(cfg)
+  state = state_lib.init_state(exp)
+  clamps, feats, batches = placement.place_inputs(exp)
   params = jax.tree.map(lambda x: np.asarray(x[0]), state.params)
   key = state.data_key[0]
-  chunk = train.make_train_chunk(exp, 2)
+  chunk = step_lib.make_train_chunk(exp, 2)
   state, (losses_a, gnorms_a), _ = chunk(state, 2, False, clamps, feats, batches)
   state, (losses_b, gnorms_b), _ = chunk(state, 2, False, clamps, feats, batches)
   losses = np.concatenate([losses_a, losses_b], axis=1)
@@ -158,11 +160,11 @@ def test_evaluation_in_blocks_equals_whole_sets(monkeypatch):
                                "l1copy=perfect_l1;copy:L2H1"], "init_seeds": [5]},
       "evaluators": [{"name": "fsl_train", "size": 130},
                      {"name": "fsl_test_class", "classes": "test", "size": 40}]})
-  exp = train.setup_experiment(cfg)
-  state = train.init_state(exp)
-  clamps, _, batches = train.place_inputs(exp)
+  exp = experiment.setup_experiment(cfg)
+  state = state_lib.init_state(exp)
+  clamps, _, batches = placement.place_inputs(exp)
   assert exp.num_padded > 1
-  evaluate = lambda: jax.jit(program.make_evaluate(exp))(state.params, clamps, batches)
+  evaluate = lambda: jax.jit(evaluation.make_evaluate(exp))(state.params, clamps, batches)
   monkeypatch.setattr(fewshot_task, "EVAL_BLOCK", 50)   # 130 = 50 + 50 + 30 (+ 20 padding)
   in_blocks = evaluate()
   monkeypatch.setattr(fewshot_task, "EVAL_BLOCK", 10_000)
@@ -257,19 +259,19 @@ def test_workdir_from_before_an_option_existed_is_reused(tmp_path, capsys):
 ])
 def test_seed_errors(change, match):
   with pytest.raises(ValueError, match=match):
-    train.setup_experiment(tiny(**change))
+    experiment.setup_experiment(tiny(**change))
 
 
 def test_condition_errors_name_the_condition():
   with pytest.raises(ValueError, match="condition 'bad=ablate:L3H9'.*unknown head"):
-    train.setup_experiment(tiny(("bad=ablate:L3H9",)))
+    experiment.setup_experiment(tiny(("bad=ablate:L3H9",)))
   with pytest.raises(ValueError, match="duplicate condition name"):
-    train.setup_experiment(tiny(("a=none", "a=ablate:L2H1")))
+    experiment.setup_experiment(tiny(("a=none", "a=ablate:L2H1")))
 
 
 def test_learning_time_is_censored_not_zero():
-  assert math.isnan(train.learning_time([0, 100, 200], [0.7, 0.6, 0.5]))
-  assert train.learning_time([0, 100, 200], [0.7, 0.2, 0.1]) == 100
+  assert math.isnan(learning_time([0, 100, 200], [0.7, 0.6, 0.5]))
+  assert learning_time([0, 100, 200], [0.7, 0.2, 0.1]) == 100
 
 
 def test_progress_output(capsys):

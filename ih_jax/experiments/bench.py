@@ -52,6 +52,7 @@ from ih_jax import cpu_flags
 from ih_jax import model as model_lib
 from ih_jax import reference
 from ih_jax import train
+from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
 from ih_jax.config import ExperimentConfig
 from ih_jax.data import sampler
 
@@ -82,7 +83,7 @@ def naive_baseline(steps: int, repeats: int, plain: bool) -> dict:
   forward (query-only last layer) on the same host batches.
   """
   cfg = ExperimentConfig()
-  exp = train.setup_experiment(cfg)
+  exp = experiment.setup_experiment(cfg)
   feats = np.asarray(exp.features[0])  # [classes, exemplars, F] of the one data variant
   classes = np.asarray(exp.splits.train_classes)
   pairs = np.asarray(exp.splits.train_pairs)
@@ -143,10 +144,10 @@ def ih_jax_chunk(name: str, conditions: list[str], seeds: list[int], steps: int,
   time, one evaluation's time and the compiled program's memory in MB."""
   cfg = ExperimentConfig.from_dict({"sweep": {"conditions": conditions, "init_seeds": seeds},
                                     **(overrides or {})})
-  exp = train.setup_experiment(cfg)
-  state = train.init_state(exp)
-  chunk = train.make_train_chunk(exp, steps)
-  clamps, feats, batches = train.place_inputs(exp)
+  exp = experiment.setup_experiment(cfg)
+  state = state_lib.init_state(exp)
+  chunk = step_lib.make_train_chunk(exp, steps)
+  clamps, feats, batches = placement.place_inputs(exp)
   t = time.perf_counter()
   compiled = chunk.lower(state, 0, True, clamps, feats, batches).compile()
   compile_s = time.perf_counter() - t

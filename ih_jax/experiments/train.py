@@ -55,7 +55,7 @@ def main(argv):
 
 def summarise(result) -> None:
   """Prints each run's final loss and accuracy (or token-task scores) and learning time."""
-  from ih_jax import train  # pylint: disable=g-import-not-at-top
+  from ih_jax.analysis.timing import learning_time  # pylint: disable=g-import-not-at-top
   for run in result.runs:
     tok = [r for r in result.metrics if r["run"] == run.index
            and r["eval_set"] == "tokens" and r["clamped"] == 1]
@@ -70,7 +70,7 @@ def summarise(result) -> None:
             and r["eval_set"] == "fsl_train" and r["clamped"] == 1]
     if not rows:
       continue
-    lt = train.learning_time([r["seqs"] for r in rows], [r["loss"] for r in rows])
+    lt = learning_time([r["seqs"] for r in rows], [r["loss"] for r in rows])
     final = rows[-1]
     lt_text = "never (censored)" if lt != lt else f"{lt:,.0f} seqs"
     variant = f" [{run.variant}]" if run.variant else ""

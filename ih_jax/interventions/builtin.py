@@ -355,7 +355,7 @@ class Graft(core.Intervention):
   def prepare(self, c: Clamps, batch: Any, cfg: Any, tools: Any) -> Clamps:
     if "graft_params" not in c:
       raise ValueError("a graft condition needs the donor's params in clamps['graft_params'] "
-                       "(ih_jax.program adds them from sweep.donors)")
+                       "(ih_jax.train.experiment adds them from sweep.donors)")
     # The donor is a constant: stop_gradient keeps its params out of this model's grads.
     donor = jax.lax.stop_gradient(c["graft_params"])
     return dict(graft_resid=tools.block0_residual(donor, batch))

@@ -8,7 +8,7 @@ their own file, registered with `@register` and selected with `task.kind=<name>`
 
 Model side (called inside the Flax Transformer; `model` is the module, `model.cfg` its
 ModelConfig): `create_embeddings`, `output_size`, `embed`, `readout`, `model_inputs`,
-`init_inputs`. Trainer side (called by ih_jax.program): `check`, `setup`,
+`init_inputs`. Trainer side (called by ih_jax.train): `check`, `setup`,
 `sampling_inputs`, `sample`, `loss`, `evaluate`, `eval_set_names`, `metric_names`.
 `family` says which intervention kinds apply ("fewshot": labels are the few-shot
 labels and only the query row is scored; "tokens": labels are per-position induction

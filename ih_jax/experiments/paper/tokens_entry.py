@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
-from ih_jax import plots, program
+from ih_jax import plots
 from ih_jax.analysis import heads as heads_lib, timing, token_scores
 from ih_jax.analysis import verdicts as V
 from ih_jax.config import ExperimentConfig

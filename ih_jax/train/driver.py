@@ -1,8 +1,8 @@
-"""Training driver: programs of stacked runs, checkpoints, interruption and resume.
+"""The host driver of training: programs of stacked runs, checkpoints, interruption and resume.
 
 `train_and_evaluate(cfg, workdir)` plans the sweep into programs
 (ih_jax.sweep), and trains each program's runs side by side in one compiled
-program (ih_jax.program). The host only dispatches one call per schedule
+program (ih_jax.train.step). The host only dispatches one call per schedule
 boundary (an evaluation or checkpoint point) and writes the previous chunk's
 metrics while the next one runs.
 
@@ -38,12 +38,10 @@ from ih_jax import sweep as sweep_lib
 from ih_jax import tracking
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
-from ih_jax.analysis.timing import learning_time  # noqa: F401  (re-exported)
-# The compiled-program pieces, re-exported for notebooks and benchmarks.
-from ih_jax.program import (Experiment, Run, TrainState, check_seeds, eval_set_names,  # noqa: F401
-                            init_state, make_evaluate, make_optimizer, make_train_chunk,
-                            optimizer_plan, parse_conditions, place_inputs, place_state,
-                            program_runs, setup_experiment)
+from ih_jax.train.experiment import Experiment, Run, program_runs, setup_experiment
+from ih_jax.train.placement import place_inputs, place_state
+from ih_jax.train.state import TrainState, init_state, optimizer_plan
+from ih_jax.train.step import make_train_chunk
 
 # pylint: disable=invalid-name
 
