@@ -108,7 +108,11 @@ class Run:
       c = extra if own is None else clamps_lib.combine(own, extra)
     plan = clamps_lib.NO_CLAMPS if c is None else clamps_lib.plan_for(clamps_lib.stack([c]))
     c_j = None if c is None else jax.tree.map(jax.numpy.asarray, c)
-    _, aux = model_lib.apply(self.params(seqs), batch, c_j, m, plan, sites=tuple(sites))
+    steps = self.snapshots()
+    step = steps[-1] if seqs is None else ckpt_lib.resolve_step(steps, seqs, nearest=True)
+    # Windowed clamps act as they did in training at that point.
+    _, aux = model_lib.apply(self.params(seqs), batch, c_j, m, plan, sites=tuple(sites),
+                             seqs=step if plan.scheduled else None)
     return {k: np.asarray(v) for k, v in aux.items()}
 
   def batch(self, size: int = 256, seed: int = 0) -> sampler.Batch:
@@ -126,7 +130,8 @@ class Run:
     step = steps[-1] if seqs is None else ckpt_lib.resolve_step(steps, seqs, nearest=True)
     out = measures.measure_under(ctx.stacked_params(self.index, [step]), ctx.features,
                                  ctx.dense_set(size), ctx.cfg.model,
-                                 ctx.run_clamps(self.index), head_scores=names)
+                                 ctx.run_clamps(self.index), head_scores=names,
+                                 seqs_K=[step])
     return {k: np.asarray(v)[0] for k, v in out.items()}
 
   # ---- figures (returned, not saved)

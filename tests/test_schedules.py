@@ -9,6 +9,7 @@ import pytest
 import ih_jax
 from ih_jax import clamps, sweep as sweep_lib, train
 from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
+from ih_jax.analysis import context, measures, report
 from ih_jax.config import ExperimentConfig
 
 pytestmark = pytest.mark.xdist_group("test_schedules")  # one worker trains the shared sweep
@@ -96,3 +97,33 @@ def test_after_its_window_the_run_continues_as_an_unclamped_one(sweep):
   numerics.assert_close(numerics.without_key_bias(got),
                         numerics.without_key_bias(sweep.run("first").params()),
                         rtol=1e-4, rel_atol=1e-4)
+
+
+def test_windowed_runs_are_analysed_as_they_trained(sweep):
+  """At each checkpoint a windowed run is measured under the clamps that acted there:
+  inside its window as the always-clamped condition, after it as clamp-free."""
+  first = sweep.run("first")
+  ctx = context.load_context(first.workdir)
+  c = ctx.run_clamps(first.index)
+  steps = ctx.checkpoint_steps()
+  assert steps[0] < 320 <= steps[-1], steps
+  params_K = ctx.stacked_params(first.index, steps)
+  dense, m = ctx.dense_set(96), ctx.cfg.model
+  with pytest.raises(ValueError, match="pass seqs_K"):
+    measures.measure_under(params_K, ctx.features, dense, m, c)
+  got = measures.measure_under(params_K, ctx.features, dense, m, c, seqs_K=steps)
+  plain = clamps.parse("ih:L2H0;keep_only:L2H0", 2, 8)
+  inside = measures.measure_under(params_K, ctx.features, dense, m, plain)
+  free = measures.measure_under(params_K, ctx.features, dense, m, None)
+  for k, s in enumerate(steps):
+    want = inside if s < 320 else free
+    for key in ("loss", "induction_strength"):
+      numerics.assert_close(got[key][k], want[key][k], rtol=1e-5, rel_atol=1e-6,
+                            err_msg=f"{key} at {s}")
+  # The full report runs on it (the clamped view at the last checkpoint = clamp-free).
+  summary = report.analyze_workdir(first.workdir, runs=[first.index], num_checkpoints=3,
+                                   dense_size=96, do_wiring=False, posthoc_size=64,
+                                   log=lambda _: None)
+  assert summary
+  numerics.assert_close(first.scores(seqs=steps[-1], size=96)["loss"],
+                        free["loss"][-1], rtol=1e-5)

@@ -47,17 +47,15 @@ class RunContext:
 
   def run_clamps(self, run: int) -> clamps_lib.Clamps | None:
     """The clamps run `run` was trained with (None for an unclamped run); a grafted
-    run's also carry its donor's params (`graft_params`)."""
+    run's also carry its donor's params (`graft_params`). Clamps with windows keep them:
+    measures then need each checkpoint's sequences seen (`seqs_K=`), so that a clamp
+    acts at the checkpoints where it acted in training."""
     info = self.runs[run]
     m = self.cfg.model
     donors = graft_lib.donor_names(self.cfg)
     c = clamps_lib.parse(info["spec"], m.num_layers, m.num_heads, donors)
     if clamps_lib.describe(c, donors) == "none":
       return None
-    if clamps_lib.scheduled(c):  # which clamps act depends on the checkpoint's step
-      raise ValueError(f"run {run} ({info['spec']}) trained under clamps with windows; "
-                       "analysis under windowed clamps is not implemented yet (its "
-                       "unclamped measures are: pass clamps=None)")
     if bool(c["graft_on"]):
       template = jax.eval_shape(lambda: model_lib.init_params(
           jax.random.key(0), m, self.features.shape[-1], self.cfg.task.num_context))

@@ -33,14 +33,15 @@ from ih_jax.data import sampler
 def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
                    cfg: model_lib.ModelConfig, clamps: clamps_lib.Clamps | None = None,
                    plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
-                   head_scores: tuple[scores_lib.HeadScore, ...] | None = None
-                   ) -> tuple[dict, jax.Array]:
+                   head_scores: tuple[scores_lib.HeadScore, ...] | None = None,
+                   seqs: jax.Array | None = None) -> tuple[dict, jax.Array]:
   """Weighted sums of loss, accuracy and each head score ([L, H]) over one batch, and
-  per-sequence [loss, correct] [B, 2]."""
+  per-sequence [loss, correct] [B, 2]. `seqs`: the checkpoint's sequences seen, which
+  decides which windowed clamps act (needed when `plan.scheduled`)."""
   head_scores = scores_lib.registered(source="pattern") if head_scores is None else head_scores
   L = cfg.num_layers
   sites = tuple(f"blocks.{l}.pattern" for l in range(L))
-  logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites)
+  logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites, seqs=seqs)
   logp_BC = jax.nn.log_softmax(logits[:, -1], axis=-1)
   target_B = batch.y[:, -1]
   loss_B = -jnp.take_along_axis(logp_BC, target_B[:, None], axis=1)[:, 0]
@@ -69,22 +70,33 @@ def _chunks(idx: sampler.SequenceIndices, seq_batch: int):
 def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
             cfg: model_lib.ModelConfig, clamps_Q: clamps_lib.Clamps | None = None, *,
             seq_batch: int = 2048, ckpt_batch: int = 4, per_sequence: bool = False,
-            head_scores: Sequence[str | scores_lib.HeadScore] | None = None
-            ) -> dict[str, np.ndarray]:
+            head_scores: Sequence[str | scores_lib.HeadScore] | None = None,
+            seqs_K: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """Measures for K stacked checkpoints (x Q stacked clamp conditions, if given).
 
   Returns host arrays: loss, acc [K(, Q)]; each head score (`head_scores`, default:
   every registered one, ih_jax.analysis.scores) [K(, Q), L, H]; and with
   per_sequence=True, seq_loss and seq_correct (0/1) [K(, Q), S].
+  seqs_K: each checkpoint's sequences seen; needed when a condition has windows (a run
+  trained with `pt:L1H3@[0,200000)` is measured at each checkpoint under the clamps
+  that acted there).
   """
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   K = jax.tree.leaves(params_K)[0].shape[0]
+  timed = bool(plan.scheduled)
+  if timed and seqs_K is None:
+    raise ValueError(f"the conditions apply {', '.join(plan.scheduled)} inside windows of "
+                     "training: pass seqs_K (each checkpoint's sequences seen)")
+  if seqs_K is not None and len(seqs_K) != K:
+    raise ValueError(f"seqs_K has {len(seqs_K)} entries for {K} checkpoints")
+  seqs_dev = jnp.asarray(seqs_K if timed else np.zeros(K), jnp.int32)
   chosen = scores_lib.resolve(head_scores)
   run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K),
                          tuple(s for s in chosen if s.source == "pattern"))
   clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
-  out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w))
+  out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w,
+                                     seqs_dev))
   # Weights scores do not depend on the sequences or the conditions: [K, L, H] (x Q).
   for name, v_KLH in scores_lib.weight_scores(params_K, cfg, chosen).items():
     out[name] = v_KLH if clamps_Q is None else np.repeat(
@@ -102,16 +114,19 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
   dozens of times (checkpoints, runs, clamp sets) with few distinct shapes, and a fresh
   closure per call would recompile every time (seconds each)."""
 
-  def one_condition(params, clamps, feats, chunk_idx, chunk_w):
+  timed = bool(plan.scheduled)
+
+  def one_condition(params, clamps, feats, chunk_idx, chunk_w, seqs):
+    seqs = seqs if timed else None
     def body(acc, inputs):
       ix, w = inputs
       sums, loss_B = batch_measures(params, sampler.gather_features(feats, ix), w, cfg,
-                                    clamps, plan, head_scores)
+                                    clamps, plan, head_scores, seqs)
       return jax.tree.map(jnp.add, acc, sums), (loss_B if per_sequence else None)
     first = jax.tree.map(lambda x: x[0], chunk_idx)
     zero = jax.eval_shape(lambda: batch_measures(
         params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan,
-        head_scores)[0])
+        head_scores, seqs)[0])
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))
     out = jax.tree.map(lambda x: x / chunk_w.sum(), sums)  # sum of weights = set size
@@ -121,13 +136,14 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
     return out
 
   @jax.jit
-  def run(params_K, clamps_Q, feats, chunk_idx, chunk_w):
-    def one_ckpt(params):
+  def run(params_K, clamps_Q, feats, chunk_idx, chunk_w, seqs_K):
+    def one_ckpt(args):
+      params, seqs = args
       if not clamped:
-        return one_condition(params, None, feats, chunk_idx, chunk_w)
-      return jax.vmap(one_condition, in_axes=(None, 0, None, None, None))(
-          params, clamps_Q, feats, chunk_idx, chunk_w)
-    return jax.lax.map(one_ckpt, params_K, batch_size=ckpt_batch)  # already <= K
+        return one_condition(params, None, feats, chunk_idx, chunk_w, seqs)
+      return jax.vmap(one_condition, in_axes=(None, 0, None, None, None, None))(
+          params, clamps_Q, feats, chunk_idx, chunk_w, seqs)
+    return jax.lax.map(one_ckpt, (params_K, seqs_K), batch_size=ckpt_batch)  # already <= K
 
   return run
 
@@ -178,9 +194,10 @@ def measure_under(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceI
 
 
 def mean_patterns(params: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
-                  cfg: model_lib.ModelConfig, base: clamps_lib.Clamps | None = None
-                  ) -> np.ndarray:
-  """[L, H, T, T] attention patterns averaged over the given sequences (under `base`)."""
+                  cfg: model_lib.ModelConfig, base: clamps_lib.Clamps | None = None,
+                  seqs: int | None = None) -> np.ndarray:
+  """[L, H, T, T] attention patterns averaged over the given sequences (under `base`,
+  at `seqs` sequences seen when it has windows)."""
   batch = sampler.gather_features(features_CEF, idx)
   sites = tuple(f"blocks.{l}.pattern" for l in range(cfg.num_layers))
   if base is None:
@@ -189,6 +206,7 @@ def mean_patterns(params: Any, features_CEF: jax.Array, idx: sampler.SequenceInd
     stacked = conditions(["none"], cfg, base)
     plan = clamps_lib.plan_for(stacked)
     clamps = jax.tree.map(lambda x: jnp.asarray(x)[0], stacked)
-  _, aux = jax.jit(lambda p, c, b: model_lib.apply(p, b, c, cfg, plan, sites=sites))(
-      params, clamps, batch)
+  seqs = seqs if plan.scheduled else None
+  _, aux = jax.jit(lambda p, c, b, s: model_lib.apply(p, b, c, cfg, plan, sites=sites, seqs=s))(
+      params, clamps, batch, seqs)
   return np.stack([np.asarray(aux[s]).mean(0) for s in sites])

@@ -178,8 +178,9 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   notes: list[str] = []
   fig = lambda stem: f"{stem}_{tag}{suffix}"
 
+  # Windowed clamps act at a checkpoint as they did in training there (seqs_K).
   m = measures.measure_under(params_K, feats, sets.dense, cfg, base,
-                             per_sequence=len(steps) >= 3)
+                             per_sequence=len(steps) >= 3, seqs_K=steps)
   is_KH, pt_KH = m["induction_strength"][:, L - 1], m["pt_score"][:, 0]
   strength = is_KH[-1]
   strongest = heads_lib.strongest(strength, usable[L - 1])
@@ -203,9 +204,9 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
                    f"layer-{L} heads ablated": f"ablate:L{L}H0-{H - 1}"}
   ok, skipped = measures.applicable(list(contrib_specs.values()), cfg, base)
   notes += [f"post-hoc {s!r} not applicable: {why}" for s, why in skipped.items()]
-  base_m = measures.measure_under(params_K, feats, sets.posthoc, cfg, base)
-  pc = (measures.measure(params_K, feats, sets.posthoc, cfg, measures.conditions(ok, cfg, base))
-        if ok else None)
+  base_m = measures.measure_under(params_K, feats, sets.posthoc, cfg, base, seqs_K=steps)
+  pc = (measures.measure(params_K, feats, sets.posthoc, cfg, measures.conditions(ok, cfg, base),
+                         seqs_K=steps) if ok else None)
   contrib = {lab: (pc["loss"][:, ok.index(sp)] if sp in ok else np.full(len(steps), np.nan))
              for lab, sp in contrib_specs.items()}
   tables["layer_contributions"] = [
@@ -222,19 +223,21 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
     picks.add(int(np.argmin(np.abs(np.asarray(steps) - lt))))
   pat_idx = jax.tree.map(lambda x: x[:256], sets.dense)
   patterns = {f"{steps[k]:,d} seqs": measures.mean_patterns(
-      jax.tree.map(lambda x, k=k: x[k], params_K), feats, pat_idx, cfg, base)
+      jax.tree.map(lambda x, k=k: x[k], params_K), feats, pat_idx, cfg, base, seqs=steps[k])
       for k in sorted(picks)}
   plots.plot_attention_patterns(out_dir, patterns, name=fig("attention_patterns"), title=label)
 
   final = jax.tree.map(lambda x: x[-1], params_K)
-  abl = ablation.head_ablations(final, feats, sets.dense, cfg, strength, base=base)
+  at_final = dict(seqs_K=[steps[-1]])  # the clamps that acted at the last checkpoint
+  abl = ablation.head_ablations(final, feats, sets.dense, cfg, strength, base=base, **at_final)
   abl["usable"] = [bool(u) for u in usable[L - 1]]
   tables["head_ablations"] = _columns_to_rows(abl)
   plots.plot_ablations(out_dir, abl, name=fig("head_ablations"), title=label)
   order = heads_lib.ranked(strength, usable[L - 1])
   add = None
   if order:
-    add = ablation.additivity(final, feats, sets.dense, cfg, strength, order=order, base=base)
+    add = ablation.additivity(final, feats, sets.dense, cfg, strength, order=order, base=base,
+                              **at_final)
     tables["additivity"] = _columns_to_rows(add)
     for perfected, stem in ((False, "mistake_fixing"), (True, "perfected_match")):
       specs_ok, skip = measures.applicable(
@@ -245,7 +248,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
         continue
       tables[stem] = _columns_to_rows(ablation.mistake_fixing(
           final, feats, sets.dense, cfg, strength, perfected=perfected, strongest=strongest,
-          base=base))
+          base=base, **at_final))
 
   # A single-head run (all other last-layer heads ablated, the paper's "None" clamp baseline):
   # the composite (PT clamp) and copy (IH clamp) subcircuit measures over training.
@@ -281,7 +284,8 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
       notes.append(f"layer-1 set ablation of {heads} not applicable: "
                    f"{next(iter(skip.values()))}")
       continue
-    set_rows.append(ablation.layer_set_ablation(final, feats, sets.dense, cfg, heads, base=base))
+    set_rows.append(ablation.layer_set_ablation(final, feats, sets.dense, cfg, heads, base=base,
+                                                **at_final))
   if set_rows:
     tables["layer1_set_ablations"] = set_rows
 
@@ -300,7 +304,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
     if skip:
       notes.append(f"wiring not applicable: {next(iter(skip.values()))}")
     else:
-      w = ablation.wiring(final, feats, sets.wiring, cfg, base=base)
+      w = ablation.wiring(final, feats, sets.wiring, cfg, base=base, **at_final)
       for key in ("all_but_one_pp", "all_but_one_pv", "only_one_pp", "only_one_pv"):
         tables[f"wiring_#_{key}"] = _matrix_rows(w[key], "L2H", "L1H")
       plots.plot_heatmaps(out_dir, {k.replace("_", " "): w[k] for k in (

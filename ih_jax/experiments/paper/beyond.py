@@ -52,8 +52,9 @@ def _final_scores(study: Study, results: list) -> list[dict[str, Any]]:
         m = {k: v[run.index] for k, v in m_all.items()}
       else:  # a clamped run is measured as it was trained
         one = jax.tree.map(lambda x, i=run.index: np.asarray(x)[i:i + 1], res.params)
-        m = {k: v[0] for k, v in measures.measure_under(one, ctx.features, dense,
-                                                        ctx.cfg.model, run_c).items()}
+        m = {k: v[0] for k, v in measures.measure_under(
+            one, ctx.features, dense, ctx.cfg.model, run_c,
+            seqs_K=[ctx.cfg.train.num_seqs]).items()}  # final params
       out.append(dict(condition=run.condition, seed=run.init_seed, variant=run.variant,
                       model=ctx.cfg.model, induction_strength=m["induction_strength"],
                       pt_score=m["pt_score"],

@@ -239,7 +239,8 @@ class Study:
     params = ckpt_lib.load_params(wd, run)
     run_c = ctx.run_clamps(run)
     m = measures.measure_under(jax.tree.map(lambda x: np.asarray(x)[None], params), ctx.features,
-                               ctx.dense_set(self.scale.head_size), cfg.model, run_c)
+                               ctx.dense_set(self.scale.head_size), cfg.model, run_c,
+                               seqs_K=[ctx.checkpoint_steps()[-1]])
     is_h = m["induction_strength"][0, L - 1]
     pt_h = m["pt_score"][0, 0]
     # Only heads the run could use (never an ablated or clamped one).
