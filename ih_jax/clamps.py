@@ -43,6 +43,11 @@ Schedules. Any clause may end in a window of sequences seen, `@[START,STOP)` or
 sequences, then releases it). The window is data (leaf `<kind>@window`, [2] int32;
 [0, int32 max) = always), evaluated in-graph from the step, so conditions with different
 windows share one program. One window per kind per run.
+Ramps: `@ramp[A,B)` phases a clause in (off before A, its edit blended in linearly from
+A to B, fully on from B), `@fade[A,B)` releases it gradually (fully on before A, blended
+out linearly to nothing at B, off after): the activation is (1 - r) x + r edit(x), r the
+ramp's value at the step (leaf `<kind>@ramp`, [2] int32: the lengths of the rise and the
+fall in sequences; 0 = a hard edge). One schedule (window or ramp) per kind per run.
 
 Combining clauses. Clauses add up: ablations are the union of every ablate clause and
 of every head a keep_only clause drops, where the keep_only clauses naming one layer
@@ -81,6 +86,7 @@ __all__ = ["Clamps", "Head", "ClampPlan", "NO_CLAMPS", "identity", "complete", "
 
 
 WINDOW = "@window"   # suffix of a kind's schedule leaf
+RAMP = "@ramp"       # suffix of a kind's ramp leaf: (rise, fall) lengths in sequences
 ALWAYS_STOP = schedule.ALWAYS_STOP
 
 
@@ -89,10 +95,16 @@ def always() -> np.ndarray:
   return np.array([0, ALWAYS_STOP], np.int32)
 
 
+def no_ramp() -> np.ndarray:
+  """The identity ramp: hard edges (no rise, no fall)."""
+  return np.zeros(2, np.int32)
+
+
 def leaf_names() -> tuple[str, ...]:
-  """Every leaf of a condition: the union of the registered kinds' leaves and windows."""
+  """Every leaf of a condition: the union of the registered kinds' leaves, windows and
+  ramps."""
   return tuple(k for kind in core.registered()
-               for k in (*kind.leaves(1, 1), kind.name + WINDOW))
+               for k in (*kind.leaves(1, 1), kind.name + WINDOW, kind.name + RAMP))
 
 
 def identity(num_layers: int, num_heads: int) -> Clamps:
@@ -101,6 +113,7 @@ def identity(num_layers: int, num_heads: int) -> Clamps:
   for kind in core.registered():
     out.update(kind.leaves(num_layers, num_heads))
     out[kind.name + WINDOW] = always()
+    out[kind.name + RAMP] = no_ramp()
   return out
 
 
@@ -110,10 +123,17 @@ def window_of(c: Clamps, kind: str) -> tuple[int, int]:
   return int(w[0]), int(w[1])
 
 
+def ramp_of(c: Clamps, kind: str) -> tuple[int, int]:
+  """(rise, fall) of one run's ramp for `kind` in sequences ((0, 0): hard edges)."""
+  r = np.asarray(c.get(kind + RAMP, no_ramp()))
+  return int(r[0]), int(r[1])
+
+
 def scheduled(c: Clamps) -> dict[str, tuple[int, int]]:
-  """The kinds of one run's condition that carry a window other than the whole run."""
+  """The kinds of one run's condition that act only part of the run (a window other
+  than the whole run, or a ramp), with their windows."""
   return {kind.name: window_of(c, kind.name) for kind in core.registered()
-          if window_of(c, kind.name) != (0, ALWAYS_STOP)}
+          if window_of(c, kind.name) != (0, ALWAYS_STOP) or ramp_of(c, kind.name) != (0, 0)}
 
 
 def complete(c: Clamps) -> Clamps:
@@ -137,7 +157,8 @@ class ClampPlan:
   """
   kinds: tuple[str, ...] = ()
   clean_pass_for: tuple[str, ...] = ()
-  scheduled: tuple[str, ...] = ()   # kinds some run applies only inside a window
+  scheduled: tuple[str, ...] = ()   # kinds some run applies only inside a window / ramp
+  ramped: tuple[str, ...] = ()      # of those, kinds some run ramps in or out
 
   def uses(self, kind: str) -> bool:
     """Whether some run in the program uses intervention kind `kind`."""
@@ -167,9 +188,11 @@ def plan_for(stacked: Clamps) -> ClampPlan:
             for kind in core.registered()}
   kinds = tuple(name for name, runs in active.items() if runs.any())
   clean = tuple(name for name in kinds if core.get(name).needs_clean_pass(stacked, active))
+  ramped = tuple(name for name in kinds if np.asarray(stacked[name + RAMP]).any())
   timed = tuple(name for name in kinds
-                if (np.asarray(stacked[name + WINDOW]) != always()[None]).any())
-  return ClampPlan(kinds, clean, timed)
+                if (np.asarray(stacked[name + WINDOW]) != always()[None]).any()
+                or name in ramped)
+  return ClampPlan(kinds, clean, timed, ramped)
 
 
 def stack(conditions: Sequence[Clamps]) -> Clamps:
@@ -191,10 +214,27 @@ def stack(conditions: Sequence[Clamps]) -> Clamps:
 # ----------------------------------------------------------------------------- parsing
 
 _STRENGTH = re.compile(r"^(.*)@(.*)$")
-def _split_window(clause: str) -> tuple[str, np.ndarray | None]:
-  """'ih:L2H3@[0,200000)' -> ('ih:L2H3', [0, 200000]); no window -> (clause, None)."""
-  head, window = schedule.split_window(clause, f"clamp clause {clause!r}")
-  return head, None if window is None else np.array(window, np.int32)
+_RAMP = re.compile(r"^(?P<head>.*?)\s*@\s*(?P<kind>ramp|fade)\s*(?P<window>\[.*\))\s*$")
+
+
+def _split_schedule(clause: str) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+  """'ih:L2H3@[0,200000)' -> ('ih:L2H3', window [0, 200000], ramp [0, 0]);
+  '...@ramp[A,B)' -> window [A, open), ramp [B - A, 0]; '...@fade[A,B)' -> window
+  [0, B), ramp [0, B - A]; no schedule -> (clause, None, None)."""
+  where = f"clamp clause {clause!r}"
+  m = _RAMP.match(clause)
+  if m:
+    _, bounds = schedule.split_window("x@" + m["window"], where)
+    a, b = bounds
+    if b == ALWAYS_STOP:
+      raise ValueError(f"{where}: a {m['kind']} needs an end, e.g. @{m['kind']}[100000,200000)")
+    if m["kind"] == "ramp":
+      return m["head"].strip(), np.array([a, ALWAYS_STOP], np.int32), np.array([b - a, 0], np.int32)
+    return m["head"].strip(), np.array([0, b], np.int32), np.array([0, b - a], np.int32)
+  head, window = schedule.split_window(clause, where)
+  if window is None:
+    return head, None, None
+  return head, np.array(window, np.int32), no_ramp()
 
 
 def parse(spec: str, num_layers: int, num_heads: int,
@@ -209,9 +249,9 @@ def parse(spec: str, num_layers: int, num_heads: int,
   if not clauses:
     raise ValueError("empty clamp spec; use 'none' for the unclamped condition")
   draft = core.Draft(spec, num_layers, num_heads, donors, identity(num_layers, num_heads))
-  windows: dict[str, tuple[np.ndarray, str]] = {}
+  windows: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
   for clause in clauses:
-    clause, window = _split_window(clause)
+    clause, window, ramp = _split_schedule(clause)
     keyword, _, arg = clause.partition(":")
     keyword, arg = keyword.strip().lower(), arg.strip()
     if keyword == "none":
@@ -246,10 +286,12 @@ def parse(spec: str, num_layers: int, num_heads: int,
         arg, strength = m.group(1).strip(), core.parse_strength(clause, m.group(2))
     kind.parse(keyword, arg, strength, clause, draft)
     w = always() if window is None else window
-    if kind.name in windows and not np.array_equal(windows[kind.name][0], w):
-      raise ValueError(f"clauses {windows[kind.name][1]!r} and {clause!r} give {kind.name} "
+    r = no_ramp() if ramp is None else ramp
+    if kind.name in windows and not (np.array_equal(windows[kind.name][0], w)
+                                     and np.array_equal(windows[kind.name][1], r)):
+      raise ValueError(f"clauses {windows[kind.name][2]!r} and {clause!r} give {kind.name} "
                        "two different windows; one window per kind per run")
-    windows[kind.name] = (w, clause)
+    windows[kind.name] = (w, r, clause)
   for kind in core.registered():
     kind.finish(draft)
   # A value-ablated head outputs nothing, so a clamp on it would have no effect.
@@ -263,8 +305,9 @@ def parse(spec: str, num_layers: int, num_heads: int,
   for kind in core.registered():
     kind.check(draft)
   out = dict(draft.leaves)
-  for name, (w, _) in windows.items():
+  for name, (w, r, _) in windows.items():
     out[name + WINDOW] = w
+    out[name + RAMP] = r
   return out
 
 
@@ -274,8 +317,14 @@ def describe(c: Clamps, donors: Sequence[str] = ()) -> str:
   parts = []
   for kind in core.registered():
     start, stop = window_of(c, kind.name)
-    suffix = "" if (start, stop) == (0, ALWAYS_STOP) else \
-        f"@[{start},{'' if stop == ALWAYS_STOP else stop})"
+    rise, fall = ramp_of(c, kind.name)
+    if rise:
+      suffix = f"@ramp[{start},{start + rise})"
+    elif fall:
+      suffix = f"@fade[{stop - fall},{stop})"
+    else:
+      suffix = "" if (start, stop) == (0, ALWAYS_STOP) else \
+          f"@[{start},{'' if stop == ALWAYS_STOP else stop})"
     parts += [part + suffix for part in kind.describe(c, donors)]
   return ";".join(parts) or "none"
 
@@ -300,6 +349,7 @@ def combine(base: Clamps, extra: Clamps) -> Clamps:
   for kind in core.registered():
     kind.combine(base, extra, out)
     out[kind.name + WINDOW] = base[kind.name + WINDOW]  # the run's own schedule stays
+    out[kind.name + RAMP] = base[kind.name + RAMP]
   for kind in core.registered():
     kind.validate(out)
   if "graft_params" in base:

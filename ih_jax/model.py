@@ -586,6 +586,9 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
         if kind.name in plan.scheduled:  # on only inside the run's window (exact select)
           window = c[kind.name + clamps_lib.WINDOW]
           on = (window[0] <= seqs) & (seqs < window[1])
+          if kind.name in plan.ramped:  # blended in / out on a ramp; exact where fully on
+            r = _ramp_value(c[kind.name + clamps_lib.RAMP], window, seqs)
+            edited = jnp.where(r >= 1.0, edited, y + r.astype(y.dtype) * (edited - y))
           edited = jnp.where(on, edited, y)
         y = edited
       return _from_public(site, y)
@@ -598,6 +601,15 @@ def _run(model: Transformer, x_BNF, y_BN, c: clamps_lib.Clamps | None,
   logits = edit_at(None)("logits", model.logits(h))
   rec["logits"] = logits
   return logits, {s: _public_site(s, rec[s], cfg.num_heads) for s in sites}
+
+
+def _ramp_value(ramp: jax.Array, window: jax.Array, seqs: jax.Array) -> jax.Array:
+  """r in [0, 1] at `seqs`: rising over the window's first ramp[0] sequences, falling
+  over its last ramp[1] (0 = a hard edge), 1 in between."""
+  s = seqs.astype(jnp.float32)
+  rise = jnp.where(ramp[0] > 0, (s - window[0]) / jnp.maximum(ramp[0], 1), 1.0)
+  fall = jnp.where(ramp[1] > 0, (window[1] - s) / jnp.maximum(ramp[1], 1), 1.0)
+  return jnp.clip(jnp.minimum(rise, fall), 0.0, 1.0)
 
 
 def _public_site(name: str, a: jax.Array, num_heads: int) -> jax.Array:

@@ -2,12 +2,13 @@
 START <= sequences seen < STOP, evaluated in-graph, so windows differ between the runs
 of one program."""
 import jax
+import jax.numpy as jnp
 import numerics
 import numpy as np
 import pytest
 
 import ih_jax
-from ih_jax import clamps, sweep as sweep_lib, train
+from ih_jax import clamps, model as model_lib, sweep as sweep_lib, train
 from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
 from ih_jax.analysis import context, measures, report
 from ih_jax.config import ExperimentConfig
@@ -15,7 +16,8 @@ from ih_jax.config import ExperimentConfig
 pytestmark = pytest.mark.xdist_group("test_schedules")  # one worker trains the shared sweep
 
 CONDITIONS = ["always=ih:L2H0;keep_only:L2H0", "first=ih:L2H0@[0,320);keep_only:L2H0@[0,320)",
-              "late=ih:L2H0@[320,);keep_only:L2H0@[320,)"]
+              "late=ih:L2H0@[320,);keep_only:L2H0@[320,)",
+              "fade=ih:L2H0@fade[160,480);keep_only:L2H0@fade[160,480)"]
 
 
 def _cfg(num_seqs, conditions):
@@ -56,6 +58,13 @@ def test_windows_train_in_one_program_and_act_only_inside(sweep):
   assert on[480] != off[480]
   assert not np.array_equal(first.params()["blocks_1"]["qkv"]["kernel"],
                             always.params()["blocks_1"]["qkv"]["kernel"])
+  # "fade" (released gradually from 160 to 480): fully clamped up to 160, half-released
+  # at 320, released after 480.
+  fade = sweep.run("fade")
+  numerics.assert_close(_rows(fade, True)[160], _rows(always, True)[160], rtol=1e-5)
+  on, off = _rows(fade, True), _rows(fade, False)
+  assert on[320] != off[320]
+  numerics.assert_close(on[640], off[640], rtol=1e-5)
 
 
 def test_window_run_equals_the_clamped_run_up_to_its_end(sweep, tmp_path):
@@ -81,6 +90,34 @@ def test_grammar_round_trips_and_bad_windows_are_refused():
     ih_jax.run(_cfg(640, ["ih:L2H0@[1000,)"]), "/tmp/never_written", verbose=False)
   with pytest.raises(ValueError, match="post-hoc condition takes no window"):
     clamps.combine(clamps.parse("none", 2, 8), clamps.parse("ablate:L2H1@[0,10)", 2, 8))
+  # Ramps: the same grammar after @ramp / @fade; they round-trip and are planned.
+  c = clamps.parse("ih:L2H3@0.8@ramp[100,300);ablate:L1H0@fade[0,50)", 2, 8)
+  assert clamps.describe(c) == "ih:L2H3@0.8@ramp[100,300);ablate:L1H0@fade[0,50)"
+  assert clamps.ramp_of(c, "ih") == (200, 0) and clamps.ramp_of(c, "ablate") == (0, 50)
+  plan = clamps.plan_for(clamps.stack([c]))
+  assert set(plan.ramped) == {"ablate", "ih"} and set(plan.scheduled) == {"ablate", "ih"}
+  for spec, msg in [("ih:L2H3@ramp[100,)", "a ramp needs an end"),
+                    ("ih:L2H3@fade[9,3)", r"window \[9, 3\) is empty"),
+                    ("ih:L2H3@ramp[0,9);ih:L2H2@[0,9)", "two different windows")]:
+    with pytest.raises(ValueError, match=msg):
+      clamps.parse(spec, 2, 8)
+
+
+@pytest.mark.parametrize("spec,seqs,r", [("ih:L2H0@ramp[100,300)", 50, 0.0),
+                                          ("ih:L2H0@ramp[100,300)", 200, 0.5),
+                                          ("ih:L2H0@ramp[100,300)", 400, 1.0),
+                                          ("ih:L2H0@fade[100,300)", 150, 0.75),
+                                          ("ih:L2H0@fade[100,300)", 300, 0.0)])
+def test_a_ramp_blends_the_edit_in_and_out(params, cfg, batch, spec, seqs, r):
+  """At ramp value r the edited site holds (1 - r) x + r edit(x)."""
+  site = ("blocks.1.pattern",)
+  def pattern(spec_, s=None):
+    c = clamps.parse(spec_, 2, 8)
+    plan = clamps.plan_for(clamps.stack([c]))
+    c = None if spec_ == "none" else jax.tree.map(jnp.asarray, c)
+    return model_lib.apply(params, batch, c, cfg, plan, sites=site, seqs=s)[1][site[0]]
+  want = (1 - r) * pattern("none") + r * pattern("ih:L2H0")
+  numerics.assert_close(pattern(spec, seqs), want, rtol=1e-5, rel_atol=1e-6)
 
 
 def test_after_its_window_the_run_continues_as_an_unclamped_one(sweep):
