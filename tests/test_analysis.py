@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,23 @@ def test_sweep_scaling_figure(tmp_path):
   out = os.path.join(wd, "analysis")
   assert os.path.getsize(os.path.join(out, "scaling_model_num_labels.png")) > 1000
   assert os.path.exists(os.path.join(out, "sweep_phase_times.csv"))
+
+
+def test_guide_head_score_runs_beside_the_builtins(params, cfg, feature_table, dense):
+  """docs/extending.md's head-score example, run as written: its score is measured for
+  every layer and head and equals the mean pattern entry it reads."""
+  text = open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "extending.md")).read()
+  section = text[text.index("## Your own head score"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  idx = jax.tree.map(lambda x: x[:128], dense)
+  namespace = dict(params_K=jax.tree.map(lambda x: np.asarray(x)[None], params),
+                   features=feature_table, idx=idx, model_cfg=cfg)
+  try:
+    exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
+    m = namespace["m"]
+    assert m["query_to_first"].shape == (1, 2, 8)
+    assert "induction_strength" in m and "k_composition" in m
+    want = measures.mean_patterns(params, feature_table, idx, cfg)[:, :, -1, 0]
+    numerics.assert_close(m["query_to_first"][0], want, rtol=1e-4, rel_atol=1e-5)
+  finally:
+    scores.unregister("query_to_first")
