@@ -199,9 +199,15 @@ def test_analyze_cli_end_to_end(tmp_path):
       common + ["ih_jax.experiments.train", "--config=tiny", f"--workdir={wd}",
                 "--config.train.num_seqs=3200", "--config.checkpoint.every=1000",
                 "--config.sweep.conditions=('none','single=keep_only:L2H0')",
-                "--config.sweep.init_seeds=(5,)",
-                "--noplot"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                "--config.sweep.init_seeds=(5,)"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-2000:]
+  # The train launcher's own end-to-end checks (merged here from
+  # test_train.test_launcher_end_to_end, which kept only its bad-flag check, so the suite
+  # trains one tiny CLI workdir instead of two): it plots the curves and reports learning
+  # times.
+  assert os.path.exists(os.path.join(wd, "loss_curves.png"))
+  assert "learning time" in train.stdout
   proc = subprocess.run(
       common + ["ih_jax.experiments.analyze", f"--workdir={wd}", "--dense_size=256",
                 "--wiring_size=64", "--posthoc_size=128", "--l1_sets=L1H0,L1H3|L1H5"],
