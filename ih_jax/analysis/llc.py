@@ -24,6 +24,7 @@ diverge, drift or do not move, with the setting to change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -94,7 +95,7 @@ def _sgld_chain(loss_fn: Callable, w_star: Any, extra: Any, sample: Callable,
   eps = cfg.step_size
   steps = cfg.num_burnin + cfg.num_draws
   grad_fn = jax.value_and_grad(lambda w, b: loss_fn(w, b, extra))
-  n_moved = sum(float(np.sum(m)) for m in jax.tree.leaves(mask)) if mask is not None \
+  n_moved = sum(jnp.sum(m) for m in jax.tree.leaves(mask)) if mask is not None \
       else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(w_star))
 
   def step(w, k):
@@ -115,7 +116,7 @@ def _sgld_chain(loss_fn: Callable, w_star: Any, extra: Any, sample: Callable,
                          is_leaf=lambda x: x is None)
     sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(w),
                                                          jax.tree.leaves(w_star)))
-    return new_w, (loss - loss_star, loss_star, jnp.sqrt(sq / max(n_moved, 1)))
+    return new_w, (loss - loss_star, loss_star, jnp.sqrt(sq / jnp.maximum(n_moved, 1)))
 
   _, (excess, loss_star, dist) = jax.lax.scan(step, w_star, jax.random.split(key, steps))
   return excess, loss_star, dist
@@ -140,22 +141,27 @@ def estimate(loss_fn: Callable[[Any, Any, Any], jax.Array], params_K: Any,
   keys_KC = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(C)))(
       jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(K)))
   mask = None if restrict is None else jax.tree.map(lambda m: np.asarray(m, bool), restrict)
-
-  @jax.jit
-  def run(params_K, extras_K, keys_KC):
-    def one_point(args):
-      w_star, extra, keys_C = args
-      return jax.vmap(lambda k: _sgld_chain(loss_fn, w_star, extra, sample, k, cfg, mask))(
-          keys_C)
-    return jax.lax.map(one_point, (params_K, extras_K, keys_KC),
-                       batch_size=max(1, min(ckpt_batch, K)))
-
-  excess, loss_star, dist = jax.device_get(run(params_K, extras_K, keys_KC))
+  run = _program(loss_fn, sample, cfg, max(1, min(ckpt_batch, K)))
+  excess, loss_star, dist = jax.device_get(run(params_K, extras_K, keys_KC, mask))
   nbeta = cfg.effective_nbeta
   draws = excess[:, :, cfg.num_burnin:].astype(np.float64)
   llc_chains = nbeta * draws.mean(-1)
   return LLCResult(llc_chains.mean(-1), llc_chains.std(-1), llc_chains, excess,
                    loss_star.mean((1, 2)), dist, nbeta, cfg.num_burnin)
+
+
+@functools.lru_cache(maxsize=32)
+def _program(loss_fn: Callable, sample: Callable, cfg: SGLDConfig, ckpt_batch: int):
+  """The jitted estimate, one per (loss, sampler, settings): calling `estimate` again
+  with the same functions (more checkpoints, another run) reuses the compiled program."""
+  @jax.jit
+  def run(params_K, extras_K, keys_KC, mask):
+    def one_point(args):
+      w_star, extra, keys_C = args
+      return jax.vmap(lambda k: _sgld_chain(loss_fn, w_star, extra, sample, k, cfg, mask))(
+          keys_C)
+    return jax.lax.map(one_point, (params_K, extras_K, keys_KC), batch_size=ckpt_batch)
+  return run
 
 
 def diagnose(result: LLCResult, cfg: SGLDConfig) -> list[str]:

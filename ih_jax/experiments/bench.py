@@ -51,6 +51,7 @@ import optax
 from ih_jax import cpu_flags
 from ih_jax import model as model_lib
 from ih_jax import reference
+from ih_jax.analysis import llc
 from ih_jax import train
 from ih_jax.train import experiment, placement, state as state_lib, step as step_lib
 from ih_jax.config import ExperimentConfig
@@ -336,6 +337,49 @@ def _write_json(path: str, obj: dict) -> None:
   print(f"wrote {path}")
 
 
+def llc_table(args) -> dict:
+  """LLC of K points x C chains x N draws of the paper's model, one vmapped program,
+  against the same estimate one chain of one point at a time (the same compiled
+  single-chain program called K x C times, as a per-process loop does); both after
+  compilation, best of --repeats. The one-at-a-time time is measured on
+  --llc-sample-calls calls and scaled to K x C (printed as such)."""
+  K, C, N = args.llc_points, args.llc_chains, args.llc_draws
+  cfg = ExperimentConfig()
+  loss_fn, sample, task = llc.model_loss_and_sampler(cfg)
+  params = model_lib.init_params(jax.random.key(5), cfg.model, 512, task=task)
+  noise = lambda k, x: x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
+  params_K = jax.vmap(lambda k: jax.tree.map(lambda x: noise(k, x), params))(
+      jax.random.split(jax.random.key(0), K))
+  sgld = llc.SGLDConfig(step_size=1e-6, gamma=1000.0, num_chains=C, num_draws=N,
+                        batch_size=64)
+  one = llc.SGLDConfig(step_size=1e-6, gamma=1000.0, num_chains=1, num_draws=N,
+                       batch_size=64)
+
+  def timed(fn):
+    fn()  # compile
+    best = float("inf")
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t)
+    return best
+
+  vmapped = timed(lambda: llc.estimate(loss_fn, params_K, sample, jax.random.key(1), sgld,
+                                       ckpt_batch=args.llc_ckpt_batch))
+  first = jax.tree.map(lambda x: x[:1], params_K)
+  calls = args.llc_sample_calls
+  per_call = timed(lambda: [llc.estimate(loss_fn, first, sample, jax.random.key(i), one)
+                            for i in range(calls)]) / calls
+  serial = per_call * K * C
+  out = dict(points=K, chains=C, draws=N, vmapped_s=vmapped, one_at_a_time_s=serial,
+             one_at_a_time_per_chain_s=per_call, measured_calls=calls,
+             speedup=serial / vmapped, machine=machine_info())
+  print(f"LLC, {K} points x {C} chains x {N} draws (paper model, batch 64): vmapped "
+        f"{vmapped:.1f} s; one chain of one point at a time {per_call * 1e3:.0f} ms per "
+        f"chain -> {serial:.1f} s for all (scaled from {calls} calls): {serial / vmapped:.1f}x")
+  return out
+
+
 def main():
   """Runs the benchmark table, prints it with the throughput targets, and writes --out."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -355,10 +399,22 @@ def main():
                   help="only the snapshot rows, then exit")
   ap.add_argument("--scaling", action="store_true",
                   help="also time one run along context length, labels, classes and width")
+  ap.add_argument("--llc", action="store_true",
+                  help="only the LLC row (vmapped vs one chain at a time), then exit")
+  ap.add_argument("--llc-points", type=int, default=100, help="LLC row: checkpoints")
+  ap.add_argument("--llc-chains", type=int, default=8, help="LLC row: chains per checkpoint")
+  ap.add_argument("--llc-draws", type=int, default=100, help="LLC row: SGLD draws per chain")
+  ap.add_argument("--llc-ckpt-batch", type=int, default=4,
+                  help="LLC row: checkpoints vmapped at once")
+  ap.add_argument("--llc-sample-calls", type=int, default=8,
+                  help="LLC row: one-at-a-time calls timed (scaled to points x chains)")
   ap.add_argument("--out", default="throughput.json", help="JSON file for the results")
   args = ap.parse_args()
   if args.snapshots_only:
     snapshot_table(args)
+    return
+  if args.llc:
+    _write_json(args.out, dict(llc=llc_table(args)))
     return
 
   rows = [naive_baseline(args.steps, args.repeats, plain=True),
