@@ -29,23 +29,25 @@ def guide_blocks(heading: str) -> list[str]:
   return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
 
 
+def run_guide(heading: str, index: int = 0, edit=lambda code: code) -> dict:
+  """Executes a ```python block of docs/extending.md as a notebook cell; its namespace."""
+  namespace: dict = {"__name__": "my_notebook"}
+  code = edit(guide_blocks(heading)[index])
+  exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
 @pytest.fixture(scope="module")
 def repeat_task():
   """Runs the guide's task block (it registers 'repeat'); unregisters it afterwards."""
-  namespace: dict = {"__name__": "my_notebook"}
-  code = guide_blocks("## Your own task")[0]
-  exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
-  yield namespace["RepeatTask"]
+  yield run_guide("## Your own task")["RepeatTask"]
   tasks.unregister("repeat")
 
 
 @pytest.fixture(scope="module")
 def scale_kind():
   """The guide's own intervention kind, to train beside the built-ins on the new task."""
-  namespace: dict = {"__name__": "my_notebook"}
-  code = guide_blocks("## Writing your own intervention")[0]
-  exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
-  yield namespace["ScaleHeads"]
+  yield run_guide("## Writing your own intervention")["ScaleHeads"]
   interventions.unregister("scale")
 
 
@@ -54,11 +56,13 @@ def trained(repeat_task, scale_kind, tmp_path_factory):
   """The guide's training block, with a user kind added to its conditions."""
   del repeat_task, scale_kind
   workdir = str(tmp_path_factory.mktemp("repeat"))
-  code = guide_blocks("## Your own task")[1].replace('"/tmp/repeat_task"', repr(workdir))
-  code = code.replace('"ablate:L1H*")', '"ablate:L1H*", "half=scale:L2H*@0.5")')
-  assert workdir in code and "half=scale" in code
-  namespace: dict = {"__name__": "my_notebook"}
-  exec(compile(code, "docs/extending.md", "exec"), namespace)  # pylint: disable=exec-used
+
+  def edit(code):
+    code = code.replace('"/tmp/repeat_task"', repr(workdir))
+    code = code.replace('"ablate:L1H*")', '"ablate:L1H*", "half=scale:L2H*@0.5")')
+    assert workdir in code and "half=scale" in code
+    return code
+  namespace = run_guide("## Your own task", 1, edit)
   return namespace["sweep"], workdir
 
 
