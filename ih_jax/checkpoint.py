@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from orbax.checkpoint import v1 as ocp
 
+from ih_jax import distributed
 from ih_jax import snapshots as snap_lib
 
 CHECKPOINT_DIR = "checkpoints"   # the older per-step Orbax layout (read only)
@@ -73,9 +74,10 @@ def to_host(state) -> dict[str, Any]:
 
   Typed PRNG keys are stored as raw key data. Copying first (this waits for the
   state to be computed) lets the caller donate the device state to the next
-  chunk while Orbax writes in the background.
+  chunk while Orbax writes in the background. With several processes this gathers the
+  runs from all of them: every process must call it at the same boundary.
   """
-  params, opt_state, key_data, step = jax.device_get(
+  params, opt_state, key_data, step = distributed.fetch(
       (state.params, state.opt_state, jax.random.key_data(state.data_key), state.step))
   content = dict(params=params,
                  train=dict(opt_state=opt_state, data_key=key_data, step=np.asarray(step)))
@@ -93,7 +95,7 @@ def _verify(content: dict[str, Any], where: str) -> None:
 
 def _restore_target(ckptr, step: int, template: dict[str, Any]) -> dict[str, Any]:
   """`template`'s structure with the saved runs-axis length, on the host CPU."""
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   saved = ckptr.checkpointables_metadata(step).metadata
   runs = jax.tree.leaves(saved["params"])[0].shape[0]
   stacked = lambda x: jax.ShapeDtypeStruct((runs,) + np.shape(x)[1:], np.asarray(x).dtype,
@@ -114,7 +116,12 @@ def _first_line(e: BaseException) -> str:
 
 
 class RunCheckpointer:
-  """Writes one program's resume checkpoints (the full training state) to `resume/`."""
+  """Writes one program's resume checkpoints (the full training state) to `resume/`.
+
+  With several processes (ih_jax.distributed), every process makes one and calls each
+  method at the same point, as Orbax requires; choices that read the folder are made by
+  process 0 and shared.
+  """
 
   def __init__(self, workdir: str, metadata: dict[str, Any]):
     self.workdir = workdir = os.path.abspath(workdir)  # Orbax wants absolute paths
@@ -151,19 +158,25 @@ class RunCheckpointer:
     Returns (seqs, from_saveable(host content)), or None when there are no
     checkpoints; raises CheckpointError when there are some but none is readable.
     """
-    candidates = [(m.step, self._resume) for m in self._resume.checkpoints
-                  if max_seqs is None or m.step <= max_seqs]
-    for seqs, ckptr in sorted(candidates, key=lambda c: c[0], reverse=True):
-      where = os.path.join(str(ckptr.directory), str(seqs))
+    candidates = distributed.agree(lambda: [
+        m.step for m in self._resume.checkpoints if max_seqs is None or m.step <= max_seqs])
+    for seqs in sorted(candidates, reverse=True):
+      where = os.path.join(str(self._resume.directory), str(seqs))
+      problem = None
       try:
-        content = ckptr.load_checkpointables(seqs, _restore_target(ckptr, seqs, template))
+        content = self._resume.load_checkpointables(
+            seqs, _restore_target(self._resume, seqs, template))
         content = jax.tree.map(np.asarray, content)
         _verify(content, where)
       except Exception as e:  # pylint: disable=broad-except
-        msg = e if isinstance(e, CheckpointError) else _first_line(e)
-        log(f"[ih_jax] WARNING: checkpoint {where} is unreadable ({msg}); moving it to "
-            f"{CORRUPT_DIR}/ and falling back to the previous one")
-        self._quarantine(ckptr, seqs)
+        problem = e if isinstance(e, CheckpointError) else _first_line(e)
+      # Readable only if every process read it intact (one answer for all).
+      if distributed.gather_flags([problem is not None]).any():
+        if distributed.is_primary():
+          log(f"[ih_jax] WARNING: checkpoint {where} is unreadable "
+              f"({problem or 'on another process'}); moving it to {CORRUPT_DIR}/ and "
+              "falling back to the previous one")
+        self._quarantine(seqs)
         continue
       return seqs, from_saveable(content)
     if candidates:
@@ -173,14 +186,17 @@ class RunCheckpointer:
           "(--overwrite) to start this run over")
     return None
 
-  def _quarantine(self, ckptr, seqs: int) -> None:
-    src = os.path.join(str(ckptr.directory), str(seqs))
-    dst_root = os.path.join(self.workdir, CORRUPT_DIR, os.path.basename(str(ckptr.directory)))
-    os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, str(seqs))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    shutil.move(src, dst)
+  def _quarantine(self, seqs: int) -> None:
+    ckptr = self._resume
+    if distributed.is_primary():
+      src = os.path.join(str(ckptr.directory), str(seqs))
+      dst_root = os.path.join(self.workdir, CORRUPT_DIR, os.path.basename(str(ckptr.directory)))
+      os.makedirs(dst_root, exist_ok=True)
+      dst = os.path.join(dst_root, str(seqs))
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      shutil.move(src, dst)
+    distributed.barrier(f"ih_jax_quarantine_{seqs}")
     ckptr.reload()
 
   def drop_after(self, seqs: int) -> None:
@@ -309,7 +325,7 @@ def _load_orbax_params(workdir: str, step: int) -> Any:
   path = os.path.join(_checkpoint_dir(workdir), str(step))
   try:
     meta = ocp.checkpointables_metadata(path)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
                             meta.metadata["params"])
     content = ocp.load_checkpointables(path, {"params": abstract})

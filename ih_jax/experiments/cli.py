@@ -31,9 +31,22 @@ _PLUGINS = flags.DEFINE_list(
     "head scores): module names (my_lab.kinds) or .py files (path/to/my_kinds.py).")
 
 
+# Several processes share one sweep (ih_jax.distributed; docs/multihost.md).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Several processes, one sweep: HOST:PORT of process 0 (with "
+    "--num_processes and --process_id). The runs are sharded over every process's devices.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes share the sweep.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. "
+                                   "num_processes - 1 (process 0 writes the files).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start jax.distributed with settings detected from the cluster "
+    "(SLURM, Open MPI, a Cloud TPU pod slice) instead of the three flags above.")
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with short messages for flag errors and user errors; the
-  --plugins modules are imported before `main` runs."""
+  --plugins modules are imported and jax.distributed is started (when asked) before
+  `main` runs."""
   app.run(_guarded(main), flags_parser=_parse_flags)
 
 
@@ -56,6 +69,20 @@ def load_plugins(names: Sequence[str]) -> None:
                          "the Python path or a .py file") from e
 
 
+def start_distributed(main: Callable[[list[str]], Any]) -> None:
+  """jax.distributed.initialize from the flags, if any of them is given; only for
+  launchers whose module sets MULTIPROCESS = True (train, sweep)."""
+  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _DISTRIBUTED.value or any(v is not None for v in given):
+    if not getattr(sys.modules.get(main.__module__), "MULTIPROCESS", False):
+      raise app.UsageError(
+          "--coordinator_address / --num_processes / --process_id / --distributed: only "
+          "`ih-jax train` and `ih-jax sweep` run as several processes; run this command "
+          "as one process (e.g. on the sweep's finished workdir)")
+    from ih_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(*given)
+
+
 def _want_traceback() -> bool:
   if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
     return True
@@ -73,6 +100,7 @@ def _fail(message: str, hint: str = _HINT) -> None:
 def _guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   def wrapped(argv: list[str]) -> Any:
     try:
+      start_distributed(main)
       load_plugins(_PLUGINS.value)
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except

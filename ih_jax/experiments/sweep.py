@@ -13,6 +13,16 @@ into separate programs under --workdir/program_<k>/ (see ih_jax/sweep.py).
       --config.sweep.grid="('data.rho=0.7,0.8','model.num_labels=5,10')" --workdir=/tmp/ih_grid
 
 Kill it at any point and rerun the same command to resume.
+
+Several processes (one per host, or several on one machine) can share one sweep: the
+runs are sharded over every process's devices and process 0 writes the files.
+
+  # on host A (10.0.0.1) and host B, the workdir on a filesystem both see:
+  ih-jax sweep --config=main --config.sweep.init_seeds="(5,6,7,8)" --workdir=/shared/s \
+      --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0   # 1 on B
+
+SLURM / Open MPI / Cloud TPU pod slices: --distributed detects the settings
+(docs/multihost.md).
 """
 
 from ih_jax.experiments import cli

@@ -8,7 +8,9 @@ r"""Train a sweep of runs (clamp conditions x init seeds x data grid) in compile
 Writes config.json, metrics.csv, train_log.csv, snapshots/, resume/ (Orbax) and
 loss_curves.{png,pdf} into --workdir (into --workdir/program_<k>/ when the sweep
 needs several programs). Interrupt with Ctrl-C (or SIGTERM) and rerun the same
-command to resume from the latest checkpoint.
+command to resume from the latest checkpoint. With --coordinator_address /
+--num_processes / --process_id (or --distributed) several processes share the sweep
+(docs/multihost.md).
 """
 
 import sys
@@ -26,6 +28,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace results already in -
                                "(by default a workdir with the same config is resumed).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write loss_curves.png/pdf at the end.")
 flags.mark_flags_as_required(["config", "workdir"])
+MULTIPROCESS = True  # takes cli's --coordinator_address / --num_processes / --process_id
 
 
 def main(argv):
@@ -46,6 +49,8 @@ def main(argv):
   except train.TrainingInterrupted as e:
     print(f"[ih_jax] {e}", flush=True)
     sys.exit(130)
+  if jax.process_index() != 0:  # process 0 writes the plots and prints the summary
+    return
   for result in results if isinstance(results, list) else [results]:
     if _PLOT.value:
       for path in plots.plot_training_curves(result.workdir):

@@ -15,6 +15,12 @@ Resume: rerunning with the same config and workdir continues from the newest
 readable resume checkpoint whose snapshots are all intact; the data stream lives in
 the checkpoint, so the resumed run is step-for-step the uninterrupted one. SIGINT /
 SIGTERM stop at the next boundary after writing a resume checkpoint.
+
+Several processes (ih_jax.distributed): every process runs this same loop on its share
+of the runs; process 0 alone writes the workdir's files and prints progress, resume
+checkpoints are saved by all together, and every decision that reads files or the
+clock (resume or not, when to save, a signal on any process) is shared, so all
+processes take the same branch at every boundary.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
+from ih_jax import distributed
 from ih_jax import schedule
 from ih_jax import snapshots as snap_lib
 from ih_jax import sweep as sweep_lib
@@ -52,7 +59,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass
 class TrainResult:
-  """What training one program returns: its runs, final params, metrics, train log and timings."""
+  """What training one program returns: its runs, final params, metrics, train log and timings.
+
+  With several processes, process 0's result is the whole one; the others' hold the
+  final params and what they trained in this call (nothing for a workdir that was
+  already finished, only the chunks after the resume point for a resumed one).
+  """
   runs: list[Run]
   params: Any                  # runs-stacked final params (host)
   metrics: list[dict[str, Any]]  # one row per run x eval point x eval set x clamped
@@ -74,15 +86,16 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
   (their workdirs are `workdir/program_<k>`, listed in `workdir/sweep.json`).
   """
   if workdir is not None:  # a file / read-only path fails now, not after the setup
-    workdir_lib.check_workdir(workdir)
+    distributed.agree(lambda: workdir_lib.check_workdir(workdir))
   programs = sweep_lib.plan_programs(cfg, cfg.sweep.max_runs_per_program or auto_max_runs)
   if len(programs) == 1:
     return train_program(programs[0], cfg, workdir, overwrite=overwrite, verbose=verbose)
+  verbose = verbose and distributed.is_primary()
   if verbose:
     print(f"[ih_jax] sweep split into {len(programs)} programs "
           f"({', '.join(str(len(p.runs)) for p in programs)} runs)", flush=True)
   if workdir is not None:
-    _prepare_sweep_dir(workdir, cfg, programs, overwrite)
+    distributed.agree(lambda: _prepare_sweep_dir(workdir, cfg, programs, overwrite))
   results = []
   for p in programs:
     sub = None if workdir is None else os.path.join(workdir, p.name)
@@ -126,7 +139,7 @@ def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:
   training and evaluation. Estimated from the compiled memory footprint of a
   one-run program of this group, only for groups of more than 64 runs per device.
   """
-  if num_runs <= 64 * jax.local_device_count():
+  if num_runs <= 64 * jax.device_count():
     return None
   one = dataclasses.replace(group_cfg, sweep=dataclasses.replace(
       group_cfg.sweep, conditions=group_cfg.sweep.conditions[:1],
@@ -139,7 +152,7 @@ def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:
   per_run = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
   stats = jax.local_devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return max(1, int(0.5 * limit / max(per_run, 1))) * jax.local_device_count()
+  return max(1, int(0.5 * limit / max(per_run, 1))) * jax.device_count()
 
 
 @contextlib.contextmanager
@@ -174,10 +187,12 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
   """Trains one program's runs, resuming from `workdir` when it holds the same config."""
   t_start = time.time()
   if workdir is not None:
-    workdir_lib.check_workdir(workdir)
+    distributed.agree(lambda: workdir_lib.check_workdir(workdir))
   exp = setup_experiment(program)
   cfg = exp.cfg
   B = cfg.train.batch_size
+  primary = distributed.is_primary()
+  verbose = verbose and primary
   log = (lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None)
   eval_steps = schedule.eval_steps(cfg.train.eval_every, cfg.train.num_seqs, B)
   ckpt_steps = (schedule.checkpoint_steps(cfg.checkpoint, cfg.train.num_seqs, B)
@@ -189,11 +204,15 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
 
   status = "fresh"
   if workdir is not None:
-    status = workdir_lib.workdir_status(workdir, sweep_cfg, exp.runs, overwrite=overwrite,
-                                        features=workdir_lib.feature_records(exp), log=log)
+    status = distributed.agree(lambda: workdir_lib.workdir_status(
+        workdir, sweep_cfg, exp.runs, overwrite=overwrite,
+        features=workdir_lib.feature_records(exp), log=log))
     if status == "done":
       log(f"[ih_jax] {workdir} already holds this finished run; loading its results")
-      return load_result(workdir, exp.runs)
+      if primary:
+        return load_result(workdir, exp.runs)
+      return TrainResult(exp.runs, None, [], np.zeros(0, np.int64), np.zeros((len(exp.runs), 0)),
+                         np.zeros((len(exp.runs), 0)), float("nan"), float("nan"))
 
   with jax.default_matmul_precision(cfg.train.matmul_precision):
     # A resumed run's state comes from its checkpoint: no warm-start donor is read.
@@ -202,18 +221,18 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     ckptr, snaps, start_step, resumed = None, None, 0, False
     if workdir is not None:
       if status == "resume":
-        _refuse_old_layout(workdir)
+        distributed.agree(lambda: _refuse_old_layout(workdir))
       if status == "fresh":
-        workdir_lib.write_config(workdir, exp, sweep_cfg)
+        distributed.agree(lambda: workdir_lib.write_config(workdir, exp, sweep_cfg))
       runs_json = [dataclasses.asdict(r) for r in exp.runs]
       ckptr = ckpt_lib.RunCheckpointer(workdir, dict(config=sweep_cfg.to_dict(), runs=runs_json))
       layout = snap_lib.Layout.of(jax.tree.map(lambda x: x[0], state.params))
-      snaps = snap_lib.SnapshotWriter(workdir, layout, runs_json, log=log)
+      snaps = _primary_only(lambda: snap_lib.SnapshotWriter(workdir, layout, runs_json, log=log))
       seqs0 = None
       if status == "resume":
         # The newest resume checkpoint before the first missing or damaged snapshot
         # (a damaged batch sends the run back to before it).
-        limit = snaps.resume_limit([s * B for s in ckpt_steps])
+        limit = distributed.agree(lambda: snaps.resume_limit([s * B for s in ckpt_steps]))
         restored = None
         if limit is None or limit >= 0:
           restored = ckptr.restore_latest(ckpt_lib.to_host(state),
@@ -227,10 +246,11 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         else:
           log(f"[ih_jax] {workdir}: no usable resume checkpoint; starting from scratch")
           state = init_state(exp)
-      snaps.open(seqs0)
-      writer = workdir_lib.RunWriter(workdir, exp,
-                                     resume_seqs=start_step * B if resumed else None, log=log)
-      trackers = tracking.Trackers(cfg, workdir, exp.runs, log=log)
+      writer, trackers = _primary_only(lambda: (
+          snaps.open(seqs0),
+          workdir_lib.RunWriter(workdir, exp, resume_seqs=start_step * B if resumed else None,
+                                log=log),
+          tracking.Trackers(cfg, workdir, exp.runs, log=log))[1:]) or (None, None)
     else:
       writer, trackers = None, None
 
@@ -238,7 +258,9 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
     # step 0's evaluation / checkpoint (a chunk of zero steps).
     todo = [b for b in boundaries if b > start_step or (b == 0 and not resumed)]
     max_chunk = max(1, int(max(np.diff([0] + boundaries))))
-    chunk_fn = make_train_chunk(exp, max_chunk, flat_params_out=snaps is not None)
+    # The same program on every process: snapshot params come out wherever there is a
+    # workdir, though only process 0 writes them.
+    chunk_fn = make_train_chunk(exp, max_chunk, flat_params_out=workdir is not None)
     t0 = time.time()
     setup_s = t0 - t_start
     log(f"[ih_jax] setup {setup_s:.1f}s (features, eval sets, init, workdir); compiling the "
@@ -288,7 +310,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         last_print = now
 
     def save_resume(seqs: int, content: dict[str, Any]) -> None:
-      snaps.sync()  # every snapshot up to `seqs` on disk before the checkpoint that needs it
+      if snaps is not None:  # every snapshot up to `seqs` on disk before the checkpoint
+        snaps.sync()
       ckptr.save(seqs, content)
 
     with _stop_on_signals(ckptr is not None) as stop, _closing_on_error(snaps, trackers):
@@ -321,6 +344,11 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         resume_due = (target == total_steps or (
             cfg.checkpoint.resume_every_s > 0 and
             time.time() - last_resume_save >= cfg.checkpoint.resume_every_s))
+        if distributed.multiprocess():  # process 0's clock; a signal on any process
+          flags = distributed.gather_flags(
+              [resume_due, signal.Signals[signalled].value if signalled else 0])
+          resume_due, code = bool(flags[0, 0]), int(flags[:, 1].max())
+          signalled = signal.Signals(code).name if code else None
         if resume_due or signalled:
           deferred = (target * B, ckpt_lib.to_host(state))
           last_resume_save = time.time()
@@ -329,7 +357,8 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
           save_resume(*deferred)
           ckptr.wait()
           ckptr.close()
-          snaps.close()
+          if snaps is not None:
+            snaps.close()
           if writer is not None:
             writer.close()
             trackers.close()
@@ -340,9 +369,10 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
         consume(pending)
       if deferred is not None:
         save_resume(*deferred)
-    params = jax.tree.map(lambda x: x[:R], jax.device_get(state.params))
+    params = jax.tree.map(lambda x: x[:R], distributed.fetch(state.params))
     if ckptr is not None:
-      snaps.close()
+      if snaps is not None:
+        snaps.close()
       ckptr.finish()
 
   wall = time.time() - t_start
@@ -352,7 +382,7 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
                        final_seqs=total_seqs))
     if trackers:
       trackers.finish(workdir_lib.read_metrics(workdir))
-  if resumed:  # earlier rows come from the interrupted process
+  if resumed and primary:  # earlier rows come from the interrupted process
     result = load_result(workdir, exp.runs, params=params)
     result.wall_s, result.compile_s = wall, compile_s
   else:
@@ -362,6 +392,13 @@ def train_program(program: sweep_lib.Program, sweep_cfg: ExperimentConfig,
   result.setup_s = setup_s
   log(f"[ih_jax] done in {wall:.1f}s (setup {setup_s:.1f}s, compile {compile_s:.1f}s)")
   return result
+
+
+def _primary_only(fn: Callable[[], Any]) -> Any:
+  """fn() on process 0 (its error is raised on every process); None on the others."""
+  out = []
+  distributed.agree(lambda: out.append(fn()))
+  return out[0] if out else None
 
 
 @contextlib.contextmanager

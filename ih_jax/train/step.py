@@ -25,7 +25,7 @@ from ih_jax import tasks as tasks_lib
 from ih_jax.train.evaluation import make_evaluate, make_forward
 from ih_jax.train.experiment import Experiment, init_params
 from ih_jax.train.flat import FlatParams
-from ih_jax.train.placement import runs_sharding
+from ih_jax.train.placement import gathered, runs_sharding
 from ih_jax.train.state import TrainState, optimizer_plan
 
 # pylint: disable=invalid-name
@@ -129,6 +129,10 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   constrain = (lambda t: t) if rs is None else \
       (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rs), t))
   timed = ctx.timed
+  # With several processes, what the host reads back is replicated in the program.
+  gather = gathered(exp)
+  host_out = (lambda t: t) if gather is None else \
+      (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gather), t))
 
   def sample(key, table, lookup):
     return task.sample(key, table, lookup, B)
@@ -174,14 +178,17 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
     flat_params, opt_state, data_key, losses, gnorms = jax.lax.fori_loop(
         0, n_steps, body, (params_R, opt_state_R, state.data_key, buf, buf))
     params, opt_state = flat.unravel_state(flat_params, opt_state, state.opt_state)
+    if gather is not None:  # the replicated copies below must not make the state replicated
+      params, opt_state = constrain(params), constrain(opt_state)
     new_state = TrainState(params, opt_state, data_key, state.step + n_steps)
     seqs_now = new_state.step * B if timed else None  # the evaluation's point
     zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  jax.eval_shape(evaluate, params, clamps_R, batches_V, seqs_now))
     evals = jax.lax.cond(do_eval, lambda: evaluate(params, clamps_R, batches_V, seqs_now),
                          zeros)
+    logs, evals = host_out((losses, gnorms)), host_out(evals)
     if flat_params_out:
-      return new_state, (losses, gnorms), evals, flat_params
-    return new_state, (losses, gnorms), evals
+      return new_state, logs, evals, host_out(flat_params)
+    return new_state, logs, evals
 
   return jax.jit(chunk, donate_argnums=(0,))
