@@ -235,6 +235,11 @@ def test_analyze_cli_end_to_end(tmp_path):
   assert len(rows) == 1 + 2 * 5
   assert "[clamps on]" in proc.stdout and "[clamps off]" in proc.stdout  # run 1 is clamped
   assert "wiring_run1_clampfree.png" in names
+  # The registry's main entry reads the wiring table back as a [L2 head, L1 head] matrix
+  # (a format change once broke it at full scale only).
+  from ih_jax.experiments.paper import registry  # pylint: disable=g-import-not-at-top
+  only_one_pv = registry._read_matrix(os.path.join(wd, "analysis", "wiring_run0_only_one_pv.csv"))
+  assert only_one_pv.shape == (8, 8) and np.isfinite(only_one_pv).all()
 
 
 def test_mistake_fixing_invariants(params, cfg, feature_table, dense):

@@ -58,9 +58,11 @@ def _main_stages(study: Study, heads: dict) -> Stages:
 
 
 def _read_matrix(path: str) -> np.ndarray:
+  """[Layer-2 head, Layer-1 head] of a wiring CSV, under the run's own clamps."""
   with open(path) as f:
-    rows = list(csv.reader(f))[1:]
-  return np.array([[float(v) for v in r[1:]] for r in rows])
+    rows = [r for r in csv.DictReader(f) if r.get("clamped", "1") == "1"]
+  cols = [c for c in rows[0] if c.startswith("L1H")]
+  return np.array([[float(r[c]) for c in cols] for r in rows])
 
 
 def _main_analyze(study: Study, results: dict, heads: dict) -> Outcome:
