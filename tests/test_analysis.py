@@ -96,6 +96,20 @@ def test_learning_time_and_phase_times():
   assert math.isnan(never["learning_time"]) and math.isnan(never["steepest_descent"])
 
 
+def test_phase_times_with_a_slow_fall_from_chance():
+  # The default features' main run at full scale: a fast fall from chance with a slow
+  # tail (steeper per sequence at 15k-25k than the phase change near 400k), then a
+  # plateau ~0.72. (Before the fix the tail was taken for the phase change.)
+  seqs = np.arange(0, 1_000_001, 5000)
+  loss = (np.exp(-seqs / 3e3) + 0.35 * np.exp(-seqs / 40e3)
+          + 0.72 / (1 + np.exp((seqs - 400e3) / 40e3)) + 0.002)
+  t = timing.phase_times(seqs, loss)
+  assert 400_000 <= t["learning_time"] <= 450_000
+  assert t["has_plateau"] and abs(t["plateau_loss"] - 0.72) < 0.03
+  assert t["plateau_exit"] < t["steepest_descent"] <= t["learning_time"]
+  assert 350_000 <= t["steepest_descent"]
+
+
 def test_toy_plateau_removed_by_clamping():
   curves = toy.run()
   def time_to(q, level=1e-3):
