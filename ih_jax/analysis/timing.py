@@ -2,7 +2,9 @@
 
   learning_time      first eval seqs with loss < 0.4 ln 2; NaN (censored) if never
   steepest_descent   eval seqs where the (3-point median smoothed) loss falls fastest
-                     per sequence seen
+                     per sequence seen, after the initial fall from chance (in a run
+                     that learned: within PHASE_WINDOW of the run's length before the
+                     learning time)
   has_plateau        whether the curve sits on a plateau and then leaves it: the
                      smoothed loss at its flattest point (smallest |slope| per sequence)
                      before the steepest descent is above the learning threshold, the
