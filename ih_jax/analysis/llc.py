@@ -36,6 +36,7 @@ from ih_jax import clamps as clamps_lib
 from ih_jax import freeze as freeze_lib
 from ih_jax import model as model_lib
 from ih_jax import tasks as tasks_lib
+from ih_jax.analysis import pointmap
 
 # pylint: disable=invalid-name
 
@@ -133,7 +134,8 @@ def estimate(loss_fn: Callable[[Any, Any, Any], jax.Array], params_K: Any,
     (e.g. a run's clamps), None without.
   sample(key, batch_size) -> a batch, in-graph.
   restrict: a params-shaped tree of bools (one point's shape): only True entries move.
-  One compiled program: lax.map over points (vmapped `ckpt_batch` at a time), vmap over
+  One compiled program: lax.map over points (vmapped `ckpt_batch` at a time; the points
+  split over the local devices, ih_jax.analysis.pointmap), vmap over
   chains, lax.scan over steps.
   """
   K = jax.tree.leaves(params_K)[0].shape[0]
@@ -156,11 +158,12 @@ def _program(loss_fn: Callable, sample: Callable, cfg: SGLDConfig, ckpt_batch: i
   with the same functions (more checkpoints, another run) reuses the compiled program."""
   @jax.jit
   def run(params_K, extras_K, keys_KC, mask):
-    def one_point(args):
-      w_star, extra, keys_C = args
+    def one_point(point, mask):
+      w_star, extra, keys_C = point
       return jax.vmap(lambda k: _sgld_chain(loss_fn, w_star, extra, sample, k, cfg, mask))(
           keys_C)
-    return jax.lax.map(one_point, (params_K, extras_K, keys_KC), batch_size=ckpt_batch)
+    # Points split over the local devices (one per CPU core), ckpt_batch at a time.
+    return pointmap.map_points(one_point, (params_K, extras_K, keys_KC), mask, ckpt_batch)
   return run
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
+from ih_jax.analysis import pointmap
 from ih_jax.analysis import scores as scores_lib
 from ih_jax.data import sampler
 
@@ -137,13 +138,16 @@ def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, cla
 
   @jax.jit
   def run(params_K, clamps_Q, feats, chunk_idx, chunk_w, seqs_K):
-    def one_ckpt(args):
-      params, seqs = args
+    def one_ckpt(point, shared):
+      params, seqs = point
+      clamps, feats, chunk_idx, chunk_w = shared
       if not clamped:
         return one_condition(params, None, feats, chunk_idx, chunk_w, seqs)
       return jax.vmap(one_condition, in_axes=(None, 0, None, None, None, None))(
-          params, clamps_Q, feats, chunk_idx, chunk_w, seqs)
-    return jax.lax.map(one_ckpt, (params_K, seqs_K), batch_size=ckpt_batch)  # already <= K
+          params, clamps, feats, chunk_idx, chunk_w, seqs)
+    # Checkpoints split over the local devices (one per CPU core), ckpt_batch at a time.
+    return pointmap.map_points(one_ckpt, (params_K, seqs_K),
+                               (clamps_Q, feats, chunk_idx, chunk_w), ckpt_batch)
 
   return run
 
