@@ -1,5 +1,6 @@
 """The reproduction registry, its one-command CLI, reuse of finished runs and the report."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_resolve_figures():
   paper = registry.resolve("all")
   beyond = registry.resolve("beyond")
   assert [e.key for e in beyond] == ["tokens", "deep", "capacity", "vocab", "release",
-                                     "freeze_l1", "lr_law"]
+                                     "freeze_l1", "lr_law", "llc"]
   assert {e.key for e in paper} | {e.key for e in beyond} == set(registry.ENTRIES)
   assert not {e.key for e in paper} & {e.key for e in beyond}
   with pytest.raises(ValueError, match="unknown figure '9z'.*5b"):
@@ -102,11 +103,20 @@ def _reproduce(*args, check=True):
 
 def test_cli_end_to_end_reuses_runs_and_writes_report(tmp_path):
   wd = str(tmp_path / "repro")
-  first = _reproduce("--figure=5a,5b", "--scale=smoke", f"--workdir={wd}")
+  # llc reuses the main and Fig. 5b stages: SGLD on their checkpoints (tiny at smoke scale).
+  first = _reproduce("--figure=5a,5b,llc", "--scale=smoke", f"--workdir={wd}")
   report = open(os.path.join(wd, "REPORT.md")).read()
   assert "## 5a" in report and "## 5b" in report and "| 5b | 5b |" in report
   assert "**held**" in report            # the toy model's verdict holds even at smoke scale
   assert os.path.exists(os.path.join(wd, "figures", "fig5a_toy.png"))
+  assert "## llc" in report and "llc FAILED" not in first.stdout + first.stderr
+  for name in ("llc_trace", "llc_per_head", "llc_clamped"):
+    assert os.path.exists(os.path.join(wd, "figures", f"{name}.png")), name
+  cached = json.load(open(os.path.join(wd, "llc.json")))
+  trace = next(v for k, v in cached.items() if k.startswith("trace:"))
+  assert len(trace["llc"]) == len(trace["steps"]) == 4 and all(map(math.isfinite, trace["llc"]))
+  clamped = next(v for k, v in cached.items() if k.startswith("clamped:"))
+  assert {"none", "pt", "perfect_l1", "match", "copy", "l1_copy"} <= set(clamped)
   assert json.load(open(os.path.join(wd, "heads.json")))["5"]["strongest"] in range(8)
   metrics = os.path.join(wd, "clamps_s5", "metrics.csv")
   stamp = os.path.getmtime(metrics)

@@ -126,7 +126,8 @@ def _sgld_chain(loss_fn: Callable, w_star: Any, extra: Any, sample: Callable,
 def estimate(loss_fn: Callable[[Any, Any, Any], jax.Array], params_K: Any,
              sample: Callable[[jax.Array, int], Any], key: jax.Array,
              cfg: SGLDConfig = SGLDConfig(), *, extras_K: Any = None,
-             restrict: Any | None = None, ckpt_batch: int = 4) -> LLCResult:
+             restrict: Any | None = None, restrict_K: Any | None = None,
+             ckpt_batch: int = 4) -> LLCResult:
   """LLC estimates of K stacked parameter points (checkpoints, runs, or both flattened).
 
   loss_fn(params, batch, extra) -> scalar mean loss (the training loss: for a model,
@@ -134,6 +135,8 @@ def estimate(loss_fn: Callable[[Any, Any, Any], jax.Array], params_K: Any,
     (e.g. a run's clamps), None without.
   sample(key, batch_size) -> a batch, in-graph.
   restrict: a params-shaped tree of bools (one point's shape): only True entries move.
+  restrict_K: the same with a leading [K] axis, one mask per point (e.g. every head's
+    LLC at every checkpoint in one program); not with `restrict`.
   One compiled program: lax.map over points (vmapped `ckpt_batch` at a time; the points
   split over the local devices, ih_jax.analysis.pointmap), vmap over
   chains, lax.scan over steps.
@@ -142,9 +145,15 @@ def estimate(loss_fn: Callable[[Any, Any, Any], jax.Array], params_K: Any,
   C = cfg.num_chains
   keys_KC = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.arange(C)))(
       jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(K)))
-  mask = None if restrict is None else jax.tree.map(lambda m: np.asarray(m, bool), restrict)
+  if restrict is not None and restrict_K is not None:
+    raise ValueError("pass restrict (one mask for every point) or restrict_K (one per point), "
+                     "not both")
+  as_bool = lambda t: None if t is None else jax.tree.map(lambda m: np.asarray(m, bool), t)  # noqa: E731
+  mask, mask_K = as_bool(restrict), as_bool(restrict_K)
+  if mask_K is not None and jax.tree.leaves(mask_K)[0].shape[0] != K:
+    raise ValueError(f"restrict_K has {jax.tree.leaves(mask_K)[0].shape[0]} masks for {K} points")
   run = _program(loss_fn, sample, cfg, max(1, min(ckpt_batch, K)))
-  excess, loss_star, dist = jax.device_get(run(params_K, extras_K, keys_KC, mask))
+  excess, loss_star, dist = jax.device_get(run(params_K, extras_K, keys_KC, mask, mask_K))
   nbeta = cfg.effective_nbeta
   draws = excess[:, :, cfg.num_burnin:].astype(np.float64)
   llc_chains = nbeta * draws.mean(-1)
@@ -157,13 +166,14 @@ def _program(loss_fn: Callable, sample: Callable, cfg: SGLDConfig, ckpt_batch: i
   """The jitted estimate, one per (loss, sampler, settings): calling `estimate` again
   with the same functions (more checkpoints, another run) reuses the compiled program."""
   @jax.jit
-  def run(params_K, extras_K, keys_KC, mask):
-    def one_point(point, mask):
-      w_star, extra, keys_C = point
-      return jax.vmap(lambda k: _sgld_chain(loss_fn, w_star, extra, sample, k, cfg, mask))(
-          keys_C)
+  def run(params_K, extras_K, keys_KC, mask, mask_K):
+    def one_point(point, shared_mask):
+      w_star, extra, keys_C, own_mask = point
+      m = own_mask if own_mask is not None else shared_mask
+      return jax.vmap(lambda k: _sgld_chain(loss_fn, w_star, extra, sample, k, cfg, m))(keys_C)
     # Points split over the local devices (one per CPU core), ckpt_batch at a time.
-    return pointmap.map_points(one_point, (params_K, extras_K, keys_KC), mask, ckpt_batch)
+    return pointmap.map_points(one_point, (params_K, extras_K, keys_KC, mask_K), mask,
+                               ckpt_batch)
   return run
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any
 
 import jax
 import numpy as np
@@ -24,20 +23,14 @@ from ih_jax import checkpoint as ckpt_lib
 from ih_jax import plots, toy
 from ih_jax.analysis import context, measures, report as report_lib, timing
 from ih_jax.analysis import verdicts as V
-from ih_jax.experiments.paper import beyond, dynamics, tokens_entry
+from ih_jax.experiments.paper import beyond, dynamics, llc_entry, tokens_entry
 from ih_jax.experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table, png
+from ih_jax.experiments.paper.registry_base import clamp_stage as _clamp_stage
+from ih_jax.experiments.paper.registry_base import pt_head_name as _P, strongest_name as _S
 from ih_jax.experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
 
 # Short names used throughout this module.
 _curve_figure, _lt_table, _png = curve_figure, lt_table, png
-
-def _S(heads: dict, seed: int = PAPER_SEED) -> str:
-  return f"L2H{heads[seed]['strongest']}"
-
-
-def _P(heads: dict, seed: int = PAPER_SEED, rank: int = 0) -> str:
-  return f"L1H{heads[seed]['pt_order'][rank]}"
-
 
 def _versus_none(study: Study, res: list, claim: str, baseline: str, fig: str, title: str,
                  note: str = "") -> Outcome:
@@ -180,23 +173,6 @@ def _toy_analyze(study: Study, results: dict, heads: dict) -> Outcome:
 
 
 # ============================================================================ 5b clamps
-
-def clamp_conditions(heads: dict, seed: int) -> tuple[str, ...]:
-  """The Fig. 5b conditions for `seed`, on its main run's STRONGEST head and top PT head:
-  none, pt, perfect_l1, match, copy, l1_copy (all but the copy ones ablate REST)."""
-  S, P = _S(heads, seed), _P(heads, seed)
-  return (f"none=keep_only:{S}", f"pt=pt:{P};keep_only:{S}",
-          f"perfect_l1=perfect_l1;keep_only:{S}", f"match=ih:{S};keep_only:{S}",
-          f"copy=copy:{S}", f"l1_copy=perfect_l1;copy:{S}")
-
-
-def _clamp_stage(study: Study, heads: dict, seed: int) -> tuple[str, Any]:
-  # Dense checkpoints for the "None" baseline's progress measures (App. 10); the runs
-  # share one stacked checkpoint.
-  return (f"clamps_s{seed}", study.config(
-      paper_seqs=600_000, paper_eval_every=1000, conditions=clamp_conditions(heads, seed),
-      seeds=(seed,), ckpt_every=study.scale.clamp_ckpt_every if seed == PAPER_SEED else 0))
-
 
 def _clamp_verdicts(lts: dict, hz: float, seed: int) -> list[V.Verdict]:
   lt = {k[0]: v for k, v in lts.items()}
@@ -479,11 +455,12 @@ ENTRIES: dict[str, Entry] = {e.key: e for e in (
     Entry("A18", ("A18",), "Extra seeds", lambda study: study.scale.extra_seeds, _seeds_stages,
           _seeds_analyze),
     tokens_entry.ENTRY,
-) + beyond.ENTRIES + dynamics.ENTRIES}
+) + beyond.ENTRIES + dynamics.ENTRIES + llc_entry.ENTRIES}
 
 
 # Entries beyond the paper: run with --figure=beyond (not part of "all").
-BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES + dynamics.ENTRIES)
+BEYOND = ("tokens",) + tuple(e.key for e in beyond.ENTRIES + dynamics.ENTRIES
+                              + llc_entry.ENTRIES)
 
 
 def resolve(figure: str) -> list[Entry]:

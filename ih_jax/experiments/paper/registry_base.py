@@ -14,7 +14,7 @@ import numpy as np
 
 from ih_jax import plots
 from ih_jax.analysis import verdicts as V
-from ih_jax.experiments.paper.study import Study
+from ih_jax.experiments.paper.study import PAPER_SEED, Study
 
 Stages = list[tuple[str, Any]]
 
@@ -68,3 +68,33 @@ def curve_figure(study: Study, name: str, groups: dict[str, tuple[np.ndarray, np
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return png(plots._save(fig, study.figure_dir, name))  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ heads and the Fig. 5b stage
+
+def strongest_name(heads: dict, seed: int = PAPER_SEED) -> str:
+  """The STRONGEST induction head of `seed`'s main run, e.g. "L2H3"."""
+  return f"L2H{heads[seed]['strongest']}"
+
+
+def pt_head_name(heads: dict, seed: int = PAPER_SEED, rank: int = 0) -> str:
+  """The `rank`-th previous-token head of `seed`'s main run, e.g. "L1H1"."""
+  return f"L1H{heads[seed]['pt_order'][rank]}"
+
+
+def clamp_conditions(heads: dict, seed: int) -> tuple[str, ...]:
+  """The Fig. 5b conditions for `seed`, on its main run's STRONGEST head and top PT head:
+  none, pt, perfect_l1, match, copy, l1_copy (all but the copy ones ablate REST)."""
+  S, P = strongest_name(heads, seed), pt_head_name(heads, seed)
+  return (f"none=keep_only:{S}", f"pt=pt:{P};keep_only:{S}",
+          f"perfect_l1=perfect_l1;keep_only:{S}", f"match=ih:{S};keep_only:{S}",
+          f"copy=copy:{S}", f"l1_copy=perfect_l1;copy:{S}")
+
+
+def clamp_stage(study: Study, heads: dict, seed: int) -> tuple[str, Any]:
+  """The Fig. 5b stage of `seed` (all conditions in one program)."""
+  # Dense checkpoints for the "None" baseline's progress measures (App. 10); the runs
+  # share one stacked checkpoint.
+  return (f"clamps_s{seed}", study.config(
+      paper_seqs=600_000, paper_eval_every=1000, conditions=clamp_conditions(heads, seed),
+      seeds=(seed,), ckpt_every=study.scale.clamp_ckpt_every if seed == PAPER_SEED else 0))
