@@ -106,3 +106,22 @@ def test_model_llc_per_head_and_clamped():
   clamped = llc.estimate(loss_c, params_K, sample_c, jax.random.key(0), sg, extras_K=extras)
   assert np.isfinite(clamped.llc).all()
   assert not np.allclose(clamped.excess, whole.excess)
+
+
+def test_per_point_masks_equal_one_mask_per_call(regression):
+  """restrict_K (a mask per point: every head at every checkpoint in one program) gives
+  each point the chains that `restrict` with that point's mask gives it."""
+  loss_fn, sample, w_star, _ = regression
+  points = {"w": jnp.stack([w_star, w_star + 0.01])}
+  cfg = llc.SGLDConfig(step_size=1e-4, num_chains=2, num_draws=30, batch_size=64)
+  a, b = np.arange(D) < 4, np.arange(D) >= 4
+  both = llc.estimate(loss_fn, points, sample, jax.random.key(4), cfg,
+                      restrict_K={"w": np.stack([a, b])})
+  for k, m in enumerate((a, b)):
+    one = llc.estimate(loss_fn, points, sample, jax.random.key(4), cfg, restrict={"w": m})
+    scale = np.abs(one.excess[k]).max()
+    np.testing.assert_allclose(both.excess[k], one.excess[k], rtol=1e-4, atol=1e-5 * scale)
+  assert not np.allclose(both.excess[0], both.excess[1])
+  with pytest.raises(ValueError, match="not both"):
+    llc.estimate(loss_fn, points, sample, jax.random.key(4), cfg, restrict={"w": a},
+                 restrict_K={"w": np.stack([a, b])})
