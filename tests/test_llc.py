@@ -125,3 +125,28 @@ def test_per_point_masks_equal_one_mask_per_call(regression):
   with pytest.raises(ValueError, match="not both"):
     llc.estimate(loss_fn, points, sample, jax.random.key(4), cfg, restrict={"w": a},
                  restrict_K={"w": np.stack([a, b])})
+
+
+def test_windowed_clamps_act_by_each_points_sequences():
+  """A clamp on for [0, 1000) sequences: a point at 500 is estimated under the clamp, a
+  point at 5000 without it (the same draws as the always-clamped / unclamped loss)."""
+  cfg = ExperimentConfig.from_dict(dict(evaluators=[dict(name="fsl_train", size=64)]))
+  _, _, task = llc.model_loss_and_sampler(cfg)
+  params = model_lib.init_params(jax.random.key(5), cfg.model, 512, task=task)
+  params_K = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+  sg = llc.SGLDConfig(step_size=1e-6, gamma=1000.0, num_chains=2, num_draws=10, batch_size=32)
+
+  def run(spec, seqs=None):
+    c = clamps_lib.parse(spec, 2, 8)
+    plan = clamps_lib.plan_for(clamps_lib.stack([c]))
+    loss_fn, sample, _ = llc.model_loss_and_sampler(cfg, plan)
+    stacked = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * 2), c)
+    return llc.estimate(loss_fn, params_K, sample, jax.random.key(0), sg,
+                        extras_K=llc.point_extras(stacked, seqs, plan))
+
+  windowed = run("ih:L2H3@[0,1000)", [500, 5000])
+  always, never = run("ih:L2H3"), run("none")
+  scale = np.abs(always.excess).max() + np.abs(never.excess).max()
+  np.testing.assert_allclose(windowed.excess[0], always.excess[0], rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(windowed.excess[1], never.excess[1], rtol=1e-4, atol=1e-5 * scale)
+  assert not np.allclose(always.excess[0], never.excess[0])

@@ -220,23 +220,27 @@ def diagnose(result: LLCResult, cfg: SGLDConfig) -> list[str]:
 def model_loss_and_sampler(cfg: Any, plan: clamps_lib.ClampPlan = clamps_lib.NO_CLAMPS,
                            task: tasks_lib.Task | None = None
                            ) -> tuple[Callable, Callable, tasks_lib.Task]:
-  """(loss_fn(params, batch, clamps), sample(key, batch_size), task) of an
+  """(loss_fn(params, batch, extra), sample(key, batch_size), task) of an
   ExperimentConfig's model and task: the training loss under the clamps (`plan`: the
   static plan of the clamps passed; NO_CLAMPS for unclamped runs), on fresh batches of
-  the training stream (the first data variant's)."""
+  the training stream (the first data variant's).
+
+  `extra` (each point's entry of `estimate`'s extras_K) is the point's clamps; when the
+  plan has windows or ramps (`plan.scheduled`: clamps that act only in part of the
+  run), it is (clamps, seqs) with seqs the point's sequences seen, so the clamps act at
+  each checkpoint as they did in training there (`point_extras` builds it)."""
   task = task if task is not None else tasks_lib.for_config(cfg)
   task.check()
   data = task.setup([cfg])
   per_variant, shared = task.sampling_inputs(data.data_V)
   table = jax.tree.map(lambda x: x[0], per_variant)
-  if plan.scheduled:
-    raise ValueError("the LLC under windowed clamps is not implemented (the clamps acting "
-                     "depend on the step); estimate it unclamped")
+  timed = bool(plan.scheduled)
 
-  def loss_fn(params, batch, clamps):
+  def loss_fn(params, batch, extra):
+    clamps, seqs = extra if timed else (extra, None)
     def forward(b, *, sites=(), query_only=False):
       return model_lib.apply(params, b, clamps, cfg.model, plan, sites=sites,
-                             query_only=query_only, task=task)
+                             query_only=query_only, seqs=seqs, task=task)
     return task.loss(forward, batch)
 
   def sample(key, batch_size):
@@ -252,3 +256,14 @@ def restrict_mask(template: Any, groups: Sequence[str], num_heads: int) -> Any:
   if not masks:
     raise ValueError("restrict_mask needs at least one group")
   return jax.tree.map(lambda *ms: np.logical_or.reduce(ms), *masks)
+
+
+def point_extras(clamps_K: Any, seqs_K: Sequence[int], plan: clamps_lib.ClampPlan) -> Any:
+  """extras_K for `estimate` with `model_loss_and_sampler(cfg, plan)`'s loss: each point's
+  clamps ([K]-stacked), with each point's sequences seen when the plan has windows."""
+  if not plan.scheduled:
+    return clamps_K
+  K = jax.tree.leaves(clamps_K)[0].shape[0]
+  if len(seqs_K) != K:
+    raise ValueError(f"seqs_K has {len(seqs_K)} entries for {K} points")
+  return clamps_K, np.asarray(seqs_K, np.int32)

@@ -95,8 +95,13 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
     plots.plot_learning_times(out_dir, phase[1])
 
   steps = context.subsample_steps(ctx.checkpoint_steps(), num_checkpoints)
-  sets = _Sets(ctx.dense_set(dense_size), ctx.dense_set(wiring_size) if do_wiring else None,
-               ctx.dense_set(posthoc_size))
+  dense, posthoc = ctx.dense_set(dense_size), ctx.dense_set(posthoc_size)
+  # The same sequences for both (e.g. the full dense set at full scale): one object, so
+  # the post-hoc baseline reuses the progress measures' loss instead of measuring it again.
+  if jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and bool(np.array_equal(a, b)),
+                               dense, posthoc)):
+    posthoc = dense
+  sets = _Sets(dense, ctx.dense_set(wiring_size) if do_wiring else None, posthoc)
   log(f"[analyze] {len(run_list)} run(s); {len(steps)} checkpoint(s) from "
       f"{steps[0]:,d} to {steps[-1]:,d} seqs; dense set of {sets.dense.classes.shape[0]:,d} "
       "sequences")
@@ -204,17 +209,18 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
                    f"layer-{L} heads ablated": f"ablate:L{L}H0-{H - 1}"}
   ok, skipped = measures.applicable(list(contrib_specs.values()), cfg, base)
   notes += [f"post-hoc {s!r} not applicable: {why}" for s, why in skipped.items()]
-  base_m = measures.measure_under(params_K, feats, sets.posthoc, cfg, base, seqs_K=steps)
+  base_loss = (m["loss"] if sets.posthoc is sets.dense else
+               measures.measure_under(params_K, feats, sets.posthoc, cfg, base, seqs_K=steps)["loss"])
   pc = (measures.measure(params_K, feats, sets.posthoc, cfg, measures.conditions(ok, cfg, base),
                          seqs_K=steps) if ok else None)
   contrib = {lab: (pc["loss"][:, ok.index(sp)] if sp in ok else np.full(len(steps), np.nan))
              for lab, sp in contrib_specs.items()}
   tables["layer_contributions"] = [
-      dict(seqs=s_, loss=float(base_m["loss"][k]), **{lab: float(v[k]) for lab, v in
+      dict(seqs=s_, loss=float(base_loss[k]), **{lab: float(v[k]) for lab, v in
                                                       contrib.items()})
       for k, s_ in enumerate(steps)]
   if len(steps) >= 2:
-    plots.plot_layer_contributions(out_dir, steps, base_m["loss"], contrib,
+    plots.plot_layer_contributions(out_dir, steps, base_loss, contrib,
                                    name=fig("layer_contributions"), title=label)
 
   # Mean attention patterns at the start, around the learning time and at the end.
