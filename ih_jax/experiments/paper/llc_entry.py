@@ -100,8 +100,21 @@ def _trace(study: Study, cfg: llc.SGLDConfig, num: int) -> dict[str, Any]:
               pt_score=m["pt_score"][:, 0].tolist())
 
 
+def _settled(steps: np.ndarray, y: np.ndarray) -> int:
+  """Index of the first point after the leading negative estimates: early checkpoints
+  (still falling from chance) are not local minima, the chains slide downhill and the
+  estimate is negative; they are left out of the stage analysis (and said so)."""
+  k = 0
+  while k < len(y) and y[k] < 0:
+    k += 1
+  return k
+
+
 def _steepest_rise(steps: np.ndarray, y: np.ndarray) -> float:
-  """Sequences at the steepest rise of a 3-point-smoothed trace (NaN if it never rises)."""
+  """Sequences at the steepest rise of a 3-point-smoothed trace after its leading
+  negative estimates (NaN if it never rises)."""
+  k0 = _settled(steps, y)
+  steps, y = steps[k0:], y[k0:]
   if len(y) < 3:
     return math.nan
   sm = np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid")
@@ -110,17 +123,27 @@ def _steepest_rise(steps: np.ndarray, y: np.ndarray) -> float:
   return float(0.5 * (steps[k] + steps[k + 1])) if slope[k] > 0 else math.nan
 
 
-def _turns(steps: np.ndarray, y: np.ndarray) -> list[tuple[float, str]]:
-  """Where the smoothed trace changes direction (the stage boundaries of Hoogland et
-  al.: the LLC's local maxima and minima), as (sequences, 'peak' | 'trough')."""
-  if len(y) < 5:
+def _turns(steps: np.ndarray, y: np.ndarray, frac: float = 0.1) -> list[tuple[float, str]]:
+  """Stage boundaries (Hoogland et al.: where the LLC trace changes direction), as
+  (sequences, 'peak' | 'trough'): a zigzag over the trace after its leading negative
+  estimates, a turn counting only once the trace has moved `frac` of its range back
+  from it (smaller wiggles are the chains' noise)."""
+  k0 = _settled(steps, y)
+  steps, y = steps[k0:], y[k0:]
+  if len(y) < 3:
     return []
-  sm = np.convolve(np.pad(y, 2, mode="edge"), np.ones(5) / 5, mode="valid")
-  d = np.sign(np.diff(sm))
-  out = []
-  for k in range(1, len(d)):
-    if d[k] != d[k - 1] and d[k] != 0 and d[k - 1] != 0:
-      out.append((float(steps[k]), "peak" if d[k - 1] > 0 else "trough"))
+  thr = frac * float(y.max() - y.min())
+  out: list[tuple[float, str]] = []
+  ext, direction = 0, 0            # index of the running extreme; +1 rising, -1 falling
+  for k in range(1, len(y)):
+    if direction == 0:
+      if abs(y[k] - y[0]) > thr:
+        direction, ext = (1 if y[k] > y[0] else -1), k
+    elif (y[k] - y[ext]) * direction >= 0:
+      ext = k                      # the trace goes on in its direction
+    elif abs(y[k] - y[ext]) > thr:
+      out.append((float(steps[ext]), "peak" if direction > 0 else "trough"))
+      direction, ext = -direction, k
   return out
 
 
@@ -161,8 +184,10 @@ def _trace_analyze(study: Study, results: dict, heads: dict, cfg: llc.SGLDConfig
   out.notes.append(
       f"(a) LLC trace of the main run, seed {PAPER_SEED}: {len(steps)} checkpoints x "
       f"{cfg.num_chains} chains. {_settings_note(cfg)}. Loss: plateau exit {exit_:,.0f}, "
-      f"steepest descent {ph['steepest_descent']:,.0f}, learning time {lt:,.0f}. Turns of the "
-      "5-point-smoothed trace (stage boundaries): "
+      f"steepest descent {ph['steepest_descent']:,.0f}, learning time {lt:,.0f}. Leading "
+      f"checkpoints with a negative estimate (not local minima: still falling from chance), "
+      f"left out of the stage analysis: {_settled(steps, y)}. Turns of the trace (stage "
+      "boundaries: where it reverses by more than 10% of its range): "
       + (", ".join(f"{kind} at {s:,.0f}" for s, kind in turns) or "none") + ". "
       + f"Diagnostics: {t['num_warnings']} warning(s)"
       + (": " + "; ".join(t["warnings"]) if t["warnings"] else "") + ".\n\n"
@@ -296,14 +321,25 @@ def _clamped_analyze(study: Study, results: dict, heads: dict, cfg: llc.SGLDConf
   conds = [c for c in t if c not in ("steps", "warnings", "num_warnings")]
   hz = float(max(s.max() for s, _ in cur.values()))
   lts = {c: timing.learning_time(*cur[c]) for c in conds}
-  near = {}
+  near, unresolved = {}, []
   for c in conds:
-    rise = _steepest_rise(steps, np.asarray(t[c]["llc"]))
-    if lts[c] == lts[c] and rise == rise:
+    y = np.asarray(t[c]["llc"])
+    first = _settled(steps, y)
+    rise = _steepest_rise(steps, y)
+    if lts[c] != lts[c] or first + 1 >= len(steps) or lts[c] <= steps[first]:
+      # Never learned, or learned before the second usable checkpoint: a rise at the
+      # learning time cannot be seen at this checkpoint spacing.
+      unresolved.append(c)
+    elif rise == rise:
       near[f"{c} (rise {rise:,.0f}, learned {lts[c]:,.0f})"] = abs(rise - lts[c]) <= 2 * NEAR * hz
-  out.verdicts.append(V.fraction_at_least(
+  v = V.fraction_at_least(
       "Q: under clamps too, does each run's LLC rise where its own loss learns?", near, MOST,
-      f"steepest LLC rise within {2 * NEAR:.0%} of the run's length of its learning time"))
+      f"steepest LLC rise within {2 * NEAR:.0%} of the run's length of its learning time")
+  if unresolved:
+    v = dataclasses.replace(v, measured=v.measured + "; not resolved at this checkpoint "
+                            "spacing (learned before the first checkpoint with a positive "
+                            "estimate, or never): " + ", ".join(unresolved))
+  out.verdicts.append(v)
   base = t["none"]["llc"][-1] if "none" in t else math.nan
   lower = {f"{c} ({t[c]['llc'][-1]:.0f})": t[c]["llc"][-1] < base for c in conds if c != "none"}
   out.verdicts.append(V.fraction_at_least(
