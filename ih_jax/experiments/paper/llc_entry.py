@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from matplotlib import ticker
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import plots
@@ -278,6 +279,7 @@ def _per_head_analyze(study: Study, results: dict, heads: dict, cfg: llc.SGLDCon
     if lt == lt:
       ax.axvline(lt, color="gray", ls=":", lw=1)
     ax.set_title(f"layer {layer} (bold: {special})", fontsize=9)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
     ax.set_xlabel("sequences seen")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
