@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ih_jax import clamps as clamps_lib
@@ -123,8 +125,7 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
   flat = ctx.flat
   hp_R = ctx.opt_plan.per_run(exp.run_variant)  # {} unless a number differs between runs
   evaluate = make_evaluate(exp)
-  R, V = exp.num_padded, len(exp.variants)
-  run_variant = jnp.asarray(exp.run_variant)
+  R = exp.num_padded
   rs = runs_sharding(exp)
   constrain = (lambda t: t) if rs is None else \
       (lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rs), t))
@@ -136,6 +137,15 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
 
   def sample(key, table, lookup):
     return task.sample(key, table, lookup, B)
+
+  # Variants that differ only in optimizer numbers or freeze schedules (same training
+  # seed and data settings) see the same batches: each such group samples once.
+  data_ident = [json.dumps([v.cfg.train.train_seed, dataclasses.asdict(v.cfg.data)],
+                           sort_keys=True, default=str) for v in exp.variants]
+  reps = sorted({data_ident.index(d) for d in data_ident})       # first variant of each group
+  group_of_variant = np.asarray([reps.index(data_ident.index(d)) for d in data_ident])
+  run_group = jnp.asarray(group_of_variant[np.asarray(exp.run_variant)])
+  reps_idx = jnp.asarray(reps)
 
   # Per-run freeze windows ([R, G] starts and stops; G = 0 when no run freezes).
   if ctx.freeze is not None:
@@ -155,12 +165,14 @@ def make_train_chunk(exp: Experiment, max_steps: int, flat_params_out: bool = Fa
       data_key_V, batch_key_V = keys[:, 0], keys[:, 1]
       # Training sees few distinct exemplars (50 classes x 1 exemplar in the paper):
       # they are embedded once per step and gathered (IndexedFeatures).
-      if V == 1:  # one batch shared by every run (it depends only on train_seed)
-        batch = sample(batch_key_V[0], table_V[0], lookup)
+      if len(reps) == 1:  # one batch shared by every run (one training seed and data)
+        batch = sample(batch_key_V[reps[0]], jax.tree.map(lambda x: x[reps[0]], table_V),
+                       lookup)
         batch_axis = None
-      else:       # each run trains on its variant's batch
-        batch_V = jax.vmap(lambda k, t: sample(k, t, lookup))(batch_key_V, table_V)
-        batch = jax.tree.map(lambda x: x[run_variant], batch_V)
+      else:               # each run trains on its data group's batch
+        batch_G = jax.vmap(lambda k, t: sample(k, t, lookup))(
+            batch_key_V[reps_idx], jax.tree.map(lambda x: x[reps_idx], table_V))
+        batch = jax.tree.map(lambda x: x[run_group], batch_G)
         batch_axis = 0
       params, opt_state, loss_R, gnorm_R = jax.vmap(
           run_step, in_axes=(0, 0, batch_axis, 0, 0, 0, None))(
