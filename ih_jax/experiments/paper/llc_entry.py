@@ -251,8 +251,10 @@ def _per_head_analyze(study: Study, results: dict, heads: dict, cfg: llc.SGLDCon
   for layer, head, role in ((2, S, "strongest induction head"), (1, Pn, "top previous-token head")):
     mine = np.asarray(t[head]["llc"])
     spread = np.asarray(t[head]["std"])
-    others = np.max([t[n]["llc"] for n in names if n.startswith(f"L{layer}H") and n != head],
-                    axis=0)
+    rest = [t[n]["llc"] for n in names if n.startswith(f"L{layer}H") and n != head]
+    if not rest:  # a one-head layer: nothing to separate from
+      continue
+    others = np.max(rest, axis=0)
     apart = np.nonzero(mine - spread > others)[0]
     # "Separates" from the first checkpoint after which it stays above every other head.
     first = next((int(k) for k in apart if all(j in apart for j in range(k, len(steps)))), None)
