@@ -3,9 +3,9 @@
 "medium" is quick with twice the length and five seeds. "quick" keeps every experiment's structure (conditions, head choices, comparisons)
 but trains with a 10x learning rate (1e-4) for 15% of the paper's sequences, with
 fewer extra seeds and smaller eval/analysis sets. At 1e-4 the main run's plateau
-still sits near ln 2 and ends in an abrupt drop, ~8x earlier (learning time 55-70k
-sequences for init seeds 5-8 vs 430k at 1e-5, measured on the Gaussian family, the
-earlier default; BUILD_NOTES.md). Verdicts at quick
+still sits near ln 2 and ends in an abrupt drop, ~8x earlier (on the default features:
+learning time 57,024 / 34,528 / 49,504 sequences for init seeds 5 / 6 / 7, against
+440,000 for seed 5 at 1e-5; BUILD_NOTES.md). Verdicts at quick
 scale are about the same qualitative claims, not the paper's numbers.
 """
 
