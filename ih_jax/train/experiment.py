@@ -3,8 +3,9 @@
 A program is a stack of runs trained and evaluated together. The leading axis of params /
 optimizer state / clamps is the runs axis R (data variant x condition x init seed,
 variant-major). Data variants (ih_jax.sweep.PER_RUN_FIELDS) give each group of runs its
-own feature table and training stream; with one variant the batch is sampled once per
-step and shared by every run. With several devices the runs axis is padded to a multiple
+own feature table and training stream; variants with the same training seed and data
+settings (differing only in optimizer numbers or freeze schedules) share one batch per
+step, and with one such group it is shared by every run. With several devices the runs axis is padded to a multiple
 of the device count with copies of the last run (their results are dropped; see
 ih_jax.train.placement).
 """
