@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from ih_jax import sweep
@@ -182,3 +183,18 @@ def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   deep = json.load(open(os.path.join(str(tmp_path), "deep_heads.json")))["mlp2"]
   assert set(deep) == {"5"} and all(h["last"].startswith("L3H") for h in deep.values())
   assert all(len(h["pt_score"]) == 3 for h in deep.values())
+
+
+def test_llc_trace_stage_helpers():
+  """The LLC entry's stage analysis: leading negative estimates (non-minima) are left
+  out, a trace that never rises has no steepest rise, turns need a real reversal."""
+  from ih_jax.experiments.paper import llc_entry
+  steps = np.arange(10.0) * 10
+  y = np.array([-50.0, 1, 1.1, 1, 5, 9, 10, 9.5, 6, 6.2])
+  assert llc_entry._settled(steps, y) == 1
+  assert llc_entry._steepest_rise(steps, y) == 45.0   # not the -50 -> 1 jump at the start
+  assert llc_entry._turns(steps, y) == [(60.0, "peak")]
+  assert llc_entry._turns(steps, y + 0.05 * np.sin(np.arange(10))) == [(60.0, "peak")]
+  falling = np.linspace(10.0, 1.0, 10)
+  assert math.isnan(llc_entry._steepest_rise(steps, falling))
+  assert llc_entry._turns(steps, falling) == []
