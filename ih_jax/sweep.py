@@ -9,6 +9,11 @@ stream). Any other grid field (e.g. `model.num_labels`, `task.num_context`)
 changes the program, so such variants are grouped into separate programs, run
 one after the other, each in `workdir/program_<k>/`. A program with more runs
 than `max_runs_per_program` is split into chunks the same way.
+
+A condition entry may be bound to some init seeds, `name[5,7]=spec`: it then trains
+only with those seeds. Several entries may share a name when their seed sets are
+disjoint, so one condition can mean a different head per seed (e.g. each seed's own
+strongest induction head) and still train in one program beside the others.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ast
 import dataclasses
 import itertools
 import json
+import re
 from typing import Any, Callable
 
 from ih_jax import optim
@@ -131,6 +137,60 @@ def expand_grid(cfg: ExperimentConfig) -> list[Variant]:
   return variants
 
 
+def split_condition(entry: str) -> tuple[str, tuple[int, ...] | None, str]:
+  """'name[5,6]=spec' -> ('name', (5, 6), 'spec'); 'name=spec' -> ('name', None, 'spec');
+  a bare 'spec' is its own name. Raises for a malformed seed binding."""
+  head, sep, spec = entry.partition("=")
+  if not sep:
+    return entry.strip(), None, entry
+  head = head.strip()
+  if "[" not in head and "]" not in head:
+    return head, None, spec
+  m = re.fullmatch(r"([^\[\]]+)\[([^\[\]]*)\]", head)
+  seeds: list[int] = []
+  if m:
+    try:
+      seeds = [int(t) for t in m.group(2).split(",") if t.strip()]
+    except ValueError:
+      seeds = []
+  if not m or not seeds:
+    raise ValueError(f"condition {entry!r}: a seed binding looks like 'name[5]=spec' or "
+                     "'name[5,7]=spec' (init seeds, comma-separated)")
+  return m.group(1).strip(), tuple(seeds), spec
+
+
+def condition_runs(conditions: tuple[str, ...], init_seeds: tuple[int, ...]
+                   ) -> list[tuple[str, str, int]]:
+  """(name, entry, seed) of every run of one data variant, condition-major; validates
+  seed bindings (seeds among init_seeds, a shared name only over disjoint seed sets)."""
+  owners: dict[tuple[str, int], str] = {}
+  unbound: set[str] = set()
+  out = []
+  for entry in conditions:
+    name, bound, _ = split_condition(entry)
+    if bound is None:
+      if name in unbound or any(n == name for n, _ in owners):
+        raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
+      unbound.add(name)
+      seeds = init_seeds
+    else:
+      if name in unbound:
+        raise ValueError(f"condition {entry!r}: {name!r} is also given for every seed; a "
+                         "seed-bound name may only repeat with disjoint seeds")
+      missing = [s for s in bound if s not in init_seeds]
+      if missing:
+        raise ValueError(f"condition {entry!r}: seed(s) {missing} are not in "
+                         f"sweep.init_seeds {tuple(init_seeds)}")
+      seeds = tuple(s for s in init_seeds if s in bound)
+    for seed in seeds:
+      if (name, seed) in owners:
+        raise ValueError(f"conditions {owners[(name, seed)]!r} and {entry!r} both give "
+                         f"{name!r} for seed {seed}")
+      owners[(name, seed)] = entry
+      out.append((name, entry, int(seed)))
+  return out
+
+
 def _program_key(cfg: ExperimentConfig) -> str:
   """Everything that must be equal for two variants to share a program."""
   d = cfg.to_dict()
@@ -148,19 +208,15 @@ def plan_programs(cfg: ExperimentConfig,
   `max_runs` may be a function (group config, number of runs) -> limit, so that
   each group of shape-compatible variants gets its own limit.
   """
-  dupes = sorted({c for c in map(_condition_name, cfg.sweep.conditions)
-                  if list(map(_condition_name, cfg.sweep.conditions)).count(c) > 1})
-  if dupes:
-    raise ValueError(f"duplicate condition name(s) {dupes} in sweep.conditions")
+  per_variant = condition_runs(cfg.sweep.conditions, cfg.sweep.init_seeds)
   variants = expand_grid(cfg)
   groups: dict[str, list[Variant]] = {}
   for v in variants:
     groups.setdefault(_program_key(v.cfg), []).append(v)
   programs: list[tuple[tuple[Variant, ...], tuple[RunSpec, ...]]] = []
   for group in groups.values():
-    runs = [RunSpec(_condition_name(entry), entry, int(seed), vi)
-            for vi, _ in enumerate(group)
-            for entry in cfg.sweep.conditions for seed in cfg.sweep.init_seeds]
+    runs = [RunSpec(name, entry, seed, vi)
+            for vi, _ in enumerate(group) for name, entry, seed in per_variant]
     limit = max_runs(group[0].cfg, len(runs)) if callable(max_runs) else max_runs
     if limit is not None and limit < 1:
       raise ValueError(f"max runs per program must be >= 1, got {limit}")
@@ -175,7 +231,3 @@ def plan_programs(cfg: ExperimentConfig,
     return [Program("", *programs[0])]
   return [Program(f"program_{k}", v, r) for k, (v, r) in enumerate(programs)]
 
-
-def _condition_name(entry: str) -> str:
-  name, sep, _ = entry.partition("=")
-  return name.strip() if sep else entry.strip()

@@ -156,8 +156,30 @@ def test_dynamics_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
     assert all(os.path.exists(f) for f in outcome.figures) and outcome.figures, key
   # One program each: the windows and the freeze schedules are per-run data.
   assert not os.path.exists(os.path.join(str(tmp_path), "release", "sweep.json"))
+  # The release clamps act on the seed's own STRONGEST head (from its main run).
+  with open(os.path.join(str(tmp_path), "heads.json")) as f:
+    strongest = json.load(f)["5"]["strongest"]
+  with open(os.path.join(str(tmp_path), "release", "config.json")) as f:
+    assert f"match50[5]=ih:L2H{strongest}@[0," in f.read()
   assert not os.path.exists(os.path.join(str(tmp_path), "freeze_l1", "sweep.json"))
   assert not os.path.exists(os.path.join(str(tmp_path), "lr_law", "sweep.json"))
+
+
+def test_release_conditions_bind_each_seed_to_its_strongest_head():
+  """Three seeds with different STRONGEST heads: one program, each seed's clamped runs
+  on its own head, the never-clamped run for every seed."""
+  from ih_jax.experiments.paper import dynamics
+  study = Study("/nonexistent", scales.get("quick"), log=lambda m: None, verbose=False)
+  heads = {5: {"strongest": 2}, 6: {"strongest": 0}, 7: {"strongest": 4}}
+  (name, cfg), = dynamics._release_stages(study, heads)  # pylint: disable=protected-access
+  programs = sweep.plan_programs(cfg)
+  assert name == "release" and len(programs) == 1
+  runs = {(r.condition, r.init_seed): r.condition_entry for r in programs[0].runs}
+  assert len(runs) == 3 * 7
+  for seed, h in ((5, 2), (6, 0), (7, 4)):
+    assert runs[("match10", seed)] == f"match10[{seed}]=ih:L2H{h}@[0,15000)"
+    assert runs[("l1copy50", seed)].endswith(f"copy:L2H{h}@[0,75000)")
+    assert runs[("none", seed)] == "none"
 
 
 def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):

@@ -215,5 +215,41 @@ def test_automatic_runs_per_program():
 
 
 def test_duplicate_conditions_are_refused():
-  with pytest.raises(ValueError, match=r"duplicate condition name\(s\) \['none'\]"):
+  with pytest.raises(ValueError, match=r"duplicate condition name 'none'"):
     sweep_lib.plan_programs(small(conditions=["none", "none"]))
+
+
+def test_seed_bound_conditions_match_the_full_product(one_program):
+  """'m[5]=A', 'm[6]=B': condition m means A for seed 5 and B for seed 6, in one program;
+  each run equals the same clamps trained in the full conditions x seeds product."""
+  bound = ["none", "m[5]=ih:L2H0;keep_only:L2H0", "m[6]=copy:L2H1"]
+  programs = sweep_lib.plan_programs(small(conditions=bound))
+  assert len(programs) == 1
+  assert [(r.condition, r.init_seed) for r in programs[0].runs] == [
+      ("none", 5), ("none", 6), ("m", 5), ("m", 6)]
+  res = train.train_and_evaluate(small(conditions=bound), None, verbose=False)
+  specs = {(r.condition, r.init_seed): r.spec for r in res.runs}
+  full_specs = {(r.condition, r.init_seed): r.spec for r in one_program.runs}
+  assert specs[("m", 5)] == full_specs[("match", 5)] != specs[("m", 6)]
+  assert specs[("m", 6)] == full_specs[("copy", 6)]
+  got, full = per_run(res), per_run(one_program)
+  for mine, theirs in {("none", 5): ("none", 5), ("none", 6): ("none", 6),
+                       ("m", 5): ("match", 5), ("m", 6): ("copy", 6)}.items():
+    np.testing.assert_allclose(got[mine + ("",)], full[theirs + ("",)], rtol=1e-5, atol=1e-6,
+                               err_msg=str(mine))
+  # The first run of a seed-bound sweep sizes the automatic per-program limit.
+  many = small(conditions=["m[11]=copy:L2H1"], seeds=tuple(range(10, 10 + 64 *
+                                                                   jax.local_device_count() + 1)))
+  assert driver.auto_max_runs(many, 64 * jax.local_device_count() + 1) >= 1
+
+
+@pytest.mark.parametrize("conditions,match", [
+    (["none", "none[5]=ih:L2H0"], "'none' is also given for every seed"),
+    (["m[5]=ih:L2H0", "m[5,6]=copy:L2H1"], "both give 'm' for seed 5"),
+    (["m[9]=ih:L2H0"], r"seed\(s\) \[9\] are not in sweep.init_seeds \(5, 6\)"),
+    (["m[x]=ih:L2H0"], r"a seed binding looks like 'name\[5\]=spec'"),
+    (["m[]=ih:L2H0"], r"a seed binding looks like"),
+])
+def test_seed_binding_errors(conditions, match):
+  with pytest.raises(ValueError, match=match):
+    sweep_lib.plan_programs(small(conditions=conditions))

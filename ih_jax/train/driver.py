@@ -141,9 +141,12 @@ def auto_max_runs(group_cfg: ExperimentConfig, num_runs: int) -> int | None:
   """
   if num_runs <= 64 * jax.device_count():
     return None
+  name, entry, seed = sweep_lib.condition_runs(group_cfg.sweep.conditions,
+                                               group_cfg.sweep.init_seeds)[0]
+  _, bound, spec = sweep_lib.split_condition(entry)
   one = dataclasses.replace(group_cfg, sweep=dataclasses.replace(
-      group_cfg.sweep, conditions=group_cfg.sweep.conditions[:1],
-      init_seeds=group_cfg.sweep.init_seeds[:1], grid=()))
+      group_cfg.sweep, conditions=(entry if bound is None else f"{name}={spec}",),
+      init_seeds=(seed,), grid=()))
   exp = setup_experiment(sweep_lib.plan_programs(one)[0], shard=False)
   state = init_state(exp, warm_start=False)  # only shapes matter here
   clamps, feats, batches = place_inputs(exp)

@@ -71,7 +71,8 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
                      donors: tuple[str, ...] = (), tokens: bool = False,
                      num_seqs: int | None = None, family: str | None = None
                      ) -> list[tuple[str, clamps_lib.Clamps]]:
-  """'name=spec' or 'spec' entries -> [(name, clamps)], with unique names.
+  """'name=spec', 'name[seeds]=spec' or 'spec' entries -> [(name, clamps)]; a name may
+  repeat only as seed-bound entries (ih_jax.sweep.condition_runs checks their seeds).
 
   `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `family`: the task
   family (ih_jax.tasks.FAMILIES) the conditions are for; kinds not defined on it are
@@ -81,10 +82,7 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
   family = family or ("tokens" if tokens else "fewshot")
   out, seen = [], set()
   for entry in entries:
-    name, sep, spec = entry.partition("=")
-    if not sep:
-      name, spec = entry.strip(), entry
-    name = name.strip()
+    name, bound, spec = sweep_lib.split_condition(entry)
     try:
       c = clamps_lib.parse(spec, num_layers, num_heads, donors)
     except ValueError as e:
@@ -94,7 +92,7 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
       if num_seqs is not None and start >= num_seqs:
         raise ValueError(f"condition {entry!r}: the {kind} window starts at {start:,d}, at or "
                          f"after the end of the run (train.num_seqs={num_seqs:,d})")
-    if name in seen:
+    if bound is None and name in seen:
       raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
     seen.add(name)
     out.append((name, c))
@@ -162,7 +160,7 @@ def setup_experiment(cfg_or_program: ExperimentConfig | Program, *,
   mesh = make_mesh(len(specs)) if shard else None
   if mesh is not None:  # pad with copies of the last run
     specs += [specs[-1]] * (-len(specs) % mesh.size)
-  stacked = clamps_lib.stack([conds[s.condition] for s in specs])
+  stacked = clamps_lib.stack([conds[s.condition_entry] for s in specs])
   if clamps_lib.plan_for(stacked).uses("graft"):
     template = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg,
                                                   data.data_V.shape[-1]))
@@ -181,19 +179,21 @@ def eval_set_names(cfg: ExperimentConfig) -> list[str]:
 
 
 def program_conditions(program: Program) -> dict[str, clamps_lib.Clamps]:
-  """Condition name -> its parsed clamps, for each distinct condition of the program."""
+  """sweep.conditions entry -> its parsed clamps, for each entry the program's runs use
+  (keyed by entry: seed-bound entries may share a condition name)."""
   cfg = program.cfg
   entries = tuple(dict.fromkeys(r.condition_entry for r in program.runs))
-  return dict(parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
-                               graft_lib.donor_names(cfg), num_seqs=cfg.train.num_seqs,
-                               family=tasks_lib.get(cfg.task.kind).family))
+  parsed = parse_conditions(entries, cfg.model.num_layers, cfg.model.num_heads,
+                            graft_lib.donor_names(cfg), num_seqs=cfg.train.num_seqs,
+                            family=tasks_lib.get(cfg.task.kind).family)
+  return {entry: c for entry, (_, c) in zip(entries, parsed)}
 
 
 def program_runs(program: Program) -> list[Run]:
   """The runs of a program, in runs-axis order (cheap: builds no arrays)."""
   conds = program_conditions(program)
   names = graft_lib.donor_names(program.cfg)
-  return [Run(i, r.condition, clamps_lib.describe(conds[r.condition], names), r.init_seed,
+  return [Run(i, r.condition, clamps_lib.describe(conds[r.condition_entry], names), r.init_seed,
               program.variants[r.variant].name) for i, r in enumerate(program.runs)]
 
 

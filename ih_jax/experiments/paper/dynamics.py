@@ -4,11 +4,13 @@ frozen at initialisation for a while).
   ih-jax reproduce --figure=release --scale=quick --workdir=/tmp/repro_dyn
   ih-jax reproduce --figure=freeze_l1 --scale=quick --workdir=/tmp/repro_dyn
 
-release: perfect match (`ih:L2H0`) or perfect Layer 1 + perfect copy (`perfect_l1;
-copy:L2H0`) is clamped for the first 10 / 25 / 50% of the main run's length and then
-released; every run also logs its clamp-free loss. Does the induction circuit persist
-after the release, and does the clamp-free loss reach 0.4 ln 2 sooner than a run that
-was never clamped? All windows x seeds train in one program.
+release: perfect match (`ih:S`) or perfect Layer 1 + perfect copy (`perfect_l1;
+copy:S`), S the seed's STRONGEST head (its own main run's strongest induction head), is
+clamped for the first 10 / 25 / 50% of the main run's length and then released; every
+run also logs its clamp-free loss. Does the induction circuit persist after the
+release, and does the clamp-free loss reach 0.4 ln 2 sooner than a run that was never
+clamped? All windows x seeds train in one program: each clamped condition is bound to
+its seed (`match10[5]=ih:L2H2@[0,100000)`), so the head may differ by seed.
 
 freeze_l1: layer 1 is frozen at its initialisation for the first 0 / 10 / 25 / 50% of
 the run (`train.freeze=L1@[0,s)`), one program. How does the plateau depend on s?
@@ -28,11 +30,11 @@ from ih_jax import plots
 from ih_jax.analysis import timing
 from ih_jax.analysis import verdicts as V
 from ih_jax.experiments.paper.registry_base import Entry, Outcome, Stages, curve_figure, lt_table
+from ih_jax.experiments.paper.registry_base import strongest_name
 from ih_jax.experiments.paper.study import PAPER_SEED, Study, curves, horizon, learning_times
 
 MAIN_SEQS = 1_000_000                # the paper's main-run length
 FRACTIONS = (0.1, 0.25, 0.5)         # of the run: the clamp / freeze windows
-HEAD = "L2H0"                        # any layer-2 head: the clamp gives it its role
 PERSIST_FRACTION = 2 / 3             # released runs that must stay learned for "persists"
 
 
@@ -45,18 +47,27 @@ def _windows(study: Study) -> dict[str, int]:
   return {f"{round(f * 100)}": max(100, int(round(f * length / 100)) * 100) for f in FRACTIONS}
 
 
-def _release_conditions(study: Study) -> tuple[str, ...]:
+def _release_conditions(study: Study, heads: dict) -> tuple[str, ...]:
+  """'none' for every seed; each clamped condition once per seed, on its STRONGEST head."""
   out = ["none"]
   for pct, w in _windows(study).items():
-    out.append(f"match{pct}=ih:{HEAD}@[0,{w})")
-    out.append(f"l1copy{pct}=perfect_l1@[0,{w});copy:{HEAD}@[0,{w})")
+    for kind in ("match", "l1copy"):
+      for seed in _seeds(study):
+        head = strongest_name(heads, seed)
+        spec = (f"ih:{head}@[0,{w})" if kind == "match"
+                else f"perfect_l1@[0,{w});copy:{head}@[0,{w})")
+        out.append(f"{kind}{pct}[{seed}]={spec}")
   return tuple(out)
 
 
+def _release_names(study: Study) -> list[str]:
+  return ["none"] + [f"{kind}{pct}" for pct in _windows(study) for kind in ("match", "l1copy")]
+
+
 def _release_stages(study: Study, heads: dict) -> Stages:
-  del heads
   return [("release", study.config(paper_seqs=MAIN_SEQS, paper_eval_every=5000,
-                                   conditions=_release_conditions(study), seeds=_seeds(study)))]
+                                   conditions=_release_conditions(study, heads),
+                                   seeds=_seeds(study)))]
 
 
 def _clamp_free(results: list) -> dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]]:
@@ -66,7 +77,6 @@ def _clamp_free(results: list) -> dict[tuple[str, int, str], tuple[np.ndarray, n
 
 
 def _release_analyze(study: Study, results: dict, heads: dict) -> Outcome:
-  del heads
   res = results["release"]
   hz = horizon(res)
   free = _clamp_free(res)
@@ -97,7 +107,9 @@ def _release_analyze(study: Study, results: dict, heads: dict) -> Outcome:
         "first make the clamp-free loss reach 0.4 ln 2 sooner than never clamping "
         "(median over seeds)?", named, "never clamped", base if base < hz else math.nan, hz))
   out.notes.append(
-      f"Windows (sequences): {windows}; head {HEAD}; seeds {list(seeds)}; horizon {hz:,.0f}. "
+      f"Windows (sequences): {windows}; heads (each seed's STRONGEST): "
+      + ", ".join(f"seed {s} {strongest_name(heads, s)}" for s in seeds)
+      + f"; horizon {hz:,.0f}. "
       "Learning time here is of the clamp-free loss (the model evaluated without its "
       "clamps); inside the window the clamped loss is lower.\n\n" + lt_table(lt, hz))
   out.notes.append("Clamp-free learning time minus the release point (negative: formed "
@@ -106,16 +118,12 @@ def _release_analyze(study: Study, results: dict, heads: dict) -> Outcome:
                        for c, s in sorted(clamped)))
   out.notes.append("Final clamp-free loss: " + ", ".join(
       f"{c} s{s} {final[(c, s, v)]:.3f}" for (c, s, v) in sorted(final)))
-  groups = {c: free[(c, PAPER_SEED, "")] for c in _release_conditions_names(study)}
+  groups = {c: free[(c, PAPER_SEED, "")] for c in _release_names(study)}
   out.figures += curve_figure(
       study, "release_clamp_free", groups,
       f"clamp-free loss, seed {PAPER_SEED} (clamps released at 10/25/50%)",
       ylabel="fsl_train query loss without the clamps")
   return out
-
-
-def _release_conditions_names(study: Study) -> list[str]:
-  return [c.partition("=")[0] for c in _release_conditions(study)]
 
 
 def _freeze_stages(study: Study, heads: dict) -> Stages:
@@ -239,7 +247,7 @@ def _none(study: Study) -> tuple[int, ...]:
 
 ENTRIES = (
     Entry("release", ("X-release",), "Beyond: clamps released after 10/25/50% of the run",
-          _none, _release_stages, _release_analyze),
+          lambda study: _seeds(study), _release_stages, _release_analyze),
     Entry("freeze_l1", ("X-freeze",), "Beyond: layer 1 frozen at initialisation until s",
           _none, _freeze_stages, _freeze_analyze),
     Entry("lr_law", ("X-lr",), "Beyond: learning time vs learning rate x weight decay",

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ih_jax import checkpoint as ckpt_lib
+from ih_jax import sweep as sweep_lib
 from ih_jax import train
 from ih_jax import workdir as workdir_lib
 from ih_jax.analysis import context, heads as heads_lib, measures, timing
@@ -172,8 +173,12 @@ class Study:
     """Trains the stage (or reuses / resumes it) and returns one result per program."""
     wd = self.stage_dir(name)
     t = time.time()
-    self.log(f"[reproduce] stage {name}: {len(cfg.sweep.conditions)} condition(s) x "
-             f"{len(cfg.sweep.init_seeds)} seed(s), {cfg.train.num_seqs:,d} seqs -> {wd}")
+    runs = sweep_lib.condition_runs(cfg.sweep.conditions, cfg.sweep.init_seeds)
+    names = len(dict.fromkeys(n for n, _, _ in runs))
+    seeds = len(cfg.sweep.init_seeds)
+    shape = (f"{names} condition(s) x {seeds} seed(s)" if names * seeds == len(runs) else
+             f"{len(runs)} runs ({names} condition(s), some bound to seeds, {seeds} seed(s))")
+    self.log(f"[reproduce] stage {name}: {shape}, {cfg.train.num_seqs:,d} seqs -> {wd}")
     res = train.train_and_evaluate(cfg, wd, verbose=self.verbose)
     self.train_seconds += time.time() - t
     return res if isinstance(res, list) else [res]
