@@ -44,19 +44,20 @@ def test_model_matches_reference_forward_and_gradients(name, n):
   cfg = CONFIGS[name]
   params = _random_params(cfg, n)
   indexed, x, y = _inputs(cfg, n)
-  want = reference.forward(params, x, y, cfg)
+  # Each side compiled whole (jit), as training runs it (op by op the test took 2.3x longer).
+  want = jax.jit(lambda p: reference.forward(p, x, y, cfg))(params)
   for inputs in (indexed, x):  # the per-distinct-token route and the per-token one
-    got, _ = model_lib.apply(params, Batch(inputs, y), None, cfg)
+    apply = jax.jit(lambda p, q, inputs=inputs: model_lib.apply(
+        p, Batch(inputs, y), None, cfg, query_only=q)[0], static_argnums=1)
     # Textbook reference vs the packed model: other op orders; per-leaf scale. A real
     # discrepancy (a head, position or bias wrong) is O(1) of the logits' scale.
-    numerics.assert_close(got, want, rtol=1e-4, rel_atol=1e-4)
-    got_q, _ = model_lib.apply(params, Batch(inputs, y), None, cfg, query_only=True)
-    numerics.assert_close(got_q[:, 0], want[:, -1], rtol=1e-4, rel_atol=1e-4)
+    numerics.assert_close(apply(params, False), want, rtol=1e-4, rel_atol=1e-4)
+    numerics.assert_close(apply(params, True)[:, 0], want[:, -1], rtol=1e-4, rel_atol=1e-4)
 
-  want_g = jax.grad(reference.query_loss)(params, x, y, cfg)
+  want_g = jax.jit(jax.grad(lambda p: reference.query_loss(p, x, y, cfg)))(params)
   for inputs in (indexed, x):
-    got_g = jax.grad(lambda p, inputs=inputs: model_lib.query_loss(
-        model_lib.apply(p, Batch(inputs, y), None, cfg, query_only=True)[0], y))(params)
+    got_g = jax.jit(jax.grad(lambda p, inputs=inputs: model_lib.query_loss(
+        model_lib.apply(p, Batch(inputs, y), None, cfg, query_only=True)[0], y)))(params)
     numerics.assert_close(got_g, want_g, rtol=1e-3, rel_atol=1e-4, atol=1e-10)
 
 
