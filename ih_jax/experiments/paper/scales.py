@@ -3,9 +3,11 @@
 "medium" is quick with twice the length and five seeds. "quick" keeps every experiment's structure (conditions, head choices, comparisons)
 but trains with a 10x learning rate (1e-4) for 15% of the paper's sequences, with
 fewer extra seeds and smaller eval/analysis sets. At 1e-4 the main run's plateau
-still sits near ln 2 and ends in an abrupt drop, ~8x earlier (on the default features:
-learning time 57,024 / 34,528 / 49,504 sequences for init seeds 5 / 6 / 7, against
-440,000 for seed 5 at 1e-5; BUILD_NOTES.md). Verdicts at quick
+still sits near ln 2 and ends in an abrupt drop, ~7x earlier: the `lr_law` entry,
+measured at full length (1e6 sequences, init seeds 5-7), gives median learning times
+365,024 at 1e-5 and 50,016 at 1e-4 (7.3x; per seed 440,000 / 315,008 / 365,024 against
+60,000 / 35,008 / 50,016); learning time goes as ~1/lr below 5e-5 and flattens above
+1e-4 (docs/reproduction.md). Verdicts at quick
 scale are about the same qualitative claims, not the paper's numbers.
 """
 
