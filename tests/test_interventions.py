@@ -18,7 +18,8 @@ from ih_jax.analysis import context, measures, report
 from conftest import small_sweep
 
 GUIDE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "extending.md")
-CONDITIONS = ("none", "half=scale:L2H*@0.5", "both=scale:L2H1@0.2;pt:L1H3")
+CONDITIONS = ("none", "half=scale:L2H*@0.5", "both=scale:L2H1@0.2;pt:L1H3",
+              "late=scale:L2H1@0.2@[640,)")
 
 
 def guide_block(heading: str) -> str:
@@ -99,12 +100,24 @@ def test_user_kind_trains_vmapped_with_builtins_and_is_analysed_under_it(trained
   assert [r.spec for r in result.runs] == ["none", "scale:L2H0@0.5;scale:L2H1@0.5;"
                                            "scale:L2H2@0.5;scale:L2H3@0.5;scale:L2H4@0.5;"
                                            "scale:L2H5@0.5;scale:L2H6@0.5;scale:L2H7@0.5",
-                                           "pt:L1H3;scale:L2H1@0.2"]
+                                           "pt:L1H3;scale:L2H1@0.2",
+                                           "scale:L2H1@0.2@[640,)"]
   # The runs share one program (one batch per step): at step 0 they share params, so
   # only the kind makes their clamped losses differ.
   first = {r["run"]: r["loss"] for r in result.metrics
            if r["seqs"] == 0 and r["eval_set"] == "fsl_train" and r["clamped"] == 1}
   assert abs(first[1] - first[0]) > 1e-4 and abs(first[2] - first[0]) > 1e-4
+  # A user kind takes a window like any built-in, in the same program: "late" scales
+  # L2H1 only from 640 sequences on - before, it is the unclamped run (same batches, same
+  # init); from 640 its clamped and clamp-free evaluations part.
+  rows = {(r["run"], r["seqs"], r["clamped"]): r["loss"] for r in result.metrics
+          if r["eval_set"] == "fsl_train"}
+  numerics.assert_close(rows[(3, 0, 1)], rows[(3, 0, 0)])
+  numerics.assert_close(rows[(3, 0, 1)], rows[(0, 0, 1)])
+  # At 640 the trained params are still the unclamped run's (the window opens there).
+  numerics.assert_close(rows[(3, 640, 0)], rows[(0, 640, 1)])
+  for seqs in (640, 1280):
+    assert abs(rows[(3, seqs, 1)] - rows[(3, seqs, 0)]) > 1e-4, seqs
   # Analysis under the run's own clamps equals measures.measure with the condition.
   report.analyze_workdir(wd, dense_size=128, do_wiring=False, posthoc_size=64,
                          log=lambda _: None, runs=[1])
