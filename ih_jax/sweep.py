@@ -169,8 +169,11 @@ def condition_runs(conditions: tuple[str, ...], init_seeds: tuple[int, ...]
   for entry in conditions:
     name, bound, _ = split_condition(entry)
     if bound is None:
-      if name in unbound or any(n == name for n, _ in owners):
+      if name in unbound:
         raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
+      if any(n == name for n, _ in owners):
+        raise ValueError(f"condition {entry!r}: {name!r} is also bound to seeds; a "
+                         "seed-bound name may only repeat with disjoint seeds")
       unbound.add(name)
       seeds = init_seeds
     else:

@@ -182,6 +182,39 @@ def test_release_conditions_bind_each_seed_to_its_strongest_head():
     assert runs[("none", seed)] == "none"
 
 
+@pytest.mark.parametrize("table,fit", [
+    # quick-like: the smallest learning rate censored, five learned
+    ({1e-5: math.nan, 2e-5: 120_000, 5e-5: 80_000, 1e-4: 50_000, 2e-4: 40_000,
+      3e-4: 40_000}, True),
+    # only two learning rates learned: no fit, but the measured 1e-5 -> 1e-4 ratio
+    ({1e-5: 100_000, 2e-5: math.nan, 5e-5: math.nan, 1e-4: 50_000, 2e-4: math.nan,
+      3e-4: math.nan}, False),
+])
+def test_lr_law_gives_each_claim_one_verdict(tmp_path, monkeypatch, table, fit):
+  """The lr-law analysis on given learning times: one verdict per claim, the fit only
+  over >= 3 learned learning rates, the local exponents and the 1e-5 -> 1e-4 ratio."""
+  import types  # pylint: disable=g-import-not-at-top
+  from ih_jax.experiments.paper import dynamics
+  lts = {("none", s, f"train.learning_rate={lr:g};train.weight_decay={wd:g}"): lt
+         for lr, lt in table.items() for wd in dynamics.WDS for s in (5, 6, 7)}
+  monkeypatch.setattr(dynamics, "learning_times", lambda res: lts)
+  monkeypatch.setattr(dynamics, "horizon", lambda res: 150_000.0)
+  study = types.SimpleNamespace(figure_dir=str(tmp_path),
+                                scale=types.SimpleNamespace(extra_seeds=(6, 7)))
+  out = dynamics._lr_analyze(study, {"lr_law": []}, {})  # pylint: disable=protected-access
+  claims = [v.claim for v in out.verdicts]
+  assert len(claims) == len(set(claims)) == 2, claims
+  power = out.verdicts[0]
+  assert power.claim.startswith("Q: does the learning time fall as a power")
+  assert (power.held is not None) == fit and ("alpha = " in power.measured) == fit
+  notes = " ".join(out.notes)
+  if fit:
+    assert "2e-05 -> 5e-05: 0.44" in notes and "0.0002 -> 0.0003: 0.00" in notes
+    assert "Measured: lr 1e-4" not in notes  # 1e-5 censored: no ratio
+  else:
+    assert "1e-05 -> 0.0001: 0.30" in notes and "learns 2.0x sooner than lr 1e-5" in notes
+
+
 def test_beyond_entries_run_and_report_at_smoke_scale(tmp_path, monkeypatch):
   """deep / capacity / vocab end to end (training, head choice, analysis, verdicts) on
   shrunken grids; the full grids run with --scale=quick (numbers in BUILD_NOTES.md)."""

@@ -214,6 +214,14 @@ def test_automatic_runs_per_program():
   assert isinstance(limit, int) and limit >= 1
 
 
+def test_a_bad_condition_in_a_later_program_stops_the_sweep_before_training(tmp_path):
+  cfg = small(conditions=["none", "bad[6]=ih:L9H0"], max_runs=2)
+  assert len(sweep_lib.plan_programs(cfg, 2)) == 2  # the bad entry is only in program_1
+  with pytest.raises(ValueError, match="unknown head 'L9H0'"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"), verbose=False)
+  assert not os.path.exists(tmp_path / "w" / "program_0" / "metrics.csv")
+
+
 def test_duplicate_conditions_are_refused():
   with pytest.raises(ValueError, match=r"duplicate condition name 'none'"):
     sweep_lib.plan_programs(small(conditions=["none", "none"]))
@@ -245,6 +253,7 @@ def test_seed_bound_conditions_match_the_full_product(one_program):
 
 @pytest.mark.parametrize("conditions,match", [
     (["none", "none[5]=ih:L2H0"], "'none' is also given for every seed"),
+    (["m[5]=ih:L2H0", "m=copy:L2H1"], "'m' is also bound to seeds"),
     (["m[5]=ih:L2H0", "m[5,6]=copy:L2H1"], "both give 'm' for seed 5"),
     (["m[9]=ih:L2H0"], r"seed\(s\) \[9\] are not in sweep.init_seeds \(5, 6\)"),
     (["m[x]=ih:L2H0"], r"a seed binding looks like 'name\[5\]=spec'"),

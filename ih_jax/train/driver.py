@@ -45,7 +45,8 @@ from ih_jax import sweep as sweep_lib
 from ih_jax import tracking
 from ih_jax import workdir as workdir_lib
 from ih_jax.config import ExperimentConfig
-from ih_jax.train.experiment import Experiment, Run, program_runs, setup_experiment
+from ih_jax.train.experiment import (Experiment, Run, program_conditions, program_runs,
+                                     setup_experiment)
 from ih_jax.train.placement import place_inputs, place_state
 from ih_jax.train.state import TrainState, init_state, optimizer_plan
 from ih_jax.train.step import make_train_chunk
@@ -90,6 +91,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str | None = None, *,
   programs = sweep_lib.plan_programs(cfg, cfg.sweep.max_runs_per_program or auto_max_runs)
   if len(programs) == 1:
     return train_program(programs[0], cfg, workdir, overwrite=overwrite, verbose=verbose)
+  for p in programs:  # every condition checked now, not when its program's turn comes
+    program_conditions(p)
   verbose = verbose and distributed.is_primary()
   if verbose:
     print(f"[ih_jax] sweep split into {len(programs)} programs "

@@ -209,19 +209,18 @@ def _lr_analyze(study: Study, results: dict, heads: dict) -> Outcome:
     out.notes.append(f"Fit: learning time ~ {c:.3g} x lr^-{alpha:.2f}; at lr 1e-5 it predicts "
                      f"{c * 1e-5 ** -alpha:,.0f} sequences, at 1e-4 {c * 1e-4 ** -alpha:,.0f} "
                      f"(ratio {10 ** alpha:.1f}).")
-  base0 = {lr: med[(lr, 0.0)] for lr in LRS}
-  ok = [lr for lr in LRS if base0[lr] < hz]
-  if len(ok) >= 2:  # the slope between neighbouring learning rates: where the law bends
-    out.notes.append("Local exponent between neighbouring learning rates (median learning "
-                     "times, no weight decay): " + ", ".join(
-                         f"{a:g} -> {b:g}: {math.log(base0[a] / base0[b]) / math.log(b / a):.2f}"
-                         for a, b in zip(ok, ok[1:])) + ".")
-  if base0.get(1e-5, hz) < hz and base0.get(1e-4, hz) < hz:
-    out.notes.append(f"Measured: lr 1e-4 learns {base0[1e-5] / base0[1e-4]:.1f}x sooner than "
-                     "lr 1e-5 (median over seeds; quick scale's 10x learning rate).")
   else:
     out.verdicts.append(V.Verdict(claim, "fewer than 3 learning rates learned", crit, None))
   base = {lr: med[(lr, 0.0)] for lr in LRS}
+  ok = [lr for lr in LRS if base[lr] < hz]
+  if len(ok) >= 2:  # the slope between neighbouring learning rates: where the law bends
+    out.notes.append("Local exponent between neighbouring learning rates (median learning "
+                     "times, no weight decay): " + ", ".join(
+                         f"{a:g} -> {b:g}: {math.log(base[a] / base[b]) / math.log(b / a):.2f}"
+                         for a, b in zip(ok, ok[1:])) + ".")
+  if base.get(1e-5, hz) < hz and base.get(1e-4, hz) < hz:
+    out.notes.append(f"Measured: lr 1e-4 learns {base[1e-5] / base[1e-4]:.1f}x sooner than "
+                     "lr 1e-5 (median over seeds; quick scale's 10x learning rate).")
   strong = {lr: med[(lr, max(WDS))] for lr in LRS}
   changes = {lr: abs(strong[lr] / base[lr] - 1) for lr in LRS if base[lr] < hz}
   out.verdicts.append(V.Verdict(
