@@ -71,8 +71,8 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
                      donors: tuple[str, ...] = (), tokens: bool = False,
                      num_seqs: int | None = None, family: str | None = None
                      ) -> list[tuple[str, clamps_lib.Clamps]]:
-  """'name=spec', 'name[seeds]=spec' or 'spec' entries -> [(name, clamps)]; a name may
-  repeat only as seed-bound entries (ih_jax.sweep.condition_runs checks their seeds).
+  """'name=spec', 'name[seeds]=spec' or 'spec' entries -> [(name, clamps)]. Names and
+  seed bindings are checked where the runs are planned (ih_jax.sweep.condition_runs).
 
   `donors` are the graft donor names (`graft_lib.donor_names(cfg)`); `family`: the task
   family (ih_jax.tasks.FAMILIES) the conditions are for; kinds not defined on it are
@@ -80,9 +80,9 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
   clamp window must start within.
   """
   family = family or ("tokens" if tokens else "fewshot")
-  out, seen = [], set()
+  out = []
   for entry in entries:
-    name, bound, spec = sweep_lib.split_condition(entry)
+    name, _, spec = sweep_lib.split_condition(entry)
     try:
       c = clamps_lib.parse(spec, num_layers, num_heads, donors)
     except ValueError as e:
@@ -92,9 +92,6 @@ def parse_conditions(entries: tuple[str, ...], num_layers: int, num_heads: int,
       if num_seqs is not None and start >= num_seqs:
         raise ValueError(f"condition {entry!r}: the {kind} window starts at {start:,d}, at or "
                          f"after the end of the run (train.num_seqs={num_seqs:,d})")
-    if bound is None and name in seen:
-      raise ValueError(f"duplicate condition name {name!r} in sweep.conditions")
-    seen.add(name)
     out.append((name, c))
   if not out:
     raise ValueError("sweep.conditions is empty; use ('none',) for a plain run")
