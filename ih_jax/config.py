@@ -224,7 +224,7 @@ class SweepConfig:
   conditions: tuple[str, ...] = ("none",)   # "spec" or "name=spec" (see ih_jax.clamps)
   init_seeds: tuple[int, ...] = (5,)
   grid: tuple[str, ...] = ()
-  max_runs_per_program: int = 0     # 0 = automatic (as many as fit in device memory)
+  max_runs_per_program: int = 0     # 0 = automatic (CPU: <= 12 runs per core; memory)
   # Graft-in donors for "graft:NAME" conditions: "NAME=WORKDIR[:RUN][@SEQS]",
   # a run of a finished workdir (run index 0 and its final checkpoint by default).
   donors: tuple[str, ...] = ()

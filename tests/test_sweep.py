@@ -214,6 +214,45 @@ def test_automatic_runs_per_program():
   assert isinstance(limit, int) and limit >= 1
 
 
+def test_cpu_limit_splits_wide_sweeps_into_equal_programs(monkeypatch):
+  d = jax.local_device_count()
+  monkeypatch.setattr(driver, "CPU_RUNS_PER_DEVICE", 12)
+  assert driver.cpu_max_runs(12 * d) is None  # fits: one program
+  # 32 runs on 2 cores: two programs of 16; 54: three of 18 (each a multiple of d).
+  for runs in (12 * d + 1, 32, 54, 100):
+    limit = driver.cpu_max_runs(runs)
+    if runs <= 12 * d:
+      assert limit is None
+      continue
+    n = -(-runs // limit)
+    assert limit <= 12 * d and limit % d == 0, (runs, limit)
+    assert n == -(-runs // (12 * d)), (runs, limit)  # no more programs than needed
+    assert runs - (n - 1) * limit > limit - 2 * d, (runs, limit)  # balanced: last not tiny
+  if d == 2:
+    assert [driver.cpu_max_runs(r) for r in (32, 54)] == [16, 18]
+
+
+def test_cpu_split_keeps_the_layout_of_a_workdir_started_wide(tmp_path, monkeypatch):
+  """A sweep trained as one program before the CPU limit existed reloads as that one
+  program; a new (or overwritten) workdir gets the split."""
+  cfg = small(conditions=CONDITIONS[:2], seeds=(5, 6))  # 4 runs
+  monkeypatch.setattr(driver, "CPU_RUNS_PER_DEVICE", 1)
+  monkeypatch.setattr(driver, "cpu_max_runs", lambda n: 2 if n > 2 else None)
+  programs, cpu_split = driver._plan(cfg, None, verbose=False)  # pylint: disable=protected-access
+  assert cpu_split and [len(p.runs) for p in programs] == [2, 2]
+  wd = str(tmp_path / "wide")
+  whole = sweep_lib.plan_programs(cfg, None)[0]
+  driver.train_program(whole, cfg, wd, verbose=False)
+  again = train.train_and_evaluate(cfg, wd, verbose=False)  # reloads the wide program
+  assert not isinstance(again, list) and len(again.runs) == 4
+  assert not os.path.exists(os.path.join(wd, "sweep.json"))
+  split = train.train_and_evaluate(cfg, str(tmp_path / "new"), verbose=False)
+  assert isinstance(split, list) and [len(r.runs) for r in split] == [2, 2]
+  assert_close_runs(per_run(split), per_run(again))
+  over = train.train_and_evaluate(cfg, wd, overwrite=True, verbose=False)
+  assert isinstance(over, list) and os.path.exists(os.path.join(wd, "sweep.json"))
+
+
 def test_a_bad_condition_in_a_later_program_stops_the_sweep_before_training(tmp_path):
   cfg = small(conditions=["none", "bad[6]=ih:L9H0"], max_runs=2)
   assert len(sweep_lib.plan_programs(cfg, 2)) == 2  # the bad entry is only in program_1

@@ -16,7 +16,8 @@ freeze_l1: layer 1 is frozen at its initialisation for the first 0 / 10 / 25 / 5
 the run (`train.freeze=L1@[0,s)`), one program. How does the plateau depend on s?
 
 lr_law: learning time against the learning rate (6 values, 1e-5 to 3e-4) x weight
-decay (0, 1e-4, 1e-2) x 3 seeds, one program (the optimizer's numbers are per-run data).
+decay (0, 1e-4, 1e-2) x 3 seeds, one program (the optimizer's numbers are per-run data;
+on a CPU split into programs of at most 12 runs per core).
 A power law lt = c * lr^-alpha is fitted to the uncensored runs without weight decay.
 """
 
