@@ -173,6 +173,28 @@ def test_evaluation_in_blocks_equals_whole_sets(monkeypatch):
   numerics.assert_close(in_blocks, whole, rtol=2e-5, rel_atol=1e-6, atol=1e-6)
 
 
+def test_eval_sets_of_one_shape_share_one_body():
+  """Sets of equal shapes are evaluated by one compiled body looped over the stacked sets
+  (tables padded to one row count): the metrics equal each set evaluated on its own,
+  clamped and clamp-free, and the program is smaller."""
+  cfg = ExperimentConfig.from_dict({
+      "sweep": {"conditions": ["none", "match=ih:L2H0;keep_only:L2H0",
+                               "l1copy=perfect_l1;copy:L2H1"], "init_seeds": [5]},
+      "evaluators": [{"name": "fsl_train", "size": 60},
+                     {"name": "fsl_valex", "exemplars": "val", "size": 60},
+                     {"name": "fsl_test_class", "classes": "test", "size": 60}]})
+  exp = experiment.setup_experiment(cfg)
+  state = state_lib.init_state(exp)
+  clamps, _, batches = placement.place_inputs(exp)
+  assert len({b.x.table.shape for b in batches.values()}) == 1
+  fns = {k: jax.jit(evaluation.make_evaluate(exp, stack_sets=k)) for k in (True, False)}
+  stacked, per_set = (fns[k](state.params, clamps, batches) for k in (True, False))
+  assert set(stacked) == set(batches) and "unclamped" in stacked["fsl_train"]
+  numerics.assert_close(stacked, per_set, rtol=1e-6, rel_atol=1e-7, atol=1e-7)
+  sizes = {k: len(fns[k].lower(state.params, clamps, batches).as_text()) for k in fns}
+  assert sizes[True] < 0.7 * sizes[False], sizes
+
+
 def test_vmap_equals_separate_runs(sweep_result):
   _, res = sweep_result
   for run in (res.runs[1], res.runs[2], res.runs[5], res.runs[6]):
