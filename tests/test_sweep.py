@@ -210,33 +210,37 @@ def test_automatic_runs_per_program():
   assert driver.auto_max_runs(small(), 6) is None  # small sweeps: no limit needed
   n = 64 * jax.local_device_count() + 1  # one run more than 64 per device
   many = small(conditions=["none"], seeds=tuple(range(10, 10 + n)))
-  limit = driver.auto_max_runs(many, n)
+  limit = driver.memory_max_runs(many, n)
   assert isinstance(limit, int) and limit >= 1
+  assert driver.auto_max_runs(many, n) <= limit
 
 
-def test_cpu_limit_splits_wide_sweeps_into_equal_programs(monkeypatch):
-  d = jax.local_device_count()
-  monkeypatch.setattr(driver, "CPU_RUNS_PER_DEVICE", 12)
-  assert driver.cpu_max_runs(12 * d) is None  # fits: one program
-  # 32 runs on 2 cores: two programs of 16; 54: three of 18 (each a multiple of d).
-  for runs in (12 * d + 1, 32, 54, 100):
-    limit = driver.cpu_max_runs(runs)
-    if runs <= 12 * d:
+@pytest.mark.parametrize("devices", [1, 2, 3, 4, 8])
+def test_cpu_limit_splits_wide_sweeps_into_the_fewest_programs(devices):
+  cap = 12 * devices
+  assert driver.split_limit(cap, devices, 12) is None  # fits: one program
+  for runs in (cap + 1, 32, 54, 100, 10 * cap + 3):
+    limit = driver.split_limit(runs, devices, 12)
+    if runs <= cap:
       assert limit is None
       continue
-    n = -(-runs // limit)
-    assert limit <= 12 * d and limit % d == 0, (runs, limit)
-    assert n == -(-runs // (12 * d)), (runs, limit)  # no more programs than needed
-    assert runs - (n - 1) * limit > limit - 2 * d, (runs, limit)  # balanced: last not tiny
-  if d == 2:
-    assert [driver.cpu_max_runs(r) for r in (32, 54)] == [16, 18]
+    assert limit <= cap and limit % devices == 0, (runs, limit)
+    assert -(-runs // limit) == -(-runs // cap), (runs, limit)  # no more programs than needed
+  assert [driver.split_limit(r, 2, 12) for r in (25, 32, 54)] == [14, 16, 18]
+
+
+def test_cpu_limit_applies_only_on_cpu(monkeypatch):
+  n = 12 * jax.local_device_count() + 1
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert driver.cpu_max_runs(n) is not None
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert driver.cpu_max_runs(n) is None
 
 
 def test_cpu_split_keeps_the_layout_of_a_workdir_started_wide(tmp_path, monkeypatch):
   """A sweep trained as one program before the CPU limit existed reloads as that one
   program; a new (or overwritten) workdir gets the split."""
   cfg = small(conditions=CONDITIONS[:2], seeds=(5, 6))  # 4 runs
-  monkeypatch.setattr(driver, "CPU_RUNS_PER_DEVICE", 1)
   monkeypatch.setattr(driver, "cpu_max_runs", lambda n: 2 if n > 2 else None)
   programs, cpu_split = driver._plan(cfg, None, verbose=False)  # pylint: disable=protected-access
   assert cpu_split and [len(p.runs) for p in programs] == [2, 2]
@@ -251,6 +255,11 @@ def test_cpu_split_keeps_the_layout_of_a_workdir_started_wide(tmp_path, monkeypa
   assert_close_runs(per_run(split), per_run(again))
   over = train.train_and_evaluate(cfg, wd, overwrite=True, verbose=False)
   assert isinstance(over, list) and os.path.exists(os.path.join(wd, "sweep.json"))
+  # Without the CPU limit (a GPU, more cores) the split workdir still reloads as 2 x 2.
+  monkeypatch.setattr(driver, "cpu_max_runs", lambda n: None)
+  reloaded = train.train_and_evaluate(cfg, str(tmp_path / "new"), verbose=False)
+  assert isinstance(reloaded, list) and [len(r.runs) for r in reloaded] == [2, 2]
+  assert_close_runs(per_run(reloaded), per_run(split))
 
 
 def test_a_bad_condition_in_a_later_program_stops_the_sweep_before_training(tmp_path):
@@ -287,7 +296,7 @@ def test_seed_bound_conditions_match_the_full_product(one_program):
   # The first run of a seed-bound sweep sizes the automatic per-program limit.
   many = small(conditions=["m[11]=copy:L2H1"], seeds=tuple(range(10, 10 + 64 *
                                                                    jax.local_device_count() + 1)))
-  assert driver.auto_max_runs(many, 64 * jax.local_device_count() + 1) >= 1
+  assert driver.memory_max_runs(many, 64 * jax.local_device_count() + 1) >= 1
 
 
 @pytest.mark.parametrize("conditions,match", [

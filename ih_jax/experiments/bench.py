@@ -184,7 +184,8 @@ def snapshot_cost(runs: int, num_seqs: int, repeats: int = 2) -> dict:
   for label in ("no_saving", "snapshots") * repeats:
     cfg = ExperimentConfig.from_dict({
         "train": {"num_seqs": num_seqs, "progress_every_s": 1e9},
-        "sweep": {"init_seeds": list(range(10, 10 + runs))},
+        # One program of `runs` runs, as measured (not the CPU's automatic split).
+        "sweep": {"init_seeds": list(range(10, 10 + runs)), "max_runs_per_program": runs},
         "checkpoint": {"every": 1000}})
     wd = tempfile.mkdtemp(prefix="ih_bench_") if label == "snapshots" else None
     try:

@@ -96,11 +96,13 @@ class FewShotTask(Task):
                                           cfg.model.num_labels)
     # Eval sets as table rows: each distinct exemplar is embedded once per evaluation.
     eval_batches = {k: sampler.indexed_set(feats, v) for k, v in eval_idx.items()}
-    # One table size for every set (zero rows appended; each set's ids index only its
-    # own rows), so sets of one size share one compiled evaluation body.
-    rows = max(b.x.table.shape[1] for b in eval_batches.values())
+    # Sets of one size get one table size (zero rows appended; each set's ids index
+    # only its own rows), so they share one compiled evaluation body.
+    rows: dict[Any, int] = {}
+    for b in eval_batches.values():
+      rows[b.x.ids.shape] = max(rows.get(b.x.ids.shape, 0), b.x.table.shape[1])
     eval_batches = {k: b._replace(x=b.x._replace(table=jnp.pad(
-        b.x.table, ((0, 0), (0, rows - b.x.table.shape[1]), (0, 0)))))
+        b.x.table, ((0, 0), (0, rows[b.x.ids.shape] - b.x.table.shape[1]), (0, 0)))))
                     for k, b in eval_batches.items()}
     self._spec = evalsets.train_spec(splits)
     return TaskData(feats, eval_batches, splits, self._spec)

@@ -143,41 +143,49 @@ def _plan(cfg: ExperimentConfig, workdir: str | None, *, verbose: bool
           ) -> tuple[list[sweep_lib.Program], bool]:
   """The sweep's programs: sweep.max_runs_per_program, else automatic (auto_max_runs).
 
-  A workdir started before the CPU limit split its sweep (one wide program) keeps its
-  layout, so it resumes or reloads as it was trained (`workdir` None: a new layout).
-  Also returns whether the CPU limit split the sweep.
+  An existing workdir keeps the layout it was started with (one program, or the
+  programs its sweep.json lists) when that is a split of this sweep, so it resumes or
+  reloads as it was trained on another machine, core count or version (`workdir`
+  None: a new layout). Also returns whether the CPU limit split the sweep.
   """
   if cfg.sweep.max_runs_per_program:
     return sweep_lib.plan_programs(cfg, cfg.sweep.max_runs_per_program), False
+  if workdir is not None:
+    limit = distributed.agree(lambda: _existing_limit(workdir, cfg))
+    if limit is not None:
+      programs = sweep_lib.plan_programs(
+          cfg, memory_max_runs if limit == "memory" else (limit or None))
+      if verbose and ([p.runs for p in programs] !=
+                      [p.runs for p in sweep_lib.plan_programs(cfg, auto_max_runs)]):
+        print(f"[ih_jax] {workdir} was started as {len(programs)} program(s) of "
+              f"{', '.join(str(len(p.runs)) for p in programs)} runs; continuing it so",
+              flush=True)
+      return programs, False
   programs = sweep_lib.plan_programs(cfg, auto_max_runs)
-  if len(programs) == 1 or distributed.multiprocess():
-    return programs, False
-  unsplit = sweep_lib.plan_programs(cfg, memory_max_runs)
-  if len(unsplit) == len(programs):
-    return programs, False
-  if workdir is not None and _started_as(workdir, unsplit):
-    if verbose:
-      print(f"[ih_jax] {workdir} was started with {len(unsplit)} program(s) of "
-            f"{', '.join(str(len(p.runs)) for p in unsplit)} runs; continuing it so (new "
-            f"sweeps on this CPU use programs of at most "
-            f"{CPU_RUNS_PER_DEVICE * jax.local_device_count()} runs)", flush=True)
-    return unsplit, False
-  return programs, True
+  group_sizes = [len(p.runs) for p in sweep_lib.plan_programs(cfg, None)]
+  return programs, any(cpu_max_runs(n) is not None for n in group_sizes)
 
 
-def _started_as(workdir: str, programs: list[sweep_lib.Program]) -> bool:
-  """Whether `workdir` holds a start of exactly this split into programs."""
-  if len(programs) == 1:
-    return os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_JSON))
+def _existing_limit(workdir: str, cfg: ExperimentConfig) -> int | str | None:
+  """The runs-per-program limit that reproduces `workdir`'s layout: 0 (no limit) for a
+  one-program run, "memory" (memory_max_runs) or a number for a sweep.json whose run
+  lists it gives; None when the workdir holds neither (a new layout is planned)."""
+  if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_JSON)):
+    return 0 if len(sweep_lib.plan_programs(cfg, None)) == 1 else None
   if not workdir_lib.is_sweep(workdir):
-    return False
+    return None
   try:
-    index = workdir_lib.read_sweep_index(workdir)
+    index = [p.get("runs") for p in workdir_lib.read_sweep_index(workdir)]
   except ValueError:
-    return False
+    return None
   as_json = lambda x: json.loads(json.dumps(x))
-  return [p.get("runs") for p in index] == [
-      as_json([dataclasses.asdict(r) for r in p.runs]) for p in programs]
+  sizes = sorted({len(runs or ()) for runs in index}, reverse=True)
+  for limit in [*sizes, 0, "memory"]:
+    programs = sweep_lib.plan_programs(
+        cfg, memory_max_runs if limit == "memory" else (limit or None))
+    if index == [as_json([dataclasses.asdict(r) for r in p.runs]) for p in programs]:
+      return limit
+  return None
 
 
 # On CPU a program's per-run step and evaluation times stay flat up to ~12 runs per
@@ -189,12 +197,17 @@ CPU_RUNS_PER_DEVICE = 12
 
 def cpu_max_runs(num_runs: int) -> int | None:
   """On CPU (one process), a limit splitting more than CPU_RUNS_PER_DEVICE runs per
-  device into the fewest equal programs under it, each a multiple of the device count
-  (32 runs on 2 cores: 2 x 16); None elsewhere or when the runs fit."""
+  CPU device into the fewest programs under it, of near-equal size and each a multiple
+  of the device count (32 runs on 2 cores: 2 x 16); None elsewhere or when they fit."""
   if jax.default_backend() != "cpu" or distributed.multiprocess():
     return None
-  devices = jax.local_device_count()
-  cap = CPU_RUNS_PER_DEVICE * devices
+  return split_limit(num_runs, jax.local_device_count(), CPU_RUNS_PER_DEVICE)
+
+
+def split_limit(num_runs: int, devices: int, per_device: int) -> int | None:
+  """The chunk size that splits `num_runs` into the fewest programs of at most
+  `per_device` runs per device, rounded up to a multiple of `devices` (None: one fits)."""
+  cap = per_device * devices
   if num_runs <= cap:
     return None
   size = -(-num_runs // -(-num_runs // cap))  # ceil(runs / number of programs)
