@@ -40,8 +40,8 @@ def make_evaluate(exp: Experiment, stack_sets: bool = True) -> Callable:
   """(params_R, clamps_R, eval_batches_V, seqs) -> {set: {'clamped'|'unclamped': {metric:
   [R_pad]}}}; `seqs` (sequences seen) decides which windowed clamps act.
 
-  With `stack_sets`, eval sets of equal shapes share one compiled body (a loop over the
-  sets); otherwise each set is its own part of the program.
+  With `stack_sets`, when every eval set has the same shapes they share one compiled
+  body (a loop over the sets); otherwise each set is its own part of the program.
   """
   cfg = exp.cfg
   unclamped_too = cfg.train.eval_unclamped and exp.plan != clamps_lib.NO_CLAMPS
