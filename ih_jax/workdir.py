@@ -143,6 +143,11 @@ def _as_json(tree: Any) -> Any:
   return json.loads(json.dumps(tree))
 
 
+def runs_as_json(runs: list[Any]) -> list[dict[str, Any]]:
+  """A program's run list as config.json and sweep.json store it."""
+  return _as_json([dataclasses.asdict(r) for r in runs])
+
+
 # The data fields that shape the embedded synthetic features; the others (file path,
 # Omniglot reader / encoder settings) do not affect a synthetic run.
 _SYNTHETIC_FIELDS = ("source", "family", "rho", "eta", "feature_seed", "latent_dim",
@@ -327,7 +332,7 @@ def _check_same_run(workdir: str, old: Any, old_runs: Any, sweep_cfg: "Experimen
         f"workdir {workdir!r} holds a run with a different config (differing fields: "
         f"{', '.join(diff)}); refusing to resume or overwrite it. Use a new --workdir, or "
         "pass overwrite=True (--overwrite) to replace it")
-  new_runs = _as_json([dataclasses.asdict(r) for r in runs])
+  new_runs = runs_as_json(runs)
   if old_runs != new_runs:
     # Same config but another split into programs (e.g. automatic chunking on a
     # machine with a different memory size): resuming would mix runs.

@@ -190,13 +190,13 @@ def test_eval_sets_of_one_shape_share_one_body():
   fns = {k: jax.jit(evaluation.make_evaluate(exp, stack_sets=k)) for k in (True, False)}
   stacked, per_set = (fns[k](state.params, clamps, batches) for k in (True, False))
   assert set(stacked) == set(batches) and "unclamped" in stacked["fsl_train"]
-  numerics.assert_close(stacked, per_set, rtol=1e-6, rel_atol=1e-7, atol=1e-7)
+  numerics.assert_close(stacked, per_set, rtol=1e-5, rel_atol=1e-6, atol=1e-6)
   # The padding rows change nothing: each set with its table cut to the rows it uses.
   trimmed = {k: b._replace(x=b.x._replace(table=b.x.table[:, :int(b.x.ids.max()) + 1]))
              for k, b in batches.items()}
   assert len({b.x.table.shape for b in trimmed.values()}) > 1
-  numerics.assert_close(stacked, fns[False](state.params, clamps, trimmed), rtol=1e-6,
-                        rel_atol=1e-7, atol=1e-7)
+  numerics.assert_close(stacked, fns[False](state.params, clamps, trimmed), rtol=1e-5,
+                        rel_atol=1e-6, atol=1e-6)
   sizes = {k: len(fns[k].lower(state.params, clamps, batches).as_text()) for k in fns}
   assert sizes[True] < 0.7 * sizes[False], sizes
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -178,12 +177,11 @@ def _existing_limit(workdir: str, cfg: ExperimentConfig) -> int | str | None:
     index = [p.get("runs") for p in workdir_lib.read_sweep_index(workdir)]
   except ValueError:
     return None
-  as_json = lambda x: json.loads(json.dumps(x))
   sizes = sorted({len(runs or ()) for runs in index}, reverse=True)
   for limit in [*sizes, 0, "memory"]:
     programs = sweep_lib.plan_programs(
         cfg, memory_max_runs if limit == "memory" else (limit or None))
-    if index == [as_json([dataclasses.asdict(r) for r in p.runs]) for p in programs]:
+    if index == [workdir_lib.runs_as_json(p.runs) for p in programs]:
       return limit
   return None
 
