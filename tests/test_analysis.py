@@ -82,6 +82,34 @@ def test_vmapped_over_checkpoints_equals_one_at_a_time(params, cfg, feature_tabl
     np.testing.assert_allclose(together["acc"][k], alone["acc"][0], atol=1.01 / 300)
 
 
+
+def test_loss_only_and_pass_grouped_measures_equal_the_full_program(
+    params, cfg, feature_table, dense, monkeypatch):
+  # One condition needs a clean pass (pattern-preserving), the others do not: with the
+  # threshold at 0 they run as two programs, and with head_scores=() the last layer runs
+  # at the query position only. Both must give the numbers of the one full program.
+  specs = ["ablate:L2H1", "preserve_pattern;ablate:L1H0-3", "none", "keep_only:L2H5"]
+  stack = jax.tree.map(lambda *xs: np.stack(xs), params,
+                       jax.tree.map(lambda p: np.asarray(p) * 1.1, params))
+  conds = measures.conditions(specs, cfg)
+  full = measures.measure(stack, feature_table, dense, cfg, conds, per_sequence=True)
+  assert [len(g) for g in measures._pass_groups(conds, 2 * 300)] == [4]  # below threshold
+  monkeypatch.setattr(measures, "MIN_SPLIT_PASSES", 0)
+  groups = measures._pass_groups(conds, 2 * 300)
+  assert [g.tolist() for g in groups] == [[0, 2, 3], [1]]
+  for scores_ in (None, ()):
+    got = measures.measure(stack, feature_table, dense, cfg, conds, per_sequence=True,
+                           head_scores=scores_)
+    assert ("induction_strength" in got) == (scores_ is None)
+    for name in ("loss", "seq_loss") + (("induction_strength",) if scores_ is None else ()):
+      assert got[name].shape == full[name].shape, name
+      numerics.assert_close(got[name], full[name], rtol=1e-5, rel_atol=1e-5, atol=1e-6,
+                            err_msg=name)
+    # Exact unless rounding flips the argmax of a near-tied query: allow one of 300.
+    np.testing.assert_allclose(got["acc"], full["acc"], atol=1.01 / 300)
+  # The conditions really differ (a mix-up of the reassembled order would show).
+  assert np.ptp(full["loss"][0]) > 1e-3
+
 def test_learning_time_and_phase_times():
   seqs = np.arange(0, 100_001, 5000)
   assert math.isnan(timing.learning_time(seqs, np.full(len(seqs), 0.69)))

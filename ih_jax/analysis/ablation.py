@@ -31,6 +31,8 @@ def evaluate_conditions(params: Any, specs: list[str], features, idx: sampler.Se
   """Loss / accuracy / pattern measures of one set of params under each spec ([Q] arrays).
 
   `base`: the run's own clamps, applied under every spec (None: clamp-free).
+  The studies below read loss / accuracy only and pass head_scores=(), which also lets
+  the last layer run at the query position alone.
   """
   out = measures.measure(_stack_one(params), features, idx, cfg,
                          measures.conditions(specs, cfg, base), **kw)
@@ -43,7 +45,7 @@ def head_ablations(params: Any, features, idx, cfg: ModelConfig,
   L, H = cfg.num_layers, cfg.num_heads
   specs = ["none"] + [f"ablate:L{L}H{h}" for h in range(H)] + [f"keep_only:L{L}H{h}"
                                                                for h in range(H)]
-  res = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)
+  res = evaluate_conditions(params, specs, features, idx, cfg, base, head_scores=(), **kw)
   return dict(head=[f"L{L}H{h}" for h in range(H)],
               induction_strength=[float(s) for s in strength],
               remove_acc=res["acc"][1:H + 1].tolist(), remove_loss=res["loss"][1:H + 1].tolist(),
@@ -65,7 +67,7 @@ def mistake_fixing(params: Any, features, idx, cfg: ModelConfig, strength: np.nd
   clamp = (lambda h: f"keep_only:L{L}H{h};ih:L{L}H{h}") if perfected else \
       (lambda h: f"keep_only:L{L}H{h}")
   res = evaluate_conditions(params, [clamp(h) for h in range(H)], features, idx, cfg, base,
-                            per_sequence=True, **kw)
+                            per_sequence=True, head_scores=(), **kw)
   correct_QS = res["seq_correct"] > 0.5
   strongest = int(np.argmax(strength)) if strongest is None else strongest
   wrong = ~correct_QS[strongest]
@@ -104,7 +106,7 @@ def additivity(params: Any, features, idx, cfg: ModelConfig, strength: np.ndarra
       rows["num_heads"].append(k)
       rows["heads"].append(heads)
       specs.append(f"keep_only:{heads}")
-  res = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)
+  res = evaluate_conditions(params, specs, features, idx, cfg, base, head_scores=(), **kw)
   rows["loss"], rows["acc"] = res["loss"].tolist(), res["acc"].tolist()
   return rows
 
@@ -125,7 +127,7 @@ def wiring(params: Any, features, idx, cfg: ModelConfig, base: Clamps | None = N
   for mode in ("preserve_pattern", "preserve_value"):
     specs += [f"{mode};keep_only:L2H{i};ablate:L1H{j}" for i in range(H) for j in range(H)]
     specs += [f"{mode};keep_only:L2H{i};keep_only:L1H{j}" for i in range(H) for j in range(H)]
-  acc = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)["acc"]
+  acc = evaluate_conditions(params, specs, features, idx, cfg, base, head_scores=(), **kw)["acc"]
   only_i = acc[:H]
   out = dict(only_last_acc=only_i)
   pos = H
@@ -143,7 +145,7 @@ def layer_set_ablation(params: Any, features, idx, cfg: ModelConfig, heads: str,
   """Accuracy with a set of first-layer heads ablated under pp and under pv."""
   specs = ["none", f"preserve_pattern;ablate:{heads}", f"preserve_value;ablate:{heads}",
            f"ablate:{heads}"]
-  acc = evaluate_conditions(params, specs, features, idx, cfg, base, **kw)["acc"]
+  acc = evaluate_conditions(params, specs, features, idx, cfg, base, head_scores=(), **kw)["acc"]
   return dict(heads=heads, full=float(acc[0]), pp=float(acc[1]), pv=float(acc[2]),
               plain=float(acc[3]))
 

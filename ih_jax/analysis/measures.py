@@ -24,6 +24,7 @@ import numpy as np
 
 from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
+from ih_jax import tasks as tasks_lib
 from ih_jax.analysis import pointmap
 from ih_jax.analysis import scores as scores_lib
 from ih_jax.data import sampler
@@ -41,8 +42,13 @@ def batch_measures(params: Any, batch: sampler.Batch, weight_B: jax.Array,
   decides which windowed clamps act (needed when `plan.scheduled`)."""
   head_scores = scores_lib.registered(source="pattern") if head_scores is None else head_scores
   L = cfg.num_layers
-  sites = tuple(f"blocks.{l}.pattern" for l in range(L))
-  logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites, seqs=seqs)
+  # Without pattern scores only the query logits matter: the last layer then runs at
+  # the query position alone (the eval path of training; same numbers up to rounding).
+  pattern_scores = any(s.source == "pattern" for s in head_scores)
+  sites = tuple(f"blocks.{l}.pattern" for l in range(L)) if pattern_scores else ()
+  query_only = not pattern_scores and tasks_lib.for_model(cfg).supports_query_only
+  logits, aux = model_lib.apply(params, batch, clamps, cfg, plan, sites,
+                                query_only=query_only, seqs=seqs)
   logp_BC = jax.nn.log_softmax(logits[:, -1], axis=-1)
   target_B = batch.y[:, -1]
   loss_B = -jnp.take_along_axis(logp_BC, target_B[:, None], axis=1)[:, 0]
@@ -68,9 +74,34 @@ def _chunks(idx: sampler.SequenceIndices, seq_batch: int):
   return jax.tree.map(shape, padded), shape(weight), S
 
 
+# (sequences per chunk, checkpoints vmapped at a time). On CPU small chunks of one
+# checkpoint keep the activations in cache (and use the model's sliced attention, for
+# batches up to model.SLICE_MAX_B): 100 checkpoints' progress measures on the 78,400
+# dense set 1.7x faster than 2048 x 4, loss-only measures 1.9x (BUILD_NOTES.md,
+# session 15). Accelerators keep the larger work units (not measured there).
+_DEFAULT_BATCHES = {True: (256, 1), False: (2048, 4)}
+
+
+def _as_table_rows(features_CEF: jax.Array, chunk_idx: sampler.SequenceIndices
+                   ) -> tuple[jax.Array, sampler.SequenceIndices | sampler.Batch]:
+  """The set's distinct (class, exemplar) rows as a table [U, F] and the chunks as row
+  ids (a Batch of ids [S/b, b, N] and labels), when U is below one chunk's exemplar
+  count: the model then embeds each distinct exemplar once per chunk instead of every
+  token (the dense set has 50 rows for 78,400 x 3 exemplars). Else unchanged."""
+  classes, exemplars = np.asarray(chunk_idx.classes), np.asarray(chunk_idx.exemplars)
+  pairs = np.stack([classes.ravel(), exemplars.ravel()], 1)
+  rows, inverse = np.unique(pairs, axis=0, return_inverse=True)
+  if len(rows) >= classes[0].size:
+    return features_CEF, chunk_idx
+  table = jnp.asarray(features_CEF)[rows[:, 0], rows[:, 1]]
+  ids = jnp.asarray(inverse.reshape(classes.shape), jnp.int32)
+  return table, sampler.Batch(x=ids, y=chunk_idx.labels)
+
+
 def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices,
             cfg: model_lib.ModelConfig, clamps_Q: clamps_lib.Clamps | None = None, *,
-            seq_batch: int = 2048, ckpt_batch: int = 4, per_sequence: bool = False,
+            seq_batch: int | None = None, ckpt_batch: int | None = None,
+            per_sequence: bool = False,
             head_scores: Sequence[str | scores_lib.HeadScore] | None = None,
             seqs_K: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """Measures for K stacked checkpoints (x Q stacked clamp conditions, if given).
@@ -78,13 +109,28 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   Returns host arrays: loss, acc [K(, Q)]; each head score (`head_scores`, default:
   every registered one, ih_jax.analysis.scores) [K(, Q), L, H]; and with
   per_sequence=True, seq_loss and seq_correct (0/1) [K(, Q), S].
+  seq_batch, ckpt_batch: sequences per chunk and checkpoints vmapped at a time (default:
+  256 x 1 on CPU, 2048 x 4 elsewhere); the numbers do not depend on them beyond rounding.
   seqs_K: each checkpoint's sequences seen; needed when a condition has windows (a run
   trained with `pt:L1H3@[0,200000)` is measured at each checkpoint under the clamps
   that acted there).
   """
-  chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
-  plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   K = jax.tree.leaves(params_K)[0].shape[0]
+  seq_batch = seq_batch or _DEFAULT_BATCHES[jax.default_backend() == "cpu"][0]
+  ckpt_batch = ckpt_batch or _DEFAULT_BATCHES[jax.default_backend() == "cpu"][1]
+  if clamps_Q is not None:
+    groups = _pass_groups(clamps_Q, K * idx.classes.shape[0])
+    if len(groups) > 1:
+      kw = dict(seq_batch=seq_batch, ckpt_batch=ckpt_batch, per_sequence=per_sequence,
+                head_scores=head_scores, seqs_K=seqs_K)
+      parts = [measure(params_K, features_CEF, idx, cfg,
+                       jax.tree.map(lambda x, rows=rows: np.asarray(x)[rows], clamps_Q), **kw)
+               for rows in groups]
+      back = np.argsort(np.concatenate(groups))  # the callers' condition order
+      return {k: np.concatenate([p[k] for p in parts], axis=1)[:, back] for k in parts[0]}
+  chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
+  features_CEF, chunk_idx = _as_table_rows(features_CEF, chunk_idx)
+  plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   timed = bool(plan.scheduled)
   if timed and seqs_K is None:
     raise ValueError(f"the conditions apply {', '.join(plan.scheduled)} inside windows of "
@@ -94,7 +140,8 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   seqs_dev = jnp.asarray(seqs_K if timed else np.zeros(K), jnp.int32)
   chosen = scores_lib.resolve(head_scores)
   run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K),
-                         tuple(s for s in chosen if s.source == "pattern"))
+                         tuple(s for s in chosen if s.source == "pattern"),
+                         isinstance(chunk_idx, sampler.Batch))
   clamps_dev = None if clamps_Q is None else jax.tree.map(jnp.asarray, clamps_Q)
   out = jax.tree.map(np.asarray, run(params_K, clamps_dev, features_CEF, chunk_idx, chunk_w,
                                      seqs_dev))
@@ -107,26 +154,50 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   return out
 
 
+# A condition stacked with others runs every forward pass any of them needs (e.g. the
+# clean pass of a pattern-preserving ablation). Conditions needing fewer passes get
+# their own program when that saves at least this many sequence forward passes: a
+# compile costs seconds, one pass over 10^6 sequences about as much on a 2-core CPU.
+MIN_SPLIT_PASSES = 2_000_000
+
+
+def _pass_groups(clamps_Q: clamps_lib.Clamps, points: int) -> list[np.ndarray]:
+  """Condition rows grouped by the forward passes each needs: one group unless
+  splitting saves MIN_SPLIT_PASSES passes over `points` (checkpoints x sequences)."""
+  Q = jax.tree.leaves(clamps_Q)[0].shape[0]
+  row = lambda i: {k: np.asarray(v)[i:i + 1] for k, v in clamps_Q.items() if k != "graft_params"}
+  passes = np.array([clamps_lib.plan_for(row(i)).num_passes for i in range(Q)])
+  saved = int((passes.max() - passes).sum()) * points
+  if saved < MIN_SPLIT_PASSES:
+    return [np.arange(Q)]
+  return [np.nonzero(passes == p)[0] for p in np.unique(passes)]
+
+
 @functools.lru_cache(maxsize=64)
 def _measure_program(cfg: model_lib.ModelConfig, plan: clamps_lib.ClampPlan, clamped: bool,
                      per_sequence: bool, ckpt_batch: int,
-                     head_scores: tuple[scores_lib.HeadScore, ...]):
+                     head_scores: tuple[scores_lib.HeadScore, ...], table_rows: bool):
   """The jitted measure program, one per static setting: an analysis calls `measure`
   dozens of times (checkpoints, runs, clamp sets) with few distinct shapes, and a fresh
   closure per call would recompile every time (seconds each)."""
 
   timed = bool(plan.scheduled)
 
+  def chunk_batch(feats, ix) -> sampler.Batch:
+    if table_rows:  # feats is the set's table [U, F], ix a Batch of row ids and labels
+      return sampler.Batch(x=sampler.IndexedFeatures(feats, ix.x), y=ix.y)
+    return sampler.gather_features(feats, ix)
+
   def one_condition(params, clamps, feats, chunk_idx, chunk_w, seqs):
     seqs = seqs if timed else None
     def body(acc, inputs):
       ix, w = inputs
-      sums, loss_B = batch_measures(params, sampler.gather_features(feats, ix), w, cfg,
+      sums, loss_B = batch_measures(params, chunk_batch(feats, ix), w, cfg,
                                     clamps, plan, head_scores, seqs)
       return jax.tree.map(jnp.add, acc, sums), (loss_B if per_sequence else None)
     first = jax.tree.map(lambda x: x[0], chunk_idx)
     zero = jax.eval_shape(lambda: batch_measures(
-        params, sampler.gather_features(feats, first), chunk_w[0], cfg, clamps, plan,
+        params, chunk_batch(feats, first), chunk_w[0], cfg, clamps, plan,
         head_scores, seqs)[0])
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     sums, losses = jax.lax.scan(body, init, (chunk_idx, chunk_w))

@@ -210,9 +210,10 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   ok, skipped = measures.applicable(list(contrib_specs.values()), cfg, base)
   notes += [f"post-hoc {s!r} not applicable: {why}" for s, why in skipped.items()]
   base_loss = (m["loss"] if sets.posthoc is sets.dense else
-               measures.measure_under(params_K, feats, sets.posthoc, cfg, base, seqs_K=steps)["loss"])
+               measures.measure_under(params_K, feats, sets.posthoc, cfg, base, seqs_K=steps,
+                                      head_scores=())["loss"])
   pc = (measures.measure(params_K, feats, sets.posthoc, cfg, measures.conditions(ok, cfg, base),
-                         seqs_K=steps) if ok else None)
+                         seqs_K=steps, head_scores=()) if ok else None)
   contrib = {lab: (pc["loss"][:, ok.index(sp)] if sp in ok else np.full(len(steps), np.nan))
              for lab, sp in contrib_specs.items()}
   tables["layer_contributions"] = [
@@ -268,7 +269,8 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
     # The reference is the run's own loss, i.e. under its own clamp (REST ablated).
     own = f"keep_only:L{L}H{kept}"
     sub = measures.measure(params_K, feats, sets.posthoc, cfg,
-                           measures.conditions([own] + list(sub_specs.values()), cfg))
+                           measures.conditions([own] + list(sub_specs.values()), cfg),
+                           head_scores=())
     tables["subcircuits"] = [dict(seqs=s_, own_loss=float(sub["loss"][k, 0]),
                                   **{lab: float(sub["loss"][k, q + 1])
                                      for q, lab in enumerate(sub_specs)})
