@@ -156,8 +156,8 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
 
 # A condition stacked with others runs every forward pass any of them needs (e.g. the
 # clean pass of a pattern-preserving ablation). Conditions needing fewer passes get
-# their own program when that saves at least this many sequence forward passes: a
-# compile costs seconds, one pass over 10^6 sequences about as much on a 2-core CPU.
+# their own program when that saves at least this many sequence forward passes (on a
+# 2-core CPU one loss-only pass over 10^6 sequences takes ~4 s, about one compile).
 MIN_SPLIT_PASSES = 2_000_000
 
 
@@ -165,6 +165,9 @@ def _pass_groups(clamps_Q: clamps_lib.Clamps, points: int) -> list[np.ndarray]:
   """Condition rows grouped by the forward passes each needs: one group unless
   splitting saves MIN_SPLIT_PASSES passes over `points` (checkpoints x sequences)."""
   Q = jax.tree.leaves(clamps_Q)[0].shape[0]
+  most = clamps_lib.plan_for(clamps_Q).num_passes
+  if (most - 1) * Q * points < MIN_SPLIT_PASSES:  # cannot save enough: skip per-row plans
+    return [np.arange(Q)]
   row = lambda i: {k: np.asarray(v)[i:i + 1] for k, v in clamps_Q.items() if k != "graft_params"}
   passes = np.array([clamps_lib.plan_for(row(i)).num_passes for i in range(Q)])
   saved = int((passes.max() - passes).sum()) * points

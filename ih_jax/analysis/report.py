@@ -124,7 +124,8 @@ def analyze_workdir(workdir: str, *, runs: list[int] | None = None, num_checkpoi
       label = _view_label(run, info, clamped, run_c is not None)
       suffix = "" if clamped else "_clampfree"
       got, view_tables = _analyze_view(ctx, params_K, steps, sets, base, reasons, info, lt,
-                                       label, suffix, do_wiring, l1_sets, out_dir, f"run{run}")
+                                       label, suffix, do_wiring, l1_sets, out_dir, f"run{run}",
+                                       log)
       for name, rows in view_tables.items():
         rows = [dict(ident, **r) for r in rows]
         if run_c is None:  # unclamped run: the clamp-free view is the same numbers
@@ -167,7 +168,8 @@ def _view_label(run: int, info: dict[str, Any], clamped: int, clamped_run: bool)
 def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets: _Sets,
                   base: clamps_lib.Clamps | None, reasons: dict, info: dict[str, Any],
                   lt: float, label: str, suffix: str, do_wiring: bool,
-                  l1_sets: list[str] | None, out_dir: str, tag: str
+                  l1_sets: list[str] | None, out_dir: str, tag: str,
+                  log: Callable[[str], None] = print
                   ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
   """Every per-run measure of one view (base = the run's clamps, or None = clamp-free).
 
@@ -182,6 +184,12 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   tables: dict[str, list[dict[str, Any]]] = {}
   notes: list[str] = []
   fig = lambda stem: f"{stem}_{tag}{suffix}"
+  view = "" if base is None else ("clamp-free view: " if suffix else "clamped view: ")
+  clock = [time.time()]
+
+  def done(what: str) -> None:  # a line per step: a full-size analysis takes minutes
+    log(f"[analyze]   {view}{what} in {time.time() - clock[0]:.1f}s")
+    clock[0] = time.time()
 
   # Windowed clamps act at a checkpoint as they did in training there (seqs_K).
   m = measures.measure_under(params_K, feats, sets.dense, cfg, base,
@@ -201,6 +209,8 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
                                  highlight=(strongest, pt_head), title=label)
   if "seq_loss" in m:
     plots.plot_pca_trajectory(out_dir, steps, m["seq_loss"], name=fig("loss_pca"), title=label)
+  done(f"progress measures ({len(steps)} checkpoints x {sets.dense.classes.shape[0]:,d} "
+       "sequences)")
 
   # Post-hoc clamps on every checkpoint: layer 1's direct path removed
   # (its heads ablated with patterns and values preserved), and layer 2 ablated.
@@ -223,6 +233,9 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   if len(steps) >= 2:
     plots.plot_layer_contributions(out_dir, steps, base_loss, contrib,
                                    name=fig("layer_contributions"), title=label)
+
+  done(f"post-hoc clamps ({len(steps)} checkpoints x {sets.posthoc.classes.shape[0]:,d} "
+       "sequences)")
 
   # Mean attention patterns at the start, around the learning time and at the end.
   picks = {0, len(steps) - 1}
@@ -256,6 +269,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
       tables[stem] = _columns_to_rows(ablation.mistake_fixing(
           final, feats, sets.dense, cfg, strength, perfected=perfected, strongest=strongest,
           base=base, **at_final))
+  done("attention patterns and the final checkpoint's head ablations")
 
   # A single-head run (all other last-layer heads ablated, the paper's "None" clamp baseline):
   # the composite (PT clamp) and copy (IH clamp) subcircuit measures over training.
@@ -279,6 +293,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
         out_dir, steps, sub["loss"][:, 0], {lab: sub["loss"][:, q + 1] for q, lab in
                                             enumerate(sub_specs)}, name=fig("subcircuits"),
         title=label)
+    done("subcircuit clamps over checkpoints")
 
   # Layer-1 head sets under pattern- / value-preserving ablation: the
   # given sets, or by default the 3 strongest usable PT heads vs the other usable ones.
@@ -306,13 +321,14 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   mats.update({f"{x.upper()}-composition (first ckpt)": comp0[x] for x in "kv"})
   plots.plot_heatmaps(out_dir, mats, fig("composition"), f"layer-{L} head", "layer-1 head",
                       title=label)
-  wiring_summary = None
+  wiring_summary, wired = None, False
   if do_wiring and L == 2 and sets.wiring is not None:
     _, skip = measures.applicable(["preserve_pattern;keep_only:L2H0;ablate:L1H0"], cfg, base)
     if skip:
       notes.append(f"wiring not applicable: {next(iter(skip.values()))}")
     else:
       w = ablation.wiring(final, feats, sets.wiring, cfg, base=base, **at_final)
+      wired = True
       for key in ("all_but_one_pp", "all_but_one_pv", "only_one_pp", "only_one_pv"):
         tables[f"wiring_#_{key}"] = _matrix_rows(w[key], "L2H", "L1H")
       plots.plot_heatmaps(out_dir, {k.replace("_", " "): w[k] for k in (
@@ -322,6 +338,8 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
         wiring_summary = dict(
             most_needed_l1_head_pv=int(np.argmin(w["all_but_one_pv"][strongest])),
             most_needed_l1_head_pp=int(np.argmin(w["all_but_one_pp"][strongest])))
+
+  done("layer-1 set ablations, composition" + (" and wiring" if wired else ""))
 
   got = dict(
       learning_time=lt, final_dense_loss=float(m["loss"][-1]),
