@@ -3,6 +3,7 @@ labelled views, and phase timing that never invents a plateau."""
 import csv
 import math
 import os
+import re
 
 import jax
 import numerics
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.xdist_group("test_analysis_clamped")
 
 CONDITIONS = ("none", "match=ih:L2H3;keep_only:L2H3", "single=keep_only:L2H0")
 DENSE = 256
+ANALYSIS_LOG: list[str] = []  # what the fixture's analysis logged
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +31,7 @@ def analysed(tmp_path_factory):
   train.train_and_evaluate(cfg, wd, verbose=False)
   # (Wiring is left to test_analysis's CLI test: 264 more conditions to compile.)
   summary = report.analyze_workdir(wd, dense_size=DENSE, do_wiring=False, posthoc_size=128,
-                                   log=lambda _: None)
+                                   log=ANALYSIS_LOG.append)
   return wd, summary
 
 
@@ -60,6 +62,18 @@ def test_progress_measures_are_taken_under_the_run_clamps(analysed):
   np.testing.assert_allclose([float(r["is_L2H3"]) for r in rows if r["clamped"] == "1"], 1.0,
                              atol=1e-5)
   assert all(r["run"] == "1" and r["condition"] == "match" and r["seed"] == "5" for r in rows)
+
+
+def test_each_step_is_logged_with_its_view(analysed):
+  """A full-size analysis runs for minutes per run: each step says what it did and when."""
+  steps = [l for l in ANALYSIS_LOG if l.startswith("[analyze]   ")]
+  # Run 0 is unclamped (one view, no prefix); runs 1 and 2 have both views.
+  assert sum("progress measures (" in l for l in steps) == 1 + 2 + 2
+  assert sum(l.startswith("[analyze]   clamped view: post-hoc clamps") for l in steps) == 2
+  assert sum(l.startswith("[analyze]   clamp-free view: post-hoc clamps") for l in steps) == 2
+  # Only the single-head run has subcircuits (in its clamped view).
+  assert sum("subcircuit clamps" in l for l in steps) == 1
+  assert all(re.search(r" in \d+\.\ds$", l) for l in steps)
 
 
 def test_every_csv_names_run_condition_seed_and_view(analysed):

@@ -184,7 +184,7 @@ def _analyze_view(ctx: context.RunContext, params_K: Any, steps: list[int], sets
   tables: dict[str, list[dict[str, Any]]] = {}
   notes: list[str] = []
   fig = lambda stem: f"{stem}_{tag}{suffix}"
-  view = "" if base is None else ("clamp-free view: " if suffix else "clamped view: ")
+  view = "clamp-free view: " if suffix else ("clamped view: " if base is not None else "")
   clock = [time.time()]
 
   def done(what: str) -> None:  # a line per step: a full-size analysis takes minutes
