@@ -82,33 +82,43 @@ def test_vmapped_over_checkpoints_equals_one_at_a_time(params, cfg, feature_tabl
     np.testing.assert_allclose(together["acc"][k], alone["acc"][0], atol=1.01 / 300)
 
 
-
 def test_loss_only_and_pass_grouped_measures_equal_the_full_program(
     params, cfg, feature_table, dense, monkeypatch):
-  # One condition needs a clean pass (pattern-preserving), the others do not: with the
-  # threshold at 0 they run as two programs, and with head_scores=() the last layer runs
-  # at the query position only. Both must give the numbers of the one full program.
-  specs = ["ablate:L2H1", "preserve_pattern;ablate:L1H0-3", "none", "keep_only:L2H5"]
+  # One condition needs a clean pass (pattern-preserving), the others do not (one of them
+  # windowed: on at the first checkpoint only). With the threshold at 0 they run as two
+  # programs; with head_scores=() the last layer runs at the query position only; the
+  # set's 50-odd distinct exemplars go in as a table. The reference is the one program of
+  # before: every condition together, gathered features, every head score.
+  specs = ["ablate:L2H1", "preserve_pattern;ablate:L1H0-3", "none", "keep_only:L2H5",
+           "ablate:L2H2@[0,1000)"]
   stack = jax.tree.map(lambda *xs: np.stack(xs), params,
                        jax.tree.map(lambda p: np.asarray(p) * 1.1, params))
-  conds = measures.conditions(specs, cfg)
-  full = measures.measure(stack, feature_table, dense, cfg, conds, per_sequence=True)
-  assert [len(g) for g in measures._pass_groups(conds, 2 * 300)] == [4]  # below threshold
+  conds, seqs_K = measures.conditions(specs, cfg), [0, 5000]
+  kw = dict(per_sequence=True, seqs_K=seqs_K)
+  assert [len(g) for g in measures._pass_groups(conds, 2 * 300)] == [5]  # below threshold
+  with monkeypatch.context() as m:
+    m.setattr(measures, "_as_table_rows", lambda f, c: (f, c))
+    full = measures.measure(stack, feature_table, dense, cfg, conds, **kw)
   monkeypatch.setattr(measures, "MIN_SPLIT_PASSES", 0)
   groups = measures._pass_groups(conds, 2 * 300)
-  assert [g.tolist() for g in groups] == [[0, 2, 3], [1]]
+  assert [g.tolist() for g in groups] == [[0, 2, 3, 4], [1]]
   for scores_ in (None, ()):
-    got = measures.measure(stack, feature_table, dense, cfg, conds, per_sequence=True,
-                           head_scores=scores_)
+    got = measures.measure(stack, feature_table, dense, cfg, conds, head_scores=scores_, **kw)
     assert ("induction_strength" in got) == (scores_ is None)
-    for name in ("loss", "seq_loss") + (("induction_strength",) if scores_ is None else ()):
+    names = ("loss", "seq_loss") + (("induction_strength", "pt_score", "k_composition")
+                                    if scores_ is None else ())
+    for name in names:
       assert got[name].shape == full[name].shape, name
       numerics.assert_close(got[name], full[name], rtol=1e-5, rel_atol=1e-5, atol=1e-6,
                             err_msg=name)
     # Exact unless rounding flips the argmax of a near-tied query: allow one of 300.
     np.testing.assert_allclose(got["acc"], full["acc"], atol=1.01 / 300)
-  # The conditions really differ (a mix-up of the reassembled order would show).
+  # The conditions really differ (a mix-up of the reassembled order would show), and the
+  # windowed ablation acts at the first checkpoint only.
   assert np.ptp(full["loss"][0]) > 1e-3
+  assert abs(full["loss"][0, 4] - full["loss"][0, 2]) > 1e-3
+  np.testing.assert_allclose(full["loss"][1, 4], full["loss"][1, 2], rtol=1e-6)
+
 
 def test_learning_time_and_phase_times():
   seqs = np.arange(0, 100_001, 5000)

@@ -5,7 +5,10 @@ index-form sequence set (e.g. the 78,400-sequence dense analysis set),
 optionally under a stack of Q clamp conditions, in ONE compiled program: a
 `lax.map` over checkpoints (vmapped in groups of `ckpt_batch`), a `vmap` over
 conditions, and a `lax.scan` over sequence chunks whose features are gathered per
-chunk (the dense set's features never exist all at once).
+chunk (the dense set's features never exist all at once; a set with few distinct
+exemplars passes them as a small table that each chunk embeds once). Conditions that
+need fewer forward passes than the rest of the stack may get their own program
+(`MIN_SPLIT_PASSES`).
 
 Measures: loss / acc (query cross-entropy and accuracy), every registered head score
 per layer and head ([L, H]; ih_jax.analysis.scores: induction strength, previous-token
@@ -26,6 +29,7 @@ from ih_jax import clamps as clamps_lib
 from ih_jax import model as model_lib
 from ih_jax import tasks as tasks_lib
 from ih_jax.analysis import pointmap
+from ih_jax.interventions import core
 from ih_jax.analysis import scores as scores_lib
 from ih_jax.data import sampler
 
@@ -128,8 +132,11 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
                for rows in groups]
       back = np.argsort(np.concatenate(groups))  # the callers' condition order
       return {k: np.concatenate([p[k] for p in parts], axis=1)[:, back] for k in parts[0]}
+  chosen = scores_lib.resolve(head_scores)
   chunk_idx, chunk_w, S = _chunks(idx, seq_batch)
-  features_CEF, chunk_idx = _as_table_rows(features_CEF, chunk_idx)
+  # A score a user registered may read batch.x as gathered features: keep them then.
+  if all(any(s is b for b in scores_lib.BUILTINS) for s in chosen if s.source == "pattern"):
+    features_CEF, chunk_idx = _as_table_rows(features_CEF, chunk_idx)
   plan = clamps_lib.NO_CLAMPS if clamps_Q is None else clamps_lib.plan_for(clamps_Q)
   timed = bool(plan.scheduled)
   if timed and seqs_K is None:
@@ -138,7 +145,6 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   if seqs_K is not None and len(seqs_K) != K:
     raise ValueError(f"seqs_K has {len(seqs_K)} entries for {K} checkpoints")
   seqs_dev = jnp.asarray(seqs_K if timed else np.zeros(K), jnp.int32)
-  chosen = scores_lib.resolve(head_scores)
   run = _measure_program(cfg, plan, clamps_Q is not None, per_sequence, min(ckpt_batch, K),
                          tuple(s for s in chosen if s.source == "pattern"),
                          isinstance(chunk_idx, sampler.Batch))
@@ -162,18 +168,22 @@ MIN_SPLIT_PASSES = 2_000_000
 
 
 def _pass_groups(clamps_Q: clamps_lib.Clamps, points: int) -> list[np.ndarray]:
-  """Condition rows grouped by the forward passes each needs: one group unless
-  splitting saves MIN_SPLIT_PASSES passes over `points` (checkpoints x sequences)."""
+  """Condition rows grouped by the forward passes each needs (the clean pass, the
+  kinds' own extra passes): one group unless splitting saves MIN_SPLIT_PASSES passes
+  over `points` (checkpoints x sequences)."""
   Q = jax.tree.leaves(clamps_Q)[0].shape[0]
   most = clamps_lib.plan_for(clamps_Q).num_passes
   if (most - 1) * Q * points < MIN_SPLIT_PASSES:  # cannot save enough: skip per-row plans
     return [np.arange(Q)]
   row = lambda i: {k: np.asarray(v)[i:i + 1] for k, v in clamps_Q.items() if k != "graft_params"}
-  passes = np.array([clamps_lib.plan_for(row(i)).num_passes for i in range(Q)])
-  saved = int((passes.max() - passes).sum()) * points
+  plans = [clamps_lib.plan_for(row(i)) for i in range(Q)]
+  saved = sum(most - p.num_passes for p in plans) * points
   if saved < MIN_SPLIT_PASSES:
     return [np.arange(Q)]
-  return [np.nonzero(passes == p)[0] for p in np.unique(passes)]
+  passes = lambda p: (p.needs_clean_pass,
+                      tuple(k for k in p.kinds if core.get(k).extra_passes))
+  keys = [passes(p) for p in plans]
+  return [np.array([i for i in range(Q) if keys[i] == k]) for k in dict.fromkeys(keys)]
 
 
 @functools.lru_cache(maxsize=64)

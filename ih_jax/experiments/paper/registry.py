@@ -313,7 +313,7 @@ def _a10_analyze(study: Study, results: dict, heads: dict) -> Outcome:
            f"composite subcircuit (PT clamp on {P})": f"keep_only:{S};pt:{P}",
            f"copy subcircuit (IH clamp on {S})": f"keep_only:{S};ih:{S}"}
   m = measures.measure(params_K, ctx.features, idx, ctx.cfg.model,
-                       measures.conditions(list(specs.values()), ctx.cfg.model))
+                       measures.conditions(list(specs.values()), ctx.cfg.model), head_scores=())
   loss = {k: m["loss"][:, q] for q, k in enumerate(specs)}
   lt = {k: timing.learning_time(steps, v) for k, v in loss.items()}
   own = "own loss (REST ablated)"
