@@ -92,13 +92,11 @@ def _as_table_rows(features_CEF: jax.Array, chunk_idx: sampler.SequenceIndices
   ids (a Batch of ids [S/b, b, N] and labels), when U is below one chunk's exemplar
   count: the model then embeds each distinct exemplar once per chunk instead of every
   token (the dense set has 50 rows for 78,400 x 3 exemplars). Else unchanged."""
-  classes, exemplars = np.asarray(chunk_idx.classes), np.asarray(chunk_idx.exemplars)
-  pairs = np.stack([classes.ravel(), exemplars.ravel()], 1)
-  rows, inverse = np.unique(pairs, axis=0, return_inverse=True)
-  if len(rows) >= classes[0].size:
+  tokens = np.asarray(chunk_idx.classes[0]).size
+  as_rows = sampler.indexed_set(jnp.asarray(features_CEF)[None], chunk_idx)  # V = 1
+  table, ids = as_rows.x.table[0], as_rows.x.ids[0]
+  if table.shape[0] >= tokens:
     return features_CEF, chunk_idx
-  table = jnp.asarray(features_CEF)[rows[:, 0], rows[:, 1]]
-  ids = jnp.asarray(inverse.reshape(classes.shape), jnp.int32)
   return table, sampler.Batch(x=ids, y=chunk_idx.labels)
 
 
@@ -120,8 +118,8 @@ def measure(params_K: Any, features_CEF: jax.Array, idx: sampler.SequenceIndices
   that acted there).
   """
   K = jax.tree.leaves(params_K)[0].shape[0]
-  seq_batch = seq_batch or _DEFAULT_BATCHES[jax.default_backend() == "cpu"][0]
-  ckpt_batch = ckpt_batch or _DEFAULT_BATCHES[jax.default_backend() == "cpu"][1]
+  default_seq, default_ckpt = _DEFAULT_BATCHES[jax.default_backend() == "cpu"]
+  seq_batch, ckpt_batch = seq_batch or default_seq, ckpt_batch or default_ckpt
   if clamps_Q is not None:
     groups = _pass_groups(clamps_Q, K * idx.classes.shape[0])
     if len(groups) > 1:
